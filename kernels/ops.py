@@ -1,0 +1,44 @@
+"""The kernel set the model runs on, chosen once at start-up."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kernels.activation import bias_gelu_torch
+from kernels.attention import decode_attention_torch, prefill_attention_torch
+from kernels.kv_cache import write_kv_cache_torch
+from kernels.norm import add_layer_norm_torch
+
+
+@dataclass(frozen=True)
+class KernelOps:
+    """One implementation of every kernel the model needs; all share signatures."""
+
+    name: str
+    write_kv_cache: Callable
+    prefill_attention: Callable
+    decode_attention: Callable
+    add_layer_norm: Callable
+    bias_gelu: Callable
+
+
+TORCH_OPS = KernelOps(
+    name="torch",
+    write_kv_cache=write_kv_cache_torch,
+    prefill_attention=prefill_attention_torch,
+    decode_attention=decode_attention_torch,
+    add_layer_norm=add_layer_norm_torch,
+    bias_gelu=bias_gelu_torch,
+)
+
+
+def load_ops(backend: str) -> KernelOps:
+    """`torch` or `triton`; the Triton set is imported only when asked for."""
+    if backend == "torch":
+        return TORCH_OPS
+    if backend == "triton":
+        from kernels.triton_ops import TRITON_OPS  # noqa: PLC0415 (triton is optional)
+
+        return TRITON_OPS
+    raise ValueError(f"unknown attention backend {backend!r} (expected torch or triton)")

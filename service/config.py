@@ -1,0 +1,72 @@
+"""The one settings object of the server, read once at the composition root.
+
+Every field is both an environment variable (`LMSERVICE_<FIELD>`) and a CLI
+flag of `lmservice serve` (`--field-name`); flags win over the environment.
+Nothing below the CLI reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The shipped default model, made by the project's own training jobs.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "base"
+DEFAULT_ADAPTERS_DIR = REPO_ROOT / "models"
+
+
+class Settings(BaseSettings):
+    """Validated configuration of one lmservice process (one base model on one device)."""
+
+    model_config = SettingsConfigDict(env_prefix="LMSERVICE_", env_parse_none_str="", extra="forbid")
+
+    # --- model ---
+    model: Path = Field(DEFAULT_MODEL_DIR, description="Base model directory (Hugging Face GPT-2-family checkpoint).")
+    served_model_name: str | None = Field(None, description="Name of the base model in the API (default: the directory name).")
+    adapter: list[str] = Field(default_factory=list, description="LoRA adapter as NAME=DIR (repeatable).")
+    adapters_dir: Path | None = Field(None, description="Directory whose PEFT adapter sub-directories are all served; also the only place POST /v1/adapters may load from.")
+    max_loras: int = Field(8, ge=1, description="Adapters resident on the device at once (and distinct adapters in one batch).")
+    max_lora_rank: int = Field(64, ge=1, description="Largest LoRA rank accepted.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device to run on (auto: cuda when available).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights and activations dtype (auto: float32 on CPU, bfloat16 on CUDA).")
+    attention_backend: Literal["auto", "torch", "triton"] = Field("auto", description="Kernels: triton on CUDA, torch on CPU unless overridden.")
+    enable_cuda_graphs: bool = Field(True, description="Capture decode steps as CUDA graphs (CUDA only).")
+    seed: int = Field(0, description="Seed of the sampler for requests that carry none.")
+
+    # --- engine ---
+    block_size: int = Field(16, ge=1, description="Tokens per KV-cache block.")
+    kv_cache_memory_mb: int = Field(1024, ge=1, description="Memory budget of the KV-cache block pool, in MiB.")
+    num_kv_blocks: int | None = Field(None, ge=1, description="Exact number of KV blocks (overrides the memory budget).")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="Token budget of one engine step (prefill chunks + decodes).")
+    max_num_seqs: int = Field(128, ge=1, description="Most requests running in one engine step.")
+    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of identical prompt prefixes across requests.")
+    max_waiting_requests: int = Field(1024, ge=1, description="Waiting-queue bound; past it requests get 429.")
+    max_waiting_tokens: int = Field(1_048_576, ge=1, description="Bound on prompt tokens waiting; past it requests get 429.")
+
+    # --- http ---
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to bind.")
+    api_key: list[str] = Field(default_factory=list, description="Accepted API keys (Authorization: Bearer); none means no auth.")
+    admin_key: str | None = Field(None, description="Key for the admin endpoints (POST/DELETE /v1/adapters); unset disables them.")
+    auth_probes: bool = Field(False, description="Require an API key for /health, /ready and /metrics too.")
+    max_body_bytes: int = Field(1_048_576, ge=1, description="Largest request body accepted (413 beyond).")
+    cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS (none: CORS off).")
+    drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish.")
+    log_prompts: bool = Field(False, description="Log prompts and outputs (off: never logged).")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
+    @field_validator("adapter")
+    @classmethod
+    def _check_adapter(cls, value: list[str]) -> list[str]:
+        for item in value:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"adapter {item!r} must be NAME=DIR")
+        return value
+
+    def adapter_dirs(self) -> dict[str, Path]:
+        return {name: Path(path) for name, _, path in (a.partition("=") for a in self.adapter)}

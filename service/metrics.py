@@ -1,0 +1,63 @@
+"""Every Prometheus metric of lmservice, defined in one place.
+
+Names follow vLLM's metric design (num_requests_waiting, kv_cache_usage_perc,
+time_to_first_token_seconds, ...) under the `lmservice_` prefix, so dashboards
+and autoscalers written for vLLM map one to one. Each process builds one
+`Metrics` on its own registry (tests run several servers in one process).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class Metrics:
+    """The server's metrics on their own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "lmservice_requests", "Finished HTTP requests by endpoint, model and status code.",
+            ["endpoint", "model", "status"], registry=r)
+        self.prompt_tokens = Counter(
+            "lmservice_prompt_tokens", "Prompt tokens processed, by model (base or adapter).", ["model"], registry=r)
+        self.generation_tokens = Counter(
+            "lmservice_generation_tokens", "Tokens generated, by model (base or adapter).", ["model"], registry=r)
+        self.time_to_first_token = Histogram(
+            "lmservice_time_to_first_token_seconds", "Time from arrival to the first output token.",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.inter_token_latency = Histogram(
+            "lmservice_inter_token_latency_seconds", "Time between consecutive output tokens of a request.",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e_request_latency = Histogram(
+            "lmservice_e2e_request_latency_seconds", "Time from arrival to the last output of a request.",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.request_queue_time = Histogram(
+            "lmservice_request_queue_time_seconds", "Time a request waited before its first scheduling.",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.num_requests_running = Gauge(
+            "lmservice_num_requests_running", "Requests in the running batch.", registry=r)
+        self.num_requests_waiting = Gauge(
+            "lmservice_num_requests_waiting", "Requests waiting to be scheduled.", registry=r)
+        self.kv_cache_usage_perc = Gauge(
+            "lmservice_kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).", registry=r)
+        self.prefix_cache_queries = Counter(
+            "lmservice_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", registry=r)
+        self.prefix_cache_hits = Counter(
+            "lmservice_prefix_cache_hits", "Prompt tokens found in the prefix cache.", registry=r)
+        self.prefix_cache_hit_ratio = Gauge(
+            "lmservice_prefix_cache_hit_ratio", "Prefix-cache hits / queries since start (0-1).", registry=r)
+        self.num_preemptions = Counter(
+            "lmservice_num_preemptions", "Requests preempted (KV blocks freed, recomputed later).", registry=r)
+        self.batch_size = Histogram(
+            "lmservice_batch_size", "Requests in one engine step.", buckets=_BATCH_BUCKETS, registry=r)
+        self.batch_tokens = Histogram(
+            "lmservice_batch_tokens", "Tokens in one engine step.", buckets=_BATCH_BUCKETS, registry=r)
+        self.loaded_adapters = Gauge(
+            "lmservice_loaded_adapters", "LoRA adapters registered with the server.", registry=r)
+        self.draining = Gauge(
+            "lmservice_draining", "1 while the server drains after SIGTERM.", registry=r)
