@@ -7,6 +7,8 @@ python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q -e '.[test]'
+# Static checks of deploy/ need hadolint, promtool and kustomize: installed by this script.
+[ -f scripts/install_ci_tools.sh ] && bash scripts/install_ci_tools.sh
 ruff check .
 lint-imports
 set +e
