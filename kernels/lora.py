@@ -57,7 +57,9 @@ class LoRAMapping:
         return cls(token_slots.to(device), tuple(segments))
 
     @classmethod
-    def from_token_slots(cls, token_slots: Sequence[int] | torch.Tensor, device: torch.device | str) -> LoRAMapping:
+    def from_token_slots(
+        cls, token_slots: Sequence[int] | torch.Tensor, device: torch.device | str
+    ) -> LoRAMapping:
         """Segments are the maximal runs of equal slots (one host sync if a device tensor is given)."""
         slots = token_slots.tolist() if isinstance(token_slots, torch.Tensor) else list(token_slots)
         segments = []
@@ -115,7 +117,9 @@ def check_lora_shapes(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lo
     assert lora_b.shape[0] == num_slots and lora_b.shape[2] == max_rank, (
         f"lora_b {tuple(lora_b.shape)} does not match lora_a {tuple(lora_a.shape)}"
     )
-    assert y.shape == (num_tokens, lora_b.shape[1]), f"y {tuple(y.shape)} != ({num_tokens}, {lora_b.shape[1]})"
+    assert y.shape == (num_tokens, lora_b.shape[1]), (
+        f"y {tuple(y.shape)} != ({num_tokens}, {lora_b.shape[1]})"
+    )
 
 
 def add_lora_torch(

@@ -15,7 +15,10 @@ def make_adapters(ranks=RANKS, dtype=torch.float64, seed=0):
     """Unpadded (A (r, in), B (out, r)) per adapter, and the padded stacks the kernels take."""
     gen = torch.Generator().manual_seed(seed)
     adapters = [
-        (torch.randn(r, IN_FEATURES, generator=gen, dtype=dtype), torch.randn(OUT_FEATURES, r, generator=gen, dtype=dtype))
+        (
+            torch.randn(r, IN_FEATURES, generator=gen, dtype=dtype),
+            torch.randn(OUT_FEATURES, r, generator=gen, dtype=dtype),
+        )
         for r in ranks
     ]
     max_rank = max(ranks)
@@ -79,7 +82,9 @@ def test_fp32_matches_fp64_reference():
     y = torch.randn(len(token_slots), OUT_FEATURES, dtype=torch.float64)
     expected = naive_add_lora(y, x, adapters, token_slots)
     y32 = y.float()
-    add_lora_torch(y32, x.float(), lora_a.float(), lora_b.float(), LoRAMapping.from_token_slots(token_slots, "cpu"))
+    add_lora_torch(
+        y32, x.float(), lora_a.float(), lora_b.float(), LoRAMapping.from_token_slots(token_slots, "cpu")
+    )
     torch.testing.assert_close(y32, expected.float(), rtol=1e-5, atol=1e-4)
 
 
