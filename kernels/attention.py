@@ -82,6 +82,9 @@ def decode_attention_torch(
     k = k_cache[table].view(num_seqs, num_blocks * block_size, num_heads, head_dim)  # (B, L, nh, hd)
     v = v_cache[table].view(num_seqs, num_blocks * block_size, num_heads, head_dim)  # (B, L, nh, hd)
     mask = torch.arange(num_blocks * block_size, device=q.device)[None, :] < seq_lens[:, None].to(q.device)
+    # rows past seq_len may hold NaN garbage (unwritten cache), and a masked NaN still poisons the sum
+    k.masked_fill_(~mask[:, :, None, None], 0.0)
+    v.masked_fill_(~mask[:, :, None, None], 0.0)
     # (B, nh, 1, hd) x (B, nh, L, hd) -> (B, nh, 1, hd)
     o = F.scaled_dot_product_attention(
         q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :], scale=scale
