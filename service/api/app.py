@@ -1,0 +1,64 @@
+"""The FastAPI application: routes, error handlers, middleware and the engine's lifetime."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from service.api.errors import install_handlers
+from service.api.middleware import RequestContextMiddleware
+from service.api.routes import admin, native, openai, probes
+from service.api.state import ServerState
+from service.config import Settings
+from service.metrics import Metrics
+
+if TYPE_CHECKING:
+    from service.engine.async_engine import AsyncEngine
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, engine: AsyncEngine | None = None, metrics: Metrics | None = None) -> FastAPI:
+    """The app for one server. Without `engine`, it is built from `settings` at startup.
+
+    The engine's worker thread starts when the app starts (inside the running loop)
+    and stops when it shuts down; the app never blocks its loop on model compute.
+    """
+    state = ServerState(settings=settings, metrics=metrics or Metrics(), engine=engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if state.engine is None:
+            from service.engine.async_engine import AsyncEngine  # noqa: PLC0415  (heavy: torch, the model)
+
+            state.engine = AsyncEngine.from_settings(settings)
+        state.engine.start()
+        logger.info("engine started", extra={"models": [m.name for m in state.engine.models()]})
+        try:
+            yield
+        finally:
+            await state.engine.shutdown()
+            logger.info("engine stopped")
+
+    app = FastAPI(
+        title="lmservice",
+        summary="GPT-2-family inference: native generate/classify/translate and an OpenAI-compatible API.",
+        version="0.1.0",
+        lifespan=lifespan,
+        max_body_size=settings.max_body_bytes,
+    )
+    app.state.server = state
+    install_handlers(app)
+    for module in (probes, native, openai, admin):
+        app.include_router(module.router)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["X-Request-ID", "Retry-After"])
+    # Added last = outermost: every response (413s and 500s included) carries the request id and is logged.
+    app.add_middleware(RequestContextMiddleware, state=state)
+    return app

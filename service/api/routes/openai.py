@@ -1,0 +1,211 @@
+"""OpenAI-compatible endpoints: /v1/completions, /v1/chat/completions, /v1/models.
+
+Choice indices follow OpenAI: with several prompts and n sequences each,
+choice `i * n + j` is sequence j of prompt i.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from service.api.auth import require_api_key, server_state
+from service.api.chat import render_chat_prompt
+from service.api.engine_client import EngineCall, resolve_model, until_disconnect
+from service.api.errors import APIError
+from service.api.logprobs import TokenText, chat_logprobs, completion_logprobs
+from service.api.middleware import record_of
+from service.api.params import prompt_token_ids, sampling_params
+from service.api.schemas.common import ERROR_RESPONSES
+from service.api.schemas.openai import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelInfo,
+    ModelList,
+)
+from service.api.sse import EventStreamResponse
+from service.engine.outputs import CompletionDelta
+
+router = APIRouter(dependencies=[Depends(require_api_key)], tags=["openai"])
+
+_STREAM_DOC = {"text/event-stream": {"example": 'data: {"id": "cmpl-3f2a", "choices": [...]}\n\ndata: [DONE]\n\n'}}
+
+
+def _responses(model: type) -> dict:
+    return {200: {"model": model, "content": _STREAM_DOC}, **ERROR_RESPONSES}
+
+
+def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and isinstance(prompt[0], int):
+        return [prompt]  # type: ignore[list-item]
+    if not prompt:
+        raise APIError(400, "prompt: must not be empty", param="prompt")
+    return list(prompt)  # type: ignore[arg-type]
+
+
+def _submit_all(call: EngineCall, prompts: list[list[int]], params: Any) -> None:
+    try:
+        for ids in prompts:
+            call.submit(ids, params)
+    except Exception:
+        call.close()  # the prompts already admitted must not run on
+        raise
+
+
+async def _deltas(call: EngineCall) -> AsyncIterator[tuple[int, int, CompletionDelta]]:
+    """(choice index, prompt index, delta) of every sequence, as they come."""
+    async for i, out in call.merged():
+        n = call.runs[i].params.n
+        for delta in out.outputs:
+            yield i * n + delta.index, i, delta
+
+
+def _chunk_head(call: EngineCall, obj: str) -> dict[str, Any]:
+    return {"id": call.id, "object": obj, "created": call.created, "model": call.entry.name}
+
+
+# ---------------------------------------------------------------- completions
+
+
+@router.post("/v1/completions", responses=_responses(CompletionResponse))
+async def completions(body: CompletionRequest, request: Request):
+    state = server_state(request)
+    entry = resolve_model(state, body.model, "generate")
+    tokenizer = state.engine.tokenizer
+    prompts = [prompt_token_ids(tokenizer, p) for p in _prompt_list(body.prompt)]
+    echo_logprobs = body.echo and body.logprobs is not None
+    params = sampling_params(body, default_max_tokens=16, n=body.n, logprobs=body.logprobs,
+                             prompt_logprobs=body.logprobs if echo_logprobs else None)
+    call = EngineCall(state, record_of(request.scope), entry, "cmpl")
+    if state.settings.log_prompts:
+        call.record.prompt = repr(body.prompt)
+    _submit_all(call, prompts, params)
+    prompt_texts = [tokenizer.decode(ids) for ids in prompts] if body.echo else None
+    token_text = TokenText(tokenizer)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventStreamResponse(_completion_chunks(call, body, prompt_texts, token_text, include_usage),
+                                   on_close=call.close)
+    try:
+        await until_disconnect(request, call.run_to_end())
+    finally:
+        call.close()
+    choices = []
+    for i, run in enumerate(call.runs):
+        for j, seq in enumerate(run.sequences):
+            prefix = prompt_texts[i] if prompt_texts else ""
+            logprobs = None
+            if body.logprobs is not None:
+                ids, lps = list(seq.token_ids), list(seq.logprobs)
+                if echo_logprobs:
+                    ids, lps = run.prompt_token_ids + ids, list(run.prompt_logprobs or [None] * len(ids)) + lps
+                logprobs = completion_logprobs(token_text, ids, lps)
+            choices.append({"index": i * run.params.n + j, "text": prefix + seq.text, "logprobs": logprobs,
+                            "finish_reason": seq.finish_reason})
+    if state.settings.log_prompts:
+        call.record.output = repr([c["text"] for c in choices])
+    return JSONResponse({**_chunk_head(call, "text_completion"), "choices": choices, "usage": call.usage()})
+
+
+async def _completion_chunks(call: EngineCall, body: CompletionRequest, prompt_texts: list[str] | None,
+                             token_text: TokenText, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+    head = _chunk_head(call, "text_completion")
+    offsets: dict[int, int] = {}  # choice index -> length of the text sent so far (for text_offset)
+    async for index, i, delta in _deltas(call):
+        run = call.runs[i]
+        text, ids, lps = delta.text, list(delta.token_ids), list(delta.logprobs or [])
+        if index not in offsets and prompt_texts is not None:  # echo: the prompt leads the first chunk
+            text = prompt_texts[i] + text
+            if body.logprobs is not None:
+                ids, lps = run.prompt_token_ids + ids, list(run.prompt_logprobs or [None] * len(ids)) + lps
+        if not text and not ids and delta.finish_reason is None:
+            continue
+        offset = offsets.get(index, 0)
+        offsets[index] = offset + len(text)
+        logprobs = completion_logprobs(token_text, ids, lps, offset) if body.logprobs is not None else None
+        yield {**head, "choices": [{"index": index, "text": text, "logprobs": logprobs,
+                                    "finish_reason": delta.finish_reason}], "usage": None}
+    if include_usage:
+        yield {**head, "choices": [], "usage": call.usage()}
+
+
+# ---------------------------------------------------------------- chat
+
+
+@router.post("/v1/chat/completions", responses=_responses(ChatCompletionResponse))
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    state = server_state(request)
+    entry = resolve_model(state, body.model, "generate")
+    tokenizer = state.engine.tokenizer
+    prompt = render_chat_prompt(tokenizer, body.messages)
+    ids = prompt_token_ids(tokenizer, prompt, param="messages")
+    if body.max_completion_tokens is not None:
+        body.max_tokens = body.max_completion_tokens
+    top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = sampling_params(body, default_max_tokens=None, n=body.n, logprobs=top_logprobs)
+    call = EngineCall(state, record_of(request.scope), entry, "chatcmpl")
+    if state.settings.log_prompts:
+        call.record.prompt = prompt
+    _submit_all(call, [ids], params)
+    token_text = TokenText(tokenizer)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventStreamResponse(_chat_chunks(call, body, token_text, include_usage), on_close=call.close)
+    try:
+        await until_disconnect(request, call.run_to_end())
+    finally:
+        call.close()
+    choices = [{"index": j, "message": {"role": "assistant", "content": seq.text},
+                "logprobs": chat_logprobs(token_text, seq.logprobs) if body.logprobs else None,
+                "finish_reason": seq.finish_reason} for j, seq in enumerate(call.runs[0].sequences)]
+    if state.settings.log_prompts:
+        call.record.output = repr([c["message"]["content"] for c in choices])
+    return JSONResponse({**_chunk_head(call, "chat.completion"), "choices": choices, "usage": call.usage()})
+
+
+async def _chat_chunks(call: EngineCall, body: ChatCompletionRequest, token_text: TokenText,
+                       include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+    head = _chunk_head(call, "chat.completion.chunk")
+    for j in range(body.n):  # OpenAI opens every choice with the role
+        yield {**head, "choices": [{"index": j, "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None, "finish_reason": None}]}
+    async for index, _, delta in _deltas(call):
+        if not delta.text and not delta.token_ids and delta.finish_reason is None:
+            continue
+        logprobs = chat_logprobs(token_text, delta.logprobs or []) if body.logprobs else None
+        yield {**head, "choices": [{"index": index, "delta": {"content": delta.text} if delta.text else {},
+                                    "logprobs": logprobs, "finish_reason": delta.finish_reason}]}
+    if include_usage:
+        yield {**head, "choices": [], "usage": call.usage()}
+
+
+# ---------------------------------------------------------------- models
+
+
+def _model_info(request: Request) -> list[dict[str, Any]]:
+    state = server_state(request)
+    if state.engine is None:
+        raise APIError(503, "server is not ready")
+    return [ModelInfo(id=e.name, created=int(state.started_at), parent=e.parent, root=e.parent or e.name,
+                      tasks=list(e.tasks), max_model_len=state.engine.max_model_len).model_dump()
+            for e in state.engine.models()]
+
+
+@router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
+async def list_models(request: Request):
+    return {"object": "list", "data": _model_info(request)}
+
+
+@router.get("/v1/models/{model:path}", response_model=ModelInfo, responses=ERROR_RESPONSES)
+async def get_model(model: str, request: Request):
+    for info in _model_info(request):
+        if info["id"] == model:
+            return info
+    raise APIError(404, f"model {model!r} does not exist", param="model", code="model_not_found")

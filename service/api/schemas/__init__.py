@@ -1,0 +1,1 @@
+"""Pydantic bodies of the HTTP API, each with an example for /docs."""

@@ -1,0 +1,80 @@
+"""What the HTTP layer holds for the life of the process: settings, the engine, metrics, drain state."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from service.config import Settings
+from service.metrics import Metrics
+
+if TYPE_CHECKING:
+    from service.engine.async_engine import AsyncEngine
+
+
+@dataclass
+class _Cumulative:
+    """Last seen values of the engine's cumulative stats, to turn them into Prometheus counter increments."""
+
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+
+
+@dataclass
+class ServerState:
+    """One per app. Invariant: `in_flight` holds exactly the engine request ids that an HTTP handler
+    is still waiting on; draining waits for it to empty, then aborts what is left."""
+
+    settings: Settings
+    metrics: Metrics
+    engine: AsyncEngine | None = None
+    is_draining: bool = False
+    in_flight: set[str] = field(default_factory=set)
+    started_at: float = field(default_factory=time.time)
+    _seen: _Cumulative = field(default_factory=_Cumulative)
+
+    def is_ready(self) -> bool:
+        return self.engine is not None and self.engine.is_alive() and not self.is_draining
+
+    async def drain(self, timeout_s: float) -> int:
+        """Stop admitting (ready -> 503), wait up to `timeout_s` for in-flight requests to finish,
+        abort the rest. Returns how many were aborted."""
+        self.is_draining = True
+        self.metrics.draining.set(1)
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = list(self.in_flight)
+        if self.engine is not None:
+            for request_id in left:
+                self.engine.abort(request_id)
+        # Give the aborted handlers a moment to see their streams end and answer.
+        deadline = time.monotonic() + 2.0
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return len(left)
+
+    def refresh_engine_metrics(self) -> None:
+        """Copy the engine's stats into the gauges and counters (called on every scrape of /metrics)."""
+        if self.engine is None:
+            return
+        m, stats = self.metrics, self.engine.stats()
+        m.num_requests_running.set(stats.num_running)
+        m.num_requests_waiting.set(stats.num_waiting)
+        m.kv_cache_usage_perc.set(stats.num_kv_blocks_used / max(1, stats.num_kv_blocks_total))
+        seen = self._seen
+        m.prefix_cache_queries.inc(max(0, stats.prefix_cache_queries - seen.prefix_cache_queries))
+        m.prefix_cache_hits.inc(max(0, stats.prefix_cache_hits - seen.prefix_cache_hits))
+        m.num_preemptions.inc(max(0, stats.num_preemptions - seen.num_preemptions))
+        seen.prefix_cache_queries = stats.prefix_cache_queries
+        seen.prefix_cache_hits = stats.prefix_cache_hits
+        seen.num_preemptions = stats.num_preemptions
+        if stats.prefix_cache_queries:
+            m.prefix_cache_hit_ratio.set(stats.prefix_cache_hits / stats.prefix_cache_queries)
+        for num_seqs, num_tokens in stats.drain_step_samples():
+            m.batch_size.observe(num_seqs)
+            m.batch_tokens.observe(num_tokens)
+        m.loaded_adapters.set(sum(1 for entry in self.engine.models() if entry.parent is not None))
