@@ -1,0 +1,262 @@
+"""The synchronous engine: add requests, abort them, step. A step reads as schedule, run, update."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kernels import load_ops
+from service.engine.block_pool import BlockPool
+from service.engine.detokenizer import IncrementalDetokenizer
+from service.engine.kv_cache_manager import KVCacheManager
+from service.engine.model_runner import ModelRunner, ModelRunnerOutput, kv_cache_bytes_per_block
+from service.engine.outputs import CompletionDelta, RequestOutput, RequestRejectedError, TokenLogprob
+from service.engine.request import Sequence
+from service.engine.sampling_params import SamplingParams
+from service.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from service.model.loader import LoadedModel
+
+log = logging.getLogger("lmservice.engine")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    kv_cache_memory_mb: int = 1024
+    num_kv_blocks: int | None = None
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 128
+    enable_prefix_caching: bool = True
+    max_waiting_requests: int = 1024
+    max_waiting_tokens: int = 1 << 20
+    max_loras: int = 8
+    attention_backend: str = "auto"  # auto | torch | triton
+    seed: int = 0
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_waiting_tokens: int
+    num_kv_blocks_total: int
+    num_kv_blocks_used: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    step_samples: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Group:
+    """The n sequences of one request and what has not been reported yet."""
+
+    request_id: str
+    seqs: list[Sequence]
+    detoks: list[IncrementalDetokenizer | None]
+    pending_tokens: list[list[int]]
+    pending_logprobs: list[list[TokenLogprob]]
+    prompt_logprobs: list[TokenLogprob | None] | None
+    scores: list[float] | None = None
+    sent_prompt_logprobs: bool = False
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class Engine:
+    """Continuous-batching engine over one base model on one device."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        self.loaded = loaded
+        self.config = config
+        self.tokenizer = loaded.tokenizer
+        self.max_model_len = loaded.config.n_positions
+        self.vocab_size = loaded.config.vocab_size
+        self.eos_token_id = loaded.tokenizer.eos_token_id
+        if self.eos_token_id is None:
+            self.eos_token_id = loaded.config.eos_token_id
+        backend = config.attention_backend
+        if backend == "auto":
+            backend = "triton" if loaded.device.type == "cuda" else "torch"
+        num_blocks = config.num_kv_blocks or max(
+            1, config.kv_cache_memory_mb * 2**20 // kv_cache_bytes_per_block(loaded.model, config.block_size, loaded.dtype))
+        self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, config.max_waiting_requests,
+                            config.max_waiting_tokens, config.max_loras),
+            KVCacheManager(self.pool))
+        self.runner = ModelRunner(loaded.model, load_ops(backend), num_blocks, config.block_size, loaded.device,
+                                  loaded.dtype, self.eos_token_id, config.seed)
+        self.groups: dict[str, _Group] = {}
+        self.step_samples: list[tuple[int, int]] = []
+        log.info("engine ready: %d KV blocks of %d tokens, %s kernels", num_blocks, config.block_size, backend)
+
+    # --- requests ---
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    adapter: str | None = None, priority: int = 0, task: str = "generate") -> None:
+        """Validate and queue a request; raises RequestRejectedError or QueueFullError, changing nothing."""
+        if request_id in self.groups:
+            raise RequestRejectedError(f"request id {request_id!r} is already in use", "request_id")
+        num_prompt = len(prompt_token_ids)
+        if num_prompt == 0:
+            raise RequestRejectedError("the prompt is empty", "prompt")
+        if any(not 0 <= int(t) < self.vocab_size for t in prompt_token_ids):
+            raise RequestRejectedError(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
+        try:
+            params.validate(self.vocab_size)
+        except ValueError as e:
+            raise RequestRejectedError(str(e), getattr(e, "param", None)) from e
+        if task == "classify":
+            max_tokens = 0
+            if num_prompt > self.max_model_len:
+                raise RequestRejectedError(
+                    f"the input has {num_prompt} tokens; the model's context is {self.max_model_len}", "input")
+        else:
+            room = self.max_model_len - num_prompt
+            max_tokens = room if params.max_tokens is None else params.max_tokens
+            if room < 1 or max_tokens > room:
+                raise RequestRejectedError(
+                    f"the prompt has {num_prompt} tokens and max_tokens is {max_tokens}: more than the model's "
+                    f"context of {self.max_model_len} tokens", "max_tokens")
+        n = 1 if task == "classify" else params.n
+        self.scheduler.check_admission(n, n * num_prompt)
+
+        seqs = []
+        now = time.monotonic()
+        for i in range(n):
+            seq = Sequence(seq_id=f"{request_id}#{i}", group_id=request_id, index=i,
+                           prompt_token_ids=list(prompt_token_ids), params=params, max_tokens=max_tokens,
+                           priority=priority, adapter=adapter, task=task, arrival_time=now)
+            if params.seed is not None and not params.is_greedy:
+                seq.generator = torch.Generator().manual_seed(params.seed + i)
+            seqs.append(seq)
+        detoks = [IncrementalDetokenizer(self.tokenizer, params.stop, params.include_stop_str_in_output,
+                                         params.skip_special_tokens) if task == "generate" else None for _ in seqs]
+        self.groups[request_id] = _Group(
+            request_id, seqs, detoks, [[] for _ in seqs], [[] for _ in seqs],
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now; its blocks are free before the next step."""
+        group = self.groups.get(request_id)
+        if group is None:
+            return None
+        for seq in group.seqs:
+            self.scheduler.finish(seq, "abort")
+        return self._collect(group)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # --- the step ---
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        try:
+            result = self.runner.execute(sched, self.lora_hook(sched))
+        except Exception as e:  # noqa: BLE001 (one bad batch must not stop the server)
+            return self._fail_batch(sched, e)
+        self.step_samples.append((len(sched.scheduled), sched.num_batched_tokens))
+        if len(self.step_samples) > 10_000:
+            del self.step_samples[:5_000]
+        return self.update(sched, result)
+
+    def lora_hook(self, sched: SchedulerOutput):
+        return None  # the multi-LoRA layer plugs in here
+
+    def update(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestOutput]:
+        now = time.monotonic()
+        touched: dict[str, _Group] = {}
+        for i, item in enumerate(sched.scheduled):
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            group = self.groups[seq.group_id]
+            touched[group.request_id] = group
+            if i in result.prompt_logprobs and group.prompt_logprobs is not None and seq.index == 0:
+                group.prompt_logprobs.extend(result.prompt_logprobs[i])
+            if i in result.scores:
+                group.scores = result.scores[i]
+                self.scheduler.finish(seq, "stop")
+            elif i in result.sampled:
+                token_id, logprob = result.sampled[i]
+                self._append_token(group, seq, token_id, logprob, now)
+        return [self._collect(g) for g in touched.values()]
+
+    def _append_token(self, group: _Group, seq: Sequence, token_id: int, logprob: TokenLogprob | None,
+                      now: float) -> None:
+        params = seq.params
+        seq.output_token_ids.append(token_id)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        group.pending_tokens[seq.index].append(token_id)
+        if logprob is not None:
+            group.pending_logprobs[seq.index].append(logprob)
+        num_out = seq.num_output_tokens
+        if num_out >= params.min_tokens:
+            if token_id == self.eos_token_id and not params.ignore_eos:
+                return self.scheduler.finish(seq, "stop", None)
+            if token_id in params.stop_token_ids:
+                return self.scheduler.finish(seq, "stop", token_id)
+        stop = group.detoks[seq.index].add_token(token_id)
+        if stop is not None:
+            return self.scheduler.finish(seq, "stop", stop)
+        if num_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            self.scheduler.finish(seq, "length")
+
+    def _collect(self, group: _Group) -> RequestOutput:
+        """The group's RequestOutput event with everything not yet reported."""
+        finished = group.finished
+        deltas = []
+        for seq, detok in zip(group.seqs, group.detoks, strict=True):
+            tokens = group.pending_tokens[seq.index]
+            text = detok.take_delta(seq.is_finished) if detok is not None else ""
+            if tokens or text or seq.is_finished:
+                logprobs = group.pending_logprobs[seq.index] if seq.params.logprobs is not None else None
+                deltas.append(CompletionDelta(seq.index, text, tokens, logprobs,
+                                              seq.finish_reason, seq.stop_reason))
+                group.pending_tokens[seq.index] = []
+                group.pending_logprobs[seq.index] = []
+        first = group.seqs[0]
+        out = RequestOutput(
+            request_id=group.request_id, outputs=deltas, finished=finished,
+            num_prompt_tokens=first.num_prompt_tokens,
+            num_generated_tokens=sum(s.num_output_tokens for s in group.seqs),
+            num_cached_tokens=first.num_cached_tokens,
+            scores=group.scores, error=group.error, arrival_time=first.arrival_time,
+            first_scheduled_time=first.first_scheduled_time,
+            first_token_time=min((s.first_token_time for s in group.seqs if s.first_token_time), default=None))
+        if group.prompt_logprobs is not None and not group.sent_prompt_logprobs and (
+                first.num_computed_tokens >= first.num_prompt_tokens or finished):
+            out.prompt_logprobs = group.prompt_logprobs
+            group.sent_prompt_logprobs = True
+        if finished:
+            del self.groups[group.request_id]
+        return out
+
+    def _fail_batch(self, sched: SchedulerOutput, error: Exception) -> list[RequestOutput]:
+        """A forward that raised: fail its requests alone, keep serving the rest."""
+        log.exception("engine step failed; failing the %d requests of this batch", len(sched.scheduled))
+        groups = {item.seq.group_id: self.groups[item.seq.group_id] for item in sched.scheduled}
+        for group in groups.values():
+            group.error = f"{type(error).__name__}: {error}"
+            for seq in group.seqs:
+                self.scheduler.finish(seq, "error")
+        return [self._collect(g) for g in groups.values()]
+
+    def stats(self) -> EngineStats:
+        samples, self.step_samples = self.step_samples, []
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=self.scheduler.num_waiting,
+            num_waiting_tokens=self.scheduler.num_waiting_tokens, num_kv_blocks_total=self.pool.num_blocks,
+            num_kv_blocks_used=self.pool.num_used_blocks, prefix_cache_queries=self.pool.num_queries,
+            prefix_cache_hits=self.pool.num_hits, num_preemptions=self.scheduler.num_preemptions,
+            step_samples=samples)

@@ -1,0 +1,159 @@
+"""Turning the step's logits into tokens: one pass over the whole batch on tensors.
+
+Rows are the sequences that sample this step. Per-row parameters arrive as
+tensors; penalties, bias, top-k/top-p/min-p are masks over the batch. Random
+rows sample by the exponential race (argmax of p / q, q ~ Exp(1)), which equals
+sampling from p. A seeded row draws its q from its own generator, once per
+token, so it samples the same tokens alone or inside any batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from service.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row inputs of one sampling pass (built by the runner from the scheduled sequences)."""
+
+    params: list[SamplingParams]
+    generators: list[torch.Generator | None]  # a seeded row's own generator
+    output_token_ids: list[list[int]]  # tokens generated so far (penalties, min_tokens)
+    prompt_token_ids: list[list[int]]  # for the repetition penalty
+    eos_token_id: int | None
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[float] | None  # logprob of each sampled token (raw model distribution)
+    top_logprobs: list[list[tuple[int, float]]] | None  # top-n per row (n from the row's params)
+
+
+def _padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), max(width, 1)), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    return out.to(device)
+
+
+def _counts(rows: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """(B, V) occurrence counts of each row's tokens."""
+    ids = _padded(rows, device)
+    counts = torch.zeros(len(rows), vocab + 1, device=device)
+    counts.scatter_add_(1, ids.clamp(min=-1) % (vocab + 1), torch.ones_like(ids, dtype=counts.dtype))
+    return counts[:, :vocab]  # padding (-1) landed in the extra last column
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, seed: int = 0) -> None:
+        self.vocab_size = vocab_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        logits = logits.float()  # (B, V)
+        params = batch.params
+        num_rows, vocab = logits.shape
+
+        want_logprobs = [p.logprobs for p in params]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(n is not None for n in want_logprobs) else None
+
+        logits = self._apply_penalties_and_bias(logits, batch)
+
+        greedy = [p.is_greedy for p in params]
+        if all(greedy):
+            token_ids = logits.argmax(dim=-1)
+        else:
+            token_ids = self._sample(logits, batch, greedy)
+
+        out = SamplerOutput(token_ids=token_ids.tolist(), logprobs=None, top_logprobs=None)
+        if raw_logprobs is not None:
+            out.logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1).tolist()
+            k = max(n or 0 for n in want_logprobs)
+            top = [[] for _ in range(num_rows)]
+            if k > 0:
+                values, indices = raw_logprobs.topk(k, dim=-1)
+                values, indices = values.tolist(), indices.tolist()
+                for i, n in enumerate(want_logprobs):
+                    if n:
+                        top[i] = list(zip(indices[i][:n], values[i][:n], strict=True))
+            out.top_logprobs = top
+        return out
+
+    def _apply_penalties_and_bias(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        params = batch.params
+        device = logits.device
+        num_rows, vocab = logits.shape
+        rep = [p.repetition_penalty for p in params]
+        pres = [p.presence_penalty for p in params]
+        freq = [p.frequency_penalty for p in params]
+        if any(r != 1.0 for r in rep):
+            seen = _counts([p + o for p, o in zip(batch.prompt_token_ids, batch.output_token_ids, strict=True)],
+                           vocab, device) > 0
+            penalty = torch.tensor(rep, device=device)[:, None].expand_as(logits)
+            penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+            logits = torch.where(seen, penalized, logits)
+        if any(pres) or any(freq):
+            counts = _counts(batch.output_token_ids, vocab, device)
+            logits = logits - torch.tensor(freq, device=device)[:, None] * counts
+            logits = logits - torch.tensor(pres, device=device)[:, None] * (counts > 0).float()
+        if any(p.logit_bias for p in params):
+            bias = torch.zeros(num_rows, vocab, device=device)
+            for i, p in enumerate(params):
+                for tid, b in (p.logit_bias or {}).items():
+                    bias[i, int(tid)] = float(b)
+            logits = logits + bias
+        # min_tokens: stop tokens are impossible until enough tokens were generated
+        banned = [(i, p) for i, p in enumerate(params) if len(batch.output_token_ids[i]) < p.min_tokens]
+        if banned:
+            logits = logits.clone()
+            for i, p in banned:
+                stop_ids = list(p.stop_token_ids)
+                if batch.eos_token_id is not None and not p.ignore_eos:
+                    stop_ids.append(batch.eos_token_id)
+                if stop_ids:
+                    logits[i, stop_ids] = float("-inf")
+        return logits
+
+    def _sample(self, logits: torch.Tensor, batch: SamplingBatch, greedy: list[bool]) -> torch.Tensor:
+        params = batch.params
+        device = logits.device
+        num_rows, vocab = logits.shape
+        greedy_ids = logits.argmax(dim=-1)
+        temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=device)
+        logits = logits / temperature[:, None]
+
+        top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
+        top_p = [p.top_p for p in params]
+        min_p = [p.min_p for p in params]
+        if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
+            sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+            rank = torch.arange(vocab, device=device)[None, :]
+            remove = rank >= torch.tensor(top_k, device=device)[:, None]
+            probs_sorted = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
+            # drop a token when the mass before it already reaches top_p (the top token always stays)
+            mass_before = probs_sorted.cumsum(dim=-1) - probs_sorted
+            remove |= mass_before >= torch.tensor(top_p, device=device)[:, None]
+            remove[:, 0] = False
+            logits = torch.full_like(logits, float("-inf")).scatter(1, sorted_idx, sorted_logits.masked_fill(remove, float("-inf")))
+        probs = logits.softmax(dim=-1)
+        if any(m > 0 for m in min_p):
+            threshold = torch.tensor(min_p, device=device)[:, None] * probs.max(dim=-1, keepdim=True).values
+            probs = probs.masked_fill(probs < threshold, 0.0)
+
+        q = torch.empty_like(probs)
+        unseeded = [i for i, g in enumerate(batch.generators) if g is None]
+        if unseeded:
+            idx = torch.tensor(unseeded, device=device)
+            q[idx] = torch.empty(len(unseeded), vocab).exponential_(generator=self.generator).to(device)
+        for i, g in enumerate(batch.generators):
+            if g is not None:
+                q[i] = torch.empty(vocab).exponential_(generator=g).to(device)
+        sampled = (probs / q).argmax(dim=-1)
+        return torch.where(torch.tensor(greedy, device=device), greedy_ids, sampled)
