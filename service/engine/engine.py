@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +49,10 @@ class EngineStats:
     prefix_cache_hits: int
     num_preemptions: int
     step_samples: list[tuple[int, int]] = field(default_factory=list)
+
+    def drain_step_samples(self) -> list[tuple[int, int]]:
+        samples, self.step_samples = self.step_samples, []
+        return samples
 
 
 @dataclass(eq=False)
@@ -94,15 +99,13 @@ class Engine:
         self.runner = ModelRunner(loaded.model, load_ops(backend), num_blocks, config.block_size, loaded.device,
                                   loaded.dtype, self.eos_token_id, config.seed)
         self.groups: dict[str, _Group] = {}
-        self.step_samples: list[tuple[int, int]] = []
+        self.step_samples: deque[tuple[int, int]] = deque(maxlen=10_000)  # (num_seqs, num_tokens) per step
         log.info("engine ready: %d KV blocks of %d tokens, %s kernels", num_blocks, config.block_size, backend)
 
     # --- requests ---
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    adapter: str | None = None, priority: int = 0, task: str = "generate") -> None:
-        """Validate and queue a request; raises RequestRejectedError or QueueFullError, changing nothing."""
-        if request_id in self.groups:
-            raise RequestRejectedError(f"request id {request_id!r} is already in use", "request_id")
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams, task: str = "generate") -> int:
+        """Check a request against the model (no engine state read or changed); returns its
+        max_tokens resolved against the context. Raises RequestRejectedError."""
         num_prompt = len(prompt_token_ids)
         if num_prompt == 0:
             raise RequestRejectedError("the prompt is empty", "prompt")
@@ -124,8 +127,16 @@ class Engine:
                 raise RequestRejectedError(
                     f"the prompt has {num_prompt} tokens and max_tokens is {max_tokens}: more than the model's "
                     f"context of {self.max_model_len} tokens", "max_tokens")
+        return max_tokens
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    adapter: str | None = None, priority: int = 0, task: str = "generate") -> None:
+        """Validate and queue a request; raises RequestRejectedError or QueueFullError, changing nothing."""
+        if request_id in self.groups:
+            raise RequestRejectedError(f"request id {request_id!r} is already in use", "request_id")
+        max_tokens = self.validate_request(prompt_token_ids, params, task)
         n = 1 if task == "classify" else params.n
-        self.scheduler.check_admission(n, n * num_prompt)
+        self.scheduler.check_admission(n, n * len(prompt_token_ids))
 
         seqs = []
         now = time.monotonic()
@@ -166,8 +177,6 @@ class Engine:
         except Exception as e:  # noqa: BLE001 (one bad batch must not stop the server)
             return self._fail_batch(sched, e)
         self.step_samples.append((len(sched.scheduled), sched.num_batched_tokens))
-        if len(self.step_samples) > 10_000:
-            del self.step_samples[:5_000]
         return self.update(sched, result)
 
     def lora_hook(self, sched: SchedulerOutput):
@@ -253,7 +262,10 @@ class Engine:
         return [self._collect(g) for g in groups.values()]
 
     def stats(self) -> EngineStats:
-        samples, self.step_samples = self.step_samples, []
+        """Counters now, and the step samples since the last call (safe to call from another thread)."""
+        samples = []
+        while self.step_samples:
+            samples.append(self.step_samples.popleft())
         return EngineStats(
             num_running=len(self.scheduler.running), num_waiting=self.scheduler.num_waiting,
             num_waiting_tokens=self.scheduler.num_waiting_tokens, num_kv_blocks_total=self.pool.num_blocks,

@@ -1,0 +1,221 @@
+"""The engine as the API sees it: an engine loop in one worker thread, an async stream per request.
+
+The asyncio event loop never waits on model compute: add_request and abort only
+validate and enqueue; the worker thread runs `Engine.step()` and hands each
+step's outputs back with one `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from service.config import Settings
+from service.engine.engine import Engine, EngineConfig, EngineStats
+from service.engine.outputs import EngineRequestError, RequestOutput, RequestRejectedError
+from service.engine.sampling_params import SamplingParams
+from service.model.card import ModelCard
+from service.model.loader import LoadedModel, load_model
+
+log = logging.getLogger("lmservice.engine")
+
+
+@dataclass
+class ModelEntry:
+    """A servable name: the base model or an adapter on it."""
+
+    name: str
+    parent: str | None
+    card: ModelCard
+    tasks: list[str] = field(default_factory=list)
+
+
+def tasks_of(card: ModelCard, has_score_head: bool) -> list[str]:
+    if card.task == "classify" or has_score_head:
+        return ["classify"]
+    if card.task == "translate":
+        return ["translate", "generate"]
+    return ["generate"]
+
+
+class RequestStream:
+    """Async iterator over one request's RequestOutput events; ends after the finished one."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.finished = False
+
+    def put(self, out: RequestOutput) -> None:
+        self._queue.put_nowait(out)
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[RequestOutput]:
+        while not self.finished:
+            out = await self._queue.get()
+            if out.finished:
+                self.finished = True
+            if out.error is not None:
+                raise EngineRequestError(out.error)
+            yield out
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, entries: list[ModelEntry]) -> None:
+        self.engine = engine
+        self._entries = {e.name: e for e in entries}
+        self._streams: dict[str, RequestStream] = {}
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._failed: BaseException | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AsyncEngine:
+        loaded = load_model(settings.model, settings.device, settings.dtype, settings.served_model_name)
+        return cls.from_loaded(loaded, engine_config(settings))
+
+    @classmethod
+    def from_loaded(cls, loaded: LoadedModel, config: EngineConfig) -> AsyncEngine:
+        engine = Engine(loaded, config)
+        base = ModelEntry(loaded.name, None, loaded.card, tasks_of(loaded.card, loaded.model.score is not None))
+        return cls(engine, [base])
+
+    # --- what the API reads ---
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.engine.eos_token_id
+
+    def models(self) -> list[ModelEntry]:
+        return list(self._entries.values())
+
+    def get_model(self, name: str | None, task: str) -> ModelEntry:
+        """The entry named `name` (KeyError when unknown), or the first able to do `task`."""
+        if name is None:
+            for entry in self._entries.values():
+                if task in entry.tasks:
+                    return entry
+            raise RequestRejectedError(f"no served model can do `{task}`", "model")
+        entry = self._entries.get(name)
+        if entry is None:
+            raise KeyError(name)
+        if task not in entry.tasks:
+            raise RequestRejectedError(f"model `{name}` cannot do `{task}` (it does: {', '.join(entry.tasks)})", "model")
+        return entry
+
+    # --- lifecycle ---
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="lmservice-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        self._stop.set()
+        self._wakeup.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10.0)
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._failed is None
+
+    def stats(self) -> EngineStats:
+        """Counters now (plain reads of ints under the GIL; never waits for a step)."""
+        return self.engine.stats()
+
+    # --- requests ---
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    model: str | None = None, priority: int = 0, task: str = "generate") -> RequestStream:
+        """Validate, check admission and enqueue; never waits for the engine thread."""
+        entry = self.get_model(model, "classify" if task == "classify" else "generate")
+        adapter = entry.name if entry.parent is not None else None
+        if request_id in self._streams:
+            raise RequestRejectedError(f"request id {request_id!r} is already in use", "request_id")
+        self.engine.validate_request(prompt_token_ids, params, task)
+        n = 1 if task == "classify" else params.n
+        # Adds still in the command queue count as waiting too.
+        self.engine.scheduler.check_admission(n + self._commands.qsize(), n * len(prompt_token_ids))
+        stream = RequestStream(request_id)
+        self._streams[request_id] = stream
+        self._commands.put(("add", (request_id, prompt_token_ids, params, adapter, priority, task)))
+        self._wakeup.set()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+        self._wakeup.set()
+
+    # --- the worker thread ---
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_commands()
+                if self.engine.has_unfinished():
+                    self._dispatch(self.engine.step())
+                else:
+                    self._wakeup.wait(0.5)
+                    self._wakeup.clear()
+        except BaseException as e:  # noqa: BLE001 (reported through is_alive and the streams)
+            log.exception("engine loop died")
+            self._failed = e
+            self._fail_all(f"engine loop died: {e}")
+
+    def _drain_commands(self) -> None:
+        outputs = []
+        while True:
+            try:
+                kind, payload = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                try:
+                    self.engine.add_request(*payload)
+                except Exception as e:  # noqa: BLE001 (lost an admission race: the request fails alone)
+                    outputs.append(RequestOutput(request_id=payload[0], outputs=[], finished=True, error=str(e)))
+            elif kind == "abort":
+                out = self.engine.abort(payload)
+                if out is not None:
+                    outputs.append(out)
+        if outputs:
+            self._dispatch(outputs)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        if outputs and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._deliver, outputs)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            if out.finished:
+                del self._streams[out.request_id]
+            stream.put(out)
+
+    def _fail_all(self, message: str) -> None:
+        failed = [RequestOutput(request_id=rid, outputs=[], finished=True, error=message) for rid in list(self._streams)]
+        self._dispatch(failed)
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    return EngineConfig(
+        block_size=settings.block_size, kv_cache_memory_mb=settings.kv_cache_memory_mb,
+        num_kv_blocks=settings.num_kv_blocks, max_num_batched_tokens=settings.max_num_batched_tokens,
+        max_num_seqs=settings.max_num_seqs, enable_prefix_caching=settings.enable_prefix_caching,
+        max_waiting_requests=settings.max_waiting_requests, max_waiting_tokens=settings.max_waiting_tokens,
+        max_loras=settings.max_loras, attention_backend=settings.attention_backend, seed=settings.seed)
