@@ -190,15 +190,28 @@ class Engine:
             seq.num_computed_tokens += item.num_new_tokens
             group = self.groups[seq.group_id]
             touched[group.request_id] = group
-            if i in result.prompt_logprobs and group.prompt_logprobs is not None and seq.index == 0:
-                group.prompt_logprobs.extend(result.prompt_logprobs[i])
-            if i in result.scores:
-                group.scores = result.scores[i]
-                self.scheduler.finish(seq, "stop")
-            elif i in result.sampled:
-                token_id, logprob = result.sampled[i]
-                self._append_token(group, seq, token_id, logprob, now)
+            if seq.is_finished:  # a sibling's failure already ended it
+                continue
+            try:
+                if i in result.errors:
+                    raise RuntimeError(result.errors[i])
+                if i in result.prompt_logprobs and group.prompt_logprobs is not None and seq.index == 0:
+                    group.prompt_logprobs.extend(result.prompt_logprobs[i])
+                if i in result.scores:
+                    group.scores = result.scores[i]
+                    self.scheduler.finish(seq, "stop")
+                elif i in result.sampled:
+                    token_id, logprob = result.sampled[i]
+                    self._append_token(group, seq, token_id, logprob, now)
+            except Exception as e:  # noqa: BLE001 (fails this request alone)
+                log.warning("request %s failed: %s", group.request_id, e)
+                self._fail_group(group, e)
         return [self._collect(g) for g in touched.values()]
+
+    def _fail_group(self, group: _Group, error: Exception) -> None:
+        group.error = f"{type(error).__name__}: {error}"
+        for seq in group.seqs:
+            self.scheduler.finish(seq, "error")
 
     def _append_token(self, group: _Group, seq: Sequence, token_id: int, logprob: TokenLogprob | None,
                       now: float) -> None:
@@ -256,9 +269,7 @@ class Engine:
         log.exception("engine step failed; failing the %d requests of this batch", len(sched.scheduled))
         groups = {item.seq.group_id: self.groups[item.seq.group_id] for item in sched.scheduled}
         for group in groups.values():
-            group.error = f"{type(error).__name__}: {error}"
-            for seq in group.seqs:
-                self.scheduler.finish(seq, "error")
+            self._fail_group(group, error)
         return [self._collect(g) for g in groups.values()]
 
     def stats(self) -> EngineStats:

@@ -21,6 +21,7 @@ class ModelRunnerOutput:
     sampled: dict[int, tuple[int, TokenLogprob | None]] = field(default_factory=dict)
     scores: dict[int, list[float]] = field(default_factory=dict)
     prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)  # a row that failed alone (e.g. NaN logits)
 
 
 def kv_cache_bytes_per_block(model: GPT2ForServing, block_size: int, dtype: torch.dtype) -> int:
@@ -103,6 +104,11 @@ class ModelRunner:
                            classify_idx, out)
         if sample_idx:
             logits = self.model.compute_logits(hidden[[last_row[i] for i in sample_idx]])  # (B, V)
+            finite = torch.isfinite(logits).all(dim=-1)
+            if not bool(finite.all()):
+                for row in (~finite).nonzero().flatten().tolist():
+                    out.errors[sample_idx[row]] = "the model produced non-finite logits"
+                logits = torch.where(finite[:, None], logits, torch.zeros_like(logits))
             batch = SamplingBatch(
                 params=[seqs[i].params for i in sample_idx],
                 generators=[seqs[i].generator for i in sample_idx],
@@ -112,6 +118,8 @@ class ModelRunner:
             )
             sampled = self.sampler(logits, batch)
             for row, i in enumerate(sample_idx):
+                if i in out.errors:
+                    continue
                 lp = None
                 if sampled.logprobs is not None and seqs[i].params.logprobs is not None:
                     lp = TokenLogprob(sampled.token_ids[row], sampled.logprobs[row], sampled.top_logprobs[row])
