@@ -71,7 +71,12 @@ class LoRATargets:
     def shapes(self) -> dict[str, tuple[int, int]]:
         """module key -> (in_features, out_features)."""
         e, inner = self.n_embd, self.n_inner
-        per_module = {"attn.c_attn": (e, 3 * e), "attn.c_proj": (e, e), "mlp.c_fc": (e, inner), "mlp.c_proj": (inner, e)}
+        per_module = {
+            "attn.c_attn": (e, 3 * e),
+            "attn.c_proj": (e, e),
+            "mlp.c_fc": (e, inner),
+            "mlp.c_proj": (inner, e),
+        }
         return {lora_module_key(i, m): per_module[m] for i in range(self.n_layer) for m in LORA_MODULES}
 
 
@@ -135,7 +140,9 @@ def _read_tensors(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     safetensors_file, bin_file = path / ADAPTER_WEIGHTS_FILE, path / ADAPTER_WEIGHTS_BIN_FILE
     weights_file = safetensors_file if safetensors_file.is_file() or not bin_file.is_file() else bin_file
     if not weights_file.is_file():
-        raise LoRAAdapterError(safetensors_file, "file", f"missing (nor is there an {ADAPTER_WEIGHTS_BIN_FILE})")
+        raise LoRAAdapterError(
+            safetensors_file, "file", f"missing (nor is there an {ADAPTER_WEIGHTS_BIN_FILE})"
+        )
     try:
         if weights_file == safetensors_file:
             tensors = load_file(weights_file, device="cpu")
@@ -161,7 +168,12 @@ class _AdapterParser:
     """The validation of one directory: config fields first, then every tensor."""
 
     def __init__(
-        self, config: dict[str, Any], config_file: Path, weights_file: Path, targets: LoRATargets, max_lora_rank: int
+        self,
+        config: dict[str, Any],
+        config_file: Path,
+        weights_file: Path,
+        targets: LoRATargets,
+        max_lora_rank: int,
     ) -> None:
         self.config, self.config_file, self.weights_file = config, config_file, weights_file
         self.targets, self.shapes, self.max_lora_rank = targets, targets.shapes(), max_lora_rank
@@ -183,13 +195,17 @@ class _AdapterParser:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
             raise self._fail_config("lora_alpha", f"{alpha!r} is not a number")
         if config.get("bias", "none") != "none":
-            raise self._fail_config("bias", f"{config['bias']!r}: only 'none' is served (base biases are frozen)")
+            raise self._fail_config(
+                "bias", f"{config['bias']!r}: only 'none' is served (base biases are frozen)"
+            )
         for field in UNSUPPORTED_FIELDS:
             if config.get(field):
                 raise self._fail_config(field, f"{config[field]!r}: this LoRA variant is not served")
         init = config.get("init_lora_weights", True)
         if isinstance(init, str) and init.lower().startswith(BASE_MODIFYING_INITS):
-            raise self._fail_config("init_lora_weights", f"{init!r} changes the base weights; convert it to plain LoRA")
+            raise self._fail_config(
+                "init_lora_weights", f"{init!r} changes the base weights; convert it to plain LoRA"
+            )
         for field in ("rank_pattern", "alpha_pattern"):
             if not isinstance(config.get(field) or {}, dict):
                 raise self._fail_config(field, "must be an object")
@@ -218,7 +234,9 @@ class _AdapterParser:
             if match := _LORA_KEY.fullmatch(tensor_key):
                 layer = int(match["layer"])
                 if layer >= self.targets.n_layer:
-                    raise self._fail_weights(tensor_key, f"layer {layer} but the base has n_layer={self.targets.n_layer}")
+                    raise self._fail_weights(
+                        tensor_key, f"layer {layer} but the base has n_layer={self.targets.n_layer}"
+                    )
                 key = lora_module_key(layer, match["kind"])
                 pairs.setdefault(key, {})[match["ab"]] = tensor
                 peft_names[key] = match["module"]
@@ -226,11 +244,14 @@ class _AdapterParser:
                 score[match["param"]] = tensor
             else:
                 raise self._fail_weights(
-                    tensor_key, "unexpected tensor (lmservice serves LoRA on c_attn, c_proj, c_fc and a score head)"
+                    tensor_key,
+                    "unexpected tensor (lmservice serves LoRA on c_attn, c_proj, c_fc and a score head)",
                 )
         if not pairs:
             raise self._fail_weights("tensors", "no LoRA weights (lora_A/lora_B) found")
-        weights = {key: self._module_weights(key, peft_names[key], pair) for key, pair in sorted(pairs.items())}
+        weights = {
+            key: self._module_weights(key, peft_names[key], pair) for key, pair in sorted(pairs.items())
+        }
         score_weight, score_bias = self._score_head(score)
         return weights, score_weight, score_bias
 
@@ -238,21 +259,28 @@ class _AdapterParser:
         tensor_key = f"base_model.model.{peft_name}.lora_{{}}.weight"
         for ab in "AB":
             if ab not in pair:
-                raise self._fail_weights(tensor_key.format(ab), "missing (its lora_A/lora_B partner is present)")
+                raise self._fail_weights(
+                    tensor_key.format(ab), "missing (its lora_A/lora_B partner is present)"
+                )
         a, b = pair["A"], pair["B"]
         in_features, out_features = self.shapes[key]
         r = _pattern_value(self.config.get("rank_pattern") or {}, peft_name, self.config["r"])
-        alpha = _pattern_value(self.config.get("alpha_pattern") or {}, peft_name, self.config.get("lora_alpha", 8))
+        alpha = _pattern_value(
+            self.config.get("alpha_pattern") or {}, peft_name, self.config.get("lora_alpha", 8)
+        )
         if a.dim() != 2 or tuple(a.shape) != (r, in_features):
             raise self._fail_weights(
                 tensor_key.format("A"), f"shape {tuple(a.shape)}, expected (r={r}, in_features={in_features})"
             )
         if b.dim() != 2 or tuple(b.shape) != (out_features, r):
             raise self._fail_weights(
-                tensor_key.format("B"), f"shape {tuple(b.shape)}, expected (out_features={out_features}, r={r})"
+                tensor_key.format("B"),
+                f"shape {tuple(b.shape)}, expected (out_features={out_features}, r={r})",
             )
         if r > self.max_lora_rank:
-            raise self._fail_weights(tensor_key.format("A"), f"rank {r} is over max_lora_rank={self.max_lora_rank}")
+            raise self._fail_weights(
+                tensor_key.format("A"), f"rank {r} is over max_lora_rank={self.max_lora_rank}"
+            )
         for ab, tensor in (("A", a), ("B", b)):
             if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
                 raise self._fail_weights(tensor_key.format(ab), "must hold finite floating-point values")
@@ -264,11 +292,18 @@ class _AdapterParser:
         weight_key = "base_model.model.score.weight"
         if "weight" not in score:
             if listed or score:
-                raise self._fail_weights(weight_key, "missing although a score head is saved or listed in modules_to_save")
+                raise self._fail_weights(
+                    weight_key, "missing although a score head is saved or listed in modules_to_save"
+                )
             return None, None
         weight, bias = score["weight"], score.get("bias")
         if weight.dim() != 2 or weight.shape[1] != self.targets.n_embd:
-            raise self._fail_weights(weight_key, f"shape {tuple(weight.shape)}, expected (num_labels, n_embd={self.targets.n_embd})")
+            raise self._fail_weights(
+                weight_key,
+                f"shape {tuple(weight.shape)}, expected (num_labels, n_embd={self.targets.n_embd})",
+            )
         if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-            raise self._fail_weights("base_model.model.score.bias", f"shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+            raise self._fail_weights(
+                "base_model.model.score.bias", f"shape {tuple(bias.shape)}, expected ({weight.shape[0]},)"
+            )
         return weight.float().contiguous(), None if bias is None else bias.float().contiguous()

@@ -58,7 +58,9 @@ class LoRAStore:
             if key not in self.shapes or (a.shape[1], b.shape[0]) != self.shapes[key]:
                 raise ValueError(f"adapter {adapter.name!r}: {key} does not fit this base model")
         if adapter.rank > self.max_lora_rank:
-            raise ValueError(f"adapter {adapter.name!r}: rank {adapter.rank} is over max_lora_rank={self.max_lora_rank}")
+            raise ValueError(
+                f"adapter {adapter.name!r}: rank {adapter.rank} is over max_lora_rank={self.max_lora_rank}"
+            )
         self._grow_buffers(max(self.rank, adapter.rank), adapter.weights.keys())
         self._adapters[adapter.name] = adapter
 
@@ -152,8 +154,12 @@ class LoRAStore:
 
     def _zero_stacks(self, key: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         in_features, out_features = self.shapes[key]
-        lora_a = torch.zeros(self.max_loras, rank, in_features, device=self.device, dtype=self.dtype)  # (S, R, in)
-        lora_b = torch.zeros(self.max_loras, out_features, rank, device=self.device, dtype=self.dtype)  # (S, out, R)
+        lora_a = torch.zeros(
+            self.max_loras, rank, in_features, device=self.device, dtype=self.dtype
+        )  # (S, R, in)
+        lora_b = torch.zeros(
+            self.max_loras, out_features, rank, device=self.device, dtype=self.dtype
+        )  # (S, out, R)
         return lora_a, lora_b
 
     def _write_slot(self, slot: int, adapter: LoRAAdapter) -> None:
