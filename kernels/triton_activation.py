@@ -21,7 +21,9 @@ def _bias_gelu_kernel(X, BIAS, OUT, n_cols, stride_x, stride_o, HAS_BIAS: tl.con
     x = x.to(tl.float32)
     # 0.5 * x * (1 + tanh(u)) == x * sigmoid(2u): no tanh, which the interpreter lacks (no libdevice)
     u = _SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
-    tl.store(OUT + row * stride_o + cols, (x * tl.sigmoid(2.0 * u)).to(OUT.dtype.element_ty), mask=mask)
+    # floor: sigmoid(-80) is 0 to fp32 anyway, and exp(80+) would overflow to inf on the way
+    y = x * tl.sigmoid(tl.maximum(2.0 * u, -80.0))
+    tl.store(OUT + row * stride_o + cols, y.to(OUT.dtype.element_ty), mask=mask)
 
 
 def bias_gelu_triton(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
