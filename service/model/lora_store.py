@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from kernels.lora import NO_SLOT
+from kernels.lora import NO_SLOT, LoRAMapping
 from service.model.lora import LoRAAdapter, LoRATargets, load_lora_adapter
 from service.model.lora_slots import LoRASlotTable
 
@@ -119,6 +120,12 @@ class LoRAStore:
             self._write_slot(slot, self._adapters[name])
         return [NO_SLOT if name is None else slot_by_name[name] for name in names]
 
+    def step_hook(self, mapping: LoRAMapping, add_lora: Callable[..., None]) -> LoRAStepHook | None:
+        """The model's LoRA hook for one step, None when no token of it uses an adapter (nothing to add)."""
+        if mapping.is_empty:
+            return None
+        return LoRAStepHook(dict(self._buffers), mapping, add_lora)
+
     def lora_weights(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(lora_a, lora_b) stacks of module `key`, or None when no registered adapter targets it."""
         return self._buffers.get(key)
@@ -170,3 +177,22 @@ class LoRAStore:
                 a, b = adapter.weights[key]  # (r, in), (out, r)
                 lora_a[slot, : a.shape[0]].copy_(a)
                 lora_b[slot, :, : b.shape[1]].copy_(b)
+
+
+@dataclass(frozen=True)
+class LoRAStepHook:
+    """service.model.gpt2's LoRAHook for one step: each projection adds the deltas of its tokens' adapters.
+
+    Holds the store's buffers as they are when the step starts (adding an adapter may replace them, never
+    during a step) and the step's LoRAMapping; `add_lora` is kernels.lora.add_lora_torch or
+    kernels.triton_lora.add_lora_triton.
+    """
+
+    buffers: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+    mapping: LoRAMapping
+    add_lora: Callable[..., None]
+
+    def apply(self, module_key: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        stacks = self.buffers.get(module_key)
+        if stacks is not None:  # no registered adapter targets this projection
+            self.add_lora(y, x, stacks[0], stacks[1], self.mapping)

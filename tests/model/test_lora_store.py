@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kernels.lora import LoRAMapping, add_lora_torch
 from service.model.lora import LoRAAdapter, LoRATargets
 from service.model.lora_slots import LoRASlotsFullError
 from service.model.lora_store import LoRAStore
@@ -148,3 +149,21 @@ def test_adapters_that_do_not_fit_the_base_are_refused():
     with pytest.raises(ValueError, match="already registered"):
         store.add(make_adapter("a", 2, ["h.0.attn.c_attn"]))
     assert store.names() == ["a"]
+
+
+def test_step_hook_adds_deltas_only_where_adapters_target():
+    store = LoRAStore(TARGETS, max_loras=2, max_lora_rank=8)
+    adapter = make_adapter("a", 2, ["h.0.attn.c_attn"], seed=1)
+    store.add(adapter)
+    slots = store.acquire(["a", None])
+    assert store.step_hook(LoRAMapping.from_seq_slots([-1], [3], "cpu"), add_lora_torch) is None
+    hook = store.step_hook(LoRAMapping.from_seq_slots(slots, [2, 1], "cpu"), add_lora_torch)
+    x = torch.randn(3, 8)
+    y = torch.zeros(3, 24)
+    hook.apply("h.0.attn.c_attn", x, y)
+    a, b = adapter.weights["h.0.attn.c_attn"]
+    torch.testing.assert_close(y[:2], x[:2] @ a.T @ b.T)
+    assert not y[2].any()
+    untouched = torch.zeros(3, 8)
+    hook.apply("h.0.attn.c_proj", x, untouched)
+    assert not untouched.any()
