@@ -75,16 +75,18 @@ def decode_attention_torch(
     (num_seqs, num_heads, head_dim).
     """
     num_seqs, num_heads, head_dim = q.shape
-    block_size = k_cache.shape[1]
+    num_blocks, block_size = k_cache.shape[:2]
     max_len = int(seq_lens.max())
-    num_blocks = (max_len + block_size - 1) // block_size
-    table = block_tables[:, :num_blocks].long()
-    k = k_cache[table].view(num_seqs, num_blocks * block_size, num_heads, head_dim)  # (B, L, nh, hd)
-    v = v_cache[table].view(num_seqs, num_blocks * block_size, num_heads, head_dim)  # (B, L, nh, hd)
-    mask = torch.arange(num_blocks * block_size, device=q.device)[None, :] < seq_lens[:, None].to(q.device)
-    # rows past seq_len may hold NaN garbage (unwritten cache), and a masked NaN still poisons the sum
-    k.masked_fill_(~mask[:, :, None, None], 0.0)
-    v.masked_fill_(~mask[:, :, None, None], 0.0)
+    seq_lens = seq_lens.to(q.device)
+    pos = torch.arange(max_len, device=q.device)[None, :]  # (1, L)
+    mask = pos < seq_lens[:, None]  # (B, L)
+    # NOTE: positions past a sequence's end read its position 0 instead: that row was
+    # written, so it is finite (stale or NaN-poisoned slots are never read), and the
+    # mask gives it zero weight.
+    pos = torch.where(mask, pos, 0)
+    slots = block_tables.long().gather(1, pos // block_size) * block_size + pos % block_size  # (B, L)
+    k = k_cache.view(num_blocks * block_size, num_heads, head_dim)[slots]  # (B, L, nh, hd)
+    v = v_cache.view(num_blocks * block_size, num_heads, head_dim)[slots]  # (B, L, nh, hd)
     # (B, nh, 1, hd) x (B, nh, L, hd) -> (B, nh, 1, hd)
     o = F.scaled_dot_product_attention(
         q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :], scale=scale

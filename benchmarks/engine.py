@@ -1,0 +1,115 @@
+"""Offline engine throughput vs transformers' generate, side by side in one run.
+
+A GPT-2-small-shaped model with random weights; prompts of --prompt-len tokens,
+--new-tokens each (ignore_eos). For each dtype and concurrency: lmservice's
+engine with all requests added at once, transformers' generate one request at
+a time, and transformers' generate on one static batch of the same size.
+
+    python benchmarks/engine.py                       # the table in docs/benchmarks.md
+    python benchmarks/engine.py --concurrency 1 8 --dtypes float32 --new-tokens 32   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from service.engine.engine import Engine, EngineConfig  # noqa: E402
+from service.engine.sampling_params import SamplingParams  # noqa: E402
+from service.model.loader import load_model  # noqa: E402
+
+
+def make_model(path: Path, shape: str) -> None:
+    from tests.helpers import make_gpt2_dir
+
+    shapes = {"gpt2": dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12),
+              "tiny": dict(vocab_size=1000, n_positions=512, n_embd=64, n_layer=2, n_head=4)}
+    make_gpt2_dir(path, seed=0, **shapes[shape])
+
+
+def run_engine(model_dir: Path, dtype: str, prompts: list[list[int]], new_tokens: int) -> float:
+    loaded = load_model(model_dir, "cpu", dtype)
+    engine = Engine(loaded, EngineConfig(kv_cache_memory_mb=2048, max_num_seqs=256, max_num_batched_tokens=4096,
+                                         enable_prefix_caching=False))
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    engine.add_request("warmup", prompts[0][:8], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    start = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    generated = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            generated += sum(len(c.token_ids) for c in out.outputs)
+    elapsed = time.perf_counter() - start
+    assert generated == len(prompts) * new_tokens
+    return generated / elapsed
+
+
+def run_hf(model_dir: Path, dtype: str, prompts: list[list[int]], new_tokens: int, static_batch: bool) -> float:
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    batches = [prompts] if static_batch else [[p] for p in prompts]
+    with torch.inference_mode():
+        model.generate(torch.tensor([prompts[0][:8]]), max_new_tokens=2, do_sample=False, pad_token_id=0)
+        start = time.perf_counter()
+        for batch in batches:
+            ids = torch.tensor(batch)  # equal-length prompts: no padding
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        elapsed = time.perf_counter() - start
+    return len(prompts) * new_tokens / elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="gpt2", choices=["gpt2", "tiny"])
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--hf-serial-max", type=int, default=8,
+                    help="run transformers one-at-a-time on at most this many prompts (its rate does not depend on concurrency)")
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "model"
+        make_model(model_dir, args.shape)
+        vocab = 50257 if args.shape == "gpt2" else 1000
+        rows = []
+        for dtype in args.dtypes:
+            serial = None
+            for c in args.concurrency:
+                g = torch.Generator().manual_seed(c)
+                prompts = torch.randint(0, vocab - 1, (c, args.prompt_len), generator=g).tolist()
+                ours = run_engine(model_dir, dtype, prompts, args.new_tokens)
+                static = serial_rate = float("nan")
+                if not args.skip_hf:
+                    if serial is None:
+                        serial = run_hf(model_dir, dtype, prompts[: args.hf_serial_max], args.new_tokens, False)
+                    serial_rate = serial
+                    static = run_hf(model_dir, dtype, prompts, args.new_tokens, True)
+                rows.append((dtype, c, ours, serial_rate, static))
+                print(f"{dtype} c={c}: lmservice {ours:.1f} tok/s, hf serial {serial_rate:.1f}, hf static {static:.1f}",
+                      flush=True)
+
+    print("\n| dtype | concurrency | lmservice tok/s | transformers one-at-a-time tok/s | transformers static batch tok/s "
+          "| vs one-at-a-time | vs static batch |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for dtype, c, ours, serial, static in rows:
+        print(f"| {dtype} | {c} | {ours:.1f} | {serial:.1f} | {static:.1f} | {ours / serial:.2f}x | {ours / static:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
