@@ -27,7 +27,11 @@ BATCHES = {
     "mixed": ([2, 0, -1, 1, 1], [18, 1, 1, 1, 4]),
     "one_slot": ([1, 1], [9, 1]),
 }
-TOLERANCES = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.float16: {"rtol": 1e-2, "atol": 1e-2}}
+TOLERANCES = {
+    torch.float32: {"rtol": 1e-5, "atol": 1e-5},
+    torch.float16: {"rtol": 1e-2, "atol": 1e-2},
+    torch.bfloat16: {"rtol": 3e-2, "atol": 3e-2},
+}
 
 
 def make_stacks(ranks, dtype, seed=0):
@@ -68,10 +72,17 @@ def run_kernel(kernel, y, x, lora_a, lora_b, mapping):
         add_lora_triton(y, x, lora_a, lora_b, mapping)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"]
+)
 @pytest.mark.parametrize("batch", sorted(BATCHES))
 @pytest.mark.parametrize("kernel", ["bgmv", "sgmv", "dispatch"])
 def test_triton_matches_torch(kernel, batch, dtype):
+    uses_dot = kernel == "sgmv" or (
+        kernel == "dispatch" and batch != "decode"
+    )  # SGMV; decode dispatches to BGMV
+    if dtype == torch.bfloat16 and uses_dot and os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("Triton's interpreter computes tl.dot on bf16 wrongly (raw bits); run on CUDA")
     seq_slots, query_lens = BATCHES[batch]
     lora_a, lora_b = make_stacks([8, 2, 5], dtype)
     mapping, x, y = make_batch(seq_slots, query_lens, dtype)

@@ -1,0 +1,106 @@
+"""Cost of batched LoRA at GPT-2-small shapes, per decode step (all 48 projections), kernels only.
+
+32 decode rows; their adapters cycle over N distinct rank-8 adapters (N = 0 is the base alone), each
+targeting c_attn, c_proj and c_fc in every layer. For each N: the base projections alone (F.linear),
+and the same with the LoRA hook after each, through the LoRAStore's stacked buffers. The whole-engine
+benchmark of issue 5 (throughput vs merged single-adapter models) runs the engine instead.
+
+    python benchmarks/lora.py                                  # CPU, torch path
+    python benchmarks/lora.py --device cuda --kernels torch triton   # GPU, both paths
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kernels.lora import LoRAMapping, add_lora_torch  # noqa: E402
+from service.model.lora import LoRAAdapter, LoRATargets  # noqa: E402
+from service.model.lora_store import LoRAStore  # noqa: E402
+
+GPT2_SMALL = LoRATargets(n_layer=12, n_embd=768, n_inner=3072)
+
+
+def make_store(num_adapters: int, rank: int, device: str, dtype: torch.dtype) -> tuple[LoRAStore, list[int]]:
+    """A store holding `num_adapters` random adapters on every projection, all resident."""
+    store = LoRAStore(GPT2_SMALL, max_loras=max(num_adapters, 1), max_lora_rank=rank, device=device, dtype=dtype)
+    gen = torch.Generator().manual_seed(0)
+    for i in range(num_adapters):
+        weights = {
+            key: (torch.randn(rank, n_in, generator=gen) * 0.01, torch.randn(n_out, rank, generator=gen) * 0.01)
+            for key, (n_in, n_out) in GPT2_SMALL.shapes().items()
+        }
+        store.add(LoRAAdapter(f"a{i}", Path(f"a{i}"), weights))
+    slots = store.acquire([f"a{i}" for i in range(num_adapters)])
+    return store, slots
+
+
+def time_step(fn, device: str, min_time_s: float) -> float:
+    """Median seconds of one call of fn over repeats filling min_time_s."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(3):
+        fn()
+    sync()
+    times = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < min_time_s or len(times) < 5:
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-adapters", type=int, nargs="+", default=[0, 1, 4, 8, 32])
+    parser.add_argument("--num-rows", type=int, default=32, help="decode rows (one token per request)")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--kernels", nargs="+", default=["torch"], choices=["torch", "triton"])
+    parser.add_argument("--min-time", type=float, default=2.0, help="seconds of timing per measurement")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    add_lora = {"torch": add_lora_torch}
+    if "triton" in args.kernels:
+        from kernels.triton_lora import add_lora_triton
+
+        add_lora["triton"] = add_lora_triton
+
+    gen = torch.Generator().manual_seed(1)
+    shapes = GPT2_SMALL.shapes()
+    weights = {key: (torch.randn(n_out, n_in, generator=gen) * 0.02).to(args.device, dtype) for key, (n_in, n_out) in shapes.items()}
+    inputs = {key: torch.randn(args.num_rows, n_in, generator=gen).to(args.device, dtype) for key, (n_in, _) in shapes.items()}
+
+    def base_step(hook=None):
+        for key, weight in weights.items():
+            y = F.linear(inputs[key], weight)  # (T, out)
+            if hook is not None:
+                hook.apply(key, inputs[key], y)
+
+    base_s = time_step(base_step, args.device, args.min_time)
+    print(f"device={args.device} dtype={args.dtype} rows={args.num_rows} rank={args.rank} torch_threads={torch.get_num_threads()}")
+    print(f"base projections: {base_s * 1e3:.2f} ms/step")
+    print("| kernels | distinct adapters | step ms | LoRA ms | step / base |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for num_adapters in args.num_adapters:
+        store, slots = make_store(num_adapters, args.rank, args.device, dtype)
+        row_slots = [slots[i % num_adapters] if num_adapters else -1 for i in range(args.num_rows)]
+        mapping = LoRAMapping.from_seq_slots(row_slots, [1] * args.num_rows, args.device)
+        for name, fn in add_lora.items():
+            hook = store.step_hook(mapping, fn)
+            step_s = time_step(lambda hook=hook: base_step(hook), args.device, args.min_time)
+            print(f"| {name} | {num_adapters} | {step_s * 1e3:.2f} | {(step_s - base_s) * 1e3:.2f} | {step_s / base_s:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
