@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import pairwise
 
 import torch
 
@@ -93,13 +94,22 @@ class LoRAMapping:
         return None
 
     @cached_property
-    def groups(self) -> tuple[tuple[int, torch.Tensor], ...]:
-        """(slot, row indices (n,) int64 on the device) for each distinct slot present, ascending."""
-        rows_by_slot: dict[int, list[torch.Tensor]] = {}
+    def groups(self) -> tuple[tuple[int, slice | torch.Tensor], ...]:
+        """(slot, rows) for each distinct slot present, ascending: rows is a slice when the slot's tokens
+        are contiguous (a batch ordered by adapter), else their indices, (n,) int64 on the device."""
+        segments_by_slot: dict[int, list[tuple[int, int]]] = {}
         for start, length, slot in self.segments:
-            rows_by_slot.setdefault(slot, []).append(torch.arange(start, start + length))
+            segments_by_slot.setdefault(slot, []).append((start, length))
         device = self.token_slots.device
-        return tuple((slot, torch.cat(rows_by_slot[slot]).to(device)) for slot in sorted(rows_by_slot))
+        groups = []
+        for slot in sorted(segments_by_slot):
+            runs = segments_by_slot[slot]
+            if all(start == prev_start + prev_len for (prev_start, prev_len), (start, _) in pairwise(runs)):
+                rows: slice | torch.Tensor = slice(runs[0][0], runs[-1][0] + runs[-1][1])
+            else:
+                rows = torch.cat([torch.arange(start, start + length) for start, length in runs]).to(device)
+            groups.append((slot, rows))
+        return tuple(groups)
 
     @cached_property
     def segment_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -128,8 +138,9 @@ def add_lora_torch(
     """y[t] += (x[t] @ lora_a[s].T) @ lora_b[s].T in place, s = mapping.token_slots[t] >= 0.
 
     y: (num_tokens, out_features), x: (num_tokens, in_features); layout of lora_a/lora_b in the module
-    docstring. Rows are grouped by slot: one gather, two matmuls and one scatter-add per distinct slot
-    (at most num_slots), and plain matmuls when every token shares one slot.
+    docstring. Rows are grouped by slot: per distinct slot present (at most num_slots), two matmuls on
+    views when its tokens are contiguous, else a gather, two matmuls and a scatter-add; plain matmuls
+    when every token shares one slot.
     """
     check_lora_shapes(y, x, lora_a, lora_b)
     if mapping.is_empty:
@@ -139,5 +150,8 @@ def add_lora_torch(
         y.addmm_(x @ lora_a[slot].T, lora_b[slot].T)  # (T, r) @ (r, out)
         return
     for slot, rows in mapping.groups:
-        shrunk = x.index_select(0, rows) @ lora_a[slot].T  # (n, r)
-        y.index_add_(0, rows, shrunk @ lora_b[slot].T)  # (n, out)
+        if isinstance(rows, slice):  # contiguous rows: views, no gather nor scatter
+            y[rows].addmm_(x[rows] @ lora_a[slot].T, lora_b[slot].T)  # (n, r) @ (r, out)
+        else:
+            shrunk = x.index_select(0, rows) @ lora_a[slot].T  # (n, r)
+            y.index_add_(0, rows, shrunk @ lora_b[slot].T)  # (n, out)

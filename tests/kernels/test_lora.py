@@ -46,6 +46,7 @@ CASES = {
     "all_one_slot": [1] * 7,
     "no_adapter_at_all": [-1] * 5,
     "decode_rows": [2, 0, 1, 1, 0, 2],
+    "ordered_by_slot": [0, 0, 1, 1, 1, 2, -1, -1],
     "single_token": [2],
 }
 
@@ -92,9 +93,11 @@ def test_from_seq_slots_agrees_with_from_token_slots():
     by_seq = LoRAMapping.from_seq_slots([1, -1, 1, 0, 0], [3, 2, 1, 1, 4], "cpu")
     by_token = LoRAMapping.from_token_slots([1, 1, 1, -1, -1, 1, 0, 0, 0, 0, 0], "cpu")
     assert torch.equal(by_seq.token_slots, by_token.token_slots)
-    # the same slot in two separate places of the batch forms one group
-    assert [(s, r.tolist()) for s, r in by_seq.groups] == [(0, [6, 7, 8, 9, 10]), (1, [0, 1, 2, 5])]
-    assert [(s, r.tolist()) for s, r in by_token.groups] == [(s, r.tolist()) for s, r in by_seq.groups]
+    # the same slot in two separate places of the batch forms one group (indices); contiguous: a slice
+    assert by_seq.groups[0] == (0, slice(6, 11))
+    assert by_seq.groups[1][0] == 1 and by_seq.groups[1][1].tolist() == [0, 1, 2, 5]
+    assert by_token.groups[0] == by_seq.groups[0]
+    assert torch.equal(by_token.groups[1][1], by_seq.groups[1][1])
     assert by_seq.segments == ((0, 3, 1), (5, 1, 1), (6, 1, 0), (7, 4, 0))
     assert by_token.segments == ((0, 3, 1), (5, 1, 1), (6, 5, 0))
     assert by_seq.max_seg_len == 4 and by_token.max_seg_len == 5
