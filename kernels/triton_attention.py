@@ -9,9 +9,10 @@ tile width BLOCK_N is independent of block_size and a prefix-cached or chunked
 prefill attends to its cached context without a copy.
 
 NOTE: the CPU interpreter (TRITON_INTERPRET=1) has no bf16 arithmetic, so on CPU
-tiles are cast to fp32 right after loading (UPCAST); on CUDA the dots take the
-storage dtype (tensor cores) and accumulate in fp32; fp32 inputs use IEEE dots,
-not TF32, so an fp32 model keeps parity with the reference.
+the prefill casts its tiles to fp32 right after loading (UPCAST); on CUDA its dots
+take the storage dtype (tensor cores) and accumulate in fp32, and fp32 inputs use
+IEEE dots, not TF32, so an fp32 model keeps parity with the reference. Decode is
+memory-bound and always computes in fp32.
 """
 
 from __future__ import annotations
