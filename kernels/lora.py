@@ -27,7 +27,7 @@ import torch
 NO_SLOT = -1  # a token without adapter: no delta
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LoRAMapping:
     """The adapter slot of every token of one step.
 

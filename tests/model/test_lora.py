@@ -160,6 +160,33 @@ def test_classification_adapter_brings_its_score_head(cls_adapter):
         torch.testing.assert_close(y, module(x), rtol=1e-5, atol=1e-5)
 
 
+def test_adapter_on_a_bare_gpt2model_base_loads(tmp_path):
+    """PEFT on GPT2Model names modules without the `transformer.` prefix."""
+    base = transformers.GPT2Model(transformers.GPT2Config(**CONFIG))
+    model = peft.get_peft_model(
+        base, peft.LoraConfig(r=2, target_modules=["c_proj"], rank_pattern={"h.1.attn.c_proj": 4})
+    )
+    randomize_lora(model, 5)
+    model.save_pretrained(tmp_path / "bare")
+    assert any(
+        k.startswith("base_model.model.h.0.") for k in load_file(tmp_path / "bare" / ADAPTER_WEIGHTS_FILE)
+    )
+    adapter = load_lora_adapter(tmp_path / "bare", targets(), MAX_LORA_RANK)
+    assert sorted(adapter.weights) == [
+        "h.0.attn.c_proj",
+        "h.0.mlp.c_proj",
+        "h.1.attn.c_proj",
+        "h.1.mlp.c_proj",
+    ]
+    assert adapter.weights["h.1.attn.c_proj"][0].shape == (4, 32) and adapter.weights["h.1.mlp.c_proj"][
+        0
+    ].shape == (2, 128)
+    torch.testing.assert_close(
+        adapter.weights["h.0.attn.c_proj"][0],
+        model.base_model.model.h[0].attn.c_proj.lora_A["default"].weight,
+    )
+
+
 def test_score_head_under_modules_to_save_key_is_accepted(cls_adapter, tmp_path):
     path, _ = cls_adapter
     broken = copy_adapter(path, tmp_path)
