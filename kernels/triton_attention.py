@@ -212,18 +212,19 @@ def choose_num_splits(num_seqs: int, num_heads: int, max_context: int, num_sms: 
 @triton.jit
 def _decode_kernel(
     Q, K_CACHE, V_CACHE, OUT, PART_OUT, PART_LSE, SEQ_LENS, BLOCK_TABLES, scale_log2,
-    stride_qs, stride_qh, stride_os, stride_oh, stride_cb, stride_cr, stride_ch, stride_bt,
-    NUM_SPLITS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_qs, stride_qh, stride_os, stride_oh, stride_cb, stride_cr, stride_ch, stride_bt, num_splits,
+    IS_SPLIT: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One (sequence, head, split): softmax over its partition of the context.
-    NUM_SPLITS == 1 writes OUT; otherwise the normalised partial output and its
+    num_splits is a runtime value, so a new split count does not compile a new kernel mid-serving.
+    Without IS_SPLIT (num_splits == 1) it writes OUT; otherwise the normalised partial output and its
     log2-sum-exp go to PART_OUT/PART_LSE for _decode_merge_kernel."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(SEQ_LENS + seq)
     # partitions are sized per sequence, so every sequence spreads over all splits
-    part_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    part_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     lo = split * part_len
     hi = tl.minimum(lo + part_len, seq_len)
 
@@ -250,27 +251,27 @@ def _decode_kernel(
         l_i = l_i * alpha + tl.sum(p, 0)
         acc = acc * alpha + tl.sum(p[:, None] * v, 0)
         m_i = m_new
-    if NUM_SPLITS == 1:
+    if not IS_SPLIT:
         tl.store(OUT + seq.to(tl.int64) * stride_os + head * stride_oh + offs_d, (acc / l_i).to(OUT.dtype.element_ty))
     else:
         # an empty partition stores zeros and lse -inf, which the merge weighs by 0
-        part = (seq.to(tl.int64) * tl.num_programs(1) + head) * NUM_SPLITS + split
+        part = (seq.to(tl.int64) * tl.num_programs(1) + head) * num_splits + split
         tl.store(PART_OUT + part * HEAD_DIM + offs_d, acc / tl.maximum(l_i, 1e-30))
         tl.store(PART_LSE + part, m_i + tl.log2(tl.maximum(l_i, 1e-30)))
 
 
 @triton.jit
 def _decode_merge_kernel(
-    OUT, PART_OUT, PART_LSE, stride_os, stride_oh,
-    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
+    OUT, PART_OUT, PART_LSE, stride_os, stride_oh, num_splits,
+    BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     """Combine the partitions of one (sequence, head) by log-sum-exp weights."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
-    part = (seq.to(tl.int64) * tl.num_programs(1) + head) * NUM_SPLITS + offs_s  # (S,)
-    in_range = offs_s < NUM_SPLITS
+    part = (seq.to(tl.int64) * tl.num_programs(1) + head) * num_splits + offs_s  # (S,)
+    in_range = offs_s < num_splits
     lse = tl.load(PART_LSE + part, mask=in_range, other=float("-inf"))  # (S,)
     o = tl.load(PART_OUT + part[:, None] * HEAD_DIM + offs_d[None, :], mask=in_range[:, None], other=0.0)
     w = tl.exp2(lse - tl.max(lse, 0))  # split 0 is never empty, so the max is finite
@@ -313,14 +314,14 @@ def decode_attention_triton(
     _decode_kernel[(num_seqs, num_heads, num_splits)](
         q, k_cache, v_cache, out, part_out, part_lse, seq_lens, block_tables, scale * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        NUM_SPLITS=num_splits, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_N=64 if on_cuda else 16,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), num_splits,
+        IS_SPLIT=num_splits > 1, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_N=64 if on_cuda else 16,
         num_warps=4,
     )
     if num_splits > 1:
         _decode_merge_kernel[(num_seqs, num_heads)](
-            out, part_out, part_lse, out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), HEAD_DIM=head_dim,
+            out, part_out, part_lse, out.stride(0), out.stride(1), num_splits,
+            BLOCK_S=max(2, triton.next_power_of_2(num_splits)), HEAD_DIM=head_dim,
         )
     return out
 

@@ -34,12 +34,12 @@ def _compile_all() -> list[str]:
     decode_sig = {"Q": "*bf16", "K_CACHE": "*bf16", "V_CACHE": "*bf16", "OUT": "*bf16", "PART_OUT": "*fp32",
                   "PART_LSE": "*fp32", "SEQ_LENS": "*i32", "BLOCK_TABLES": "*i32", "scale_log2": "fp32",
                   **{k.replace("qt", "qs").replace("ot", "os"): v for k, v in paged.items()}}
-    for splits in (1, 4):
-        cases.append((f"decode splits={splits}", triton_attention._decode_kernel, decode_sig,
-                      {"NUM_SPLITS": splits, "BLOCK_SIZE": 16, "HEAD_DIM": 64, "BLOCK_N": 64}))
+    for is_split in (False, True):
+        cases.append((f"decode split={is_split}", triton_attention._decode_kernel, {**decode_sig, "num_splits": "i32"},
+                      {"IS_SPLIT": is_split, "BLOCK_SIZE": 16, "HEAD_DIM": 64, "BLOCK_N": 64}))
     cases.append(("decode merge", triton_attention._decode_merge_kernel,
-                  {"OUT": "*bf16", "PART_OUT": "*fp32", "PART_LSE": "*fp32", "stride_os": "i32", "stride_oh": "i32"},
-                  {"NUM_SPLITS": 3, "BLOCK_S": 4, "HEAD_DIM": 64}))
+                  {"OUT": "*bf16", "PART_OUT": "*fp32", "PART_LSE": "*fp32", "stride_os": "i32", "stride_oh": "i32",
+                   "num_splits": "i32"}, {"BLOCK_S": 4, "HEAD_DIM": 64}))
     cases.append(("write kv", triton_kv_cache._write_kv_kernel, {
         "KEY": "*bf16", "VALUE": "*bf16", "K_CACHE": "*bf16", "V_CACHE": "*bf16", "SLOT_MAPPING": "*i64",
         "num_heads": "i32", **{f"stride_{s}": "i32" for s in ("kt", "kh", "vt", "vh", "cb", "cr", "ch")},
