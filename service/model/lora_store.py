@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,7 +104,7 @@ class LoRAStore:
 
     # --- device slots --------------------------------------------------------------------------------
 
-    def can_acquire(self, names: Sequence[str | None]) -> bool:
+    def can_acquire(self, names: Iterable[str | None]) -> bool:
         """Whether `acquire(names)` would succeed now (the scheduler's admission test)."""
         return self._slots.can_assign(name for name in names if name is not None)
 
