@@ -251,12 +251,13 @@ def _decode_kernel(
         l_i = l_i * alpha + tl.sum(p, 0)
         acc = acc * alpha + tl.sum(p[:, None] * v, 0)
         m_i = m_new
+    # an empty partition (or a padding row with seq_len 0) gives zeros and lse -inf
+    out = acc / tl.maximum(l_i, 1e-30)
     if not IS_SPLIT:
-        tl.store(OUT + seq.to(tl.int64) * stride_os + head * stride_oh + offs_d, (acc / l_i).to(OUT.dtype.element_ty))
+        tl.store(OUT + seq.to(tl.int64) * stride_os + head * stride_oh + offs_d, out.to(OUT.dtype.element_ty))
     else:
-        # an empty partition stores zeros and lse -inf, which the merge weighs by 0
         part = (seq.to(tl.int64) * tl.num_programs(1) + head) * num_splits + split
-        tl.store(PART_OUT + part * HEAD_DIM + offs_d, acc / tl.maximum(l_i, 1e-30))
+        tl.store(PART_OUT + part * HEAD_DIM + offs_d, out)
         tl.store(PART_LSE + part, m_i + tl.log2(tl.maximum(l_i, 1e-30)))
 
 
@@ -274,8 +275,10 @@ def _decode_merge_kernel(
     in_range = offs_s < num_splits
     lse = tl.load(PART_LSE + part, mask=in_range, other=float("-inf"))  # (S,)
     o = tl.load(PART_OUT + part[:, None] * HEAD_DIM + offs_d[None, :], mask=in_range[:, None], other=0.0)
-    w = tl.exp2(lse - tl.max(lse, 0))  # split 0 is never empty, so the max is finite
-    out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # all splits empty only for a seq_len 0 padding row
+    w = tl.exp2(lse - m)  # empty splits weigh 0
+    out = tl.sum(w[:, None] * o, 0) / tl.maximum(tl.sum(w, 0), 1e-30)
     tl.store(OUT + seq.to(tl.int64) * stride_os + head * stride_oh + offs_d, out.to(OUT.dtype.element_ty))
 
 
@@ -292,7 +295,8 @@ def decode_attention_triton(
 
     num_splits=None picks the split from batch, heads, the block-table width (the
     longest context the table can address) and the SM count. No host sync and a grid
-    that depends only on shapes: CUDA-graph capturable.
+    that depends only on shapes: CUDA-graph capturable. A padding row with seq_len 0
+    (a graph's unused batch slot) gives zeros, where the reference gives NaN.
     """
     _check_paged_inputs(q, k_cache, v_cache, block_tables)
     num_seqs, num_heads, head_dim = q.shape

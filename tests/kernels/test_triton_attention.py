@@ -62,6 +62,18 @@ def test_decode_same_result_whatever_the_split(num_splits, gen):
     torch.testing.assert_close(out, decode_attention_torch(*args), atol=2e-6, rtol=2e-6)
 
 
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_decode_padding_row_gives_zeros(num_splits, gen):
+    """A CUDA graph's unused batch slots run with seq_len 0: finite zeros, not NaN, and no reads."""
+    b = make_paged_batch([5, 20], [1, 1], 16, 2, torch.float32, gen)
+    seq_lens = b.seq_lens.clone()
+    seq_lens[1] = 0
+    out = decode_attention_triton(b.q, b.k_cache, b.v_cache, seq_lens, b.block_tables, SCALE, num_splits=num_splits)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    ref = decode_attention_torch(b.q[:1], b.k_cache, b.v_cache, seq_lens[:1], b.block_tables[:1], SCALE)
+    torch.testing.assert_close(out[:1], ref, **tolerance(torch.float32))
+
+
 def test_choose_num_splits_fills_the_device_without_tiny_partitions():
     assert choose_num_splits(256, 12, 1024, num_sms=132) == 1  # batch x heads already fills the GPU
     assert choose_num_splits(1, 12, 1024, num_sms=132) == 1024 // 128  # capped by partition length
