@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from kernels.activation import bias_gelu_torch
 from kernels.attention import decode_attention_torch, prefill_attention_torch
 from kernels.kv_cache import write_kv_cache_torch
+from kernels.lora import add_lora_torch
 from kernels.norm import add_layer_norm_torch
 
 
@@ -21,6 +22,7 @@ class KernelOps:
     decode_attention: Callable
     add_layer_norm: Callable
     bias_gelu: Callable
+    add_lora: Callable = add_lora_torch  # y += per-token LoRA delta (kernels/lora.py)
 
 
 TORCH_OPS = KernelOps(
@@ -30,6 +32,7 @@ TORCH_OPS = KernelOps(
     decode_attention=decode_attention_torch,
     add_layer_norm=add_layer_norm_torch,
     bias_gelu=bias_gelu_torch,
+    add_lora=add_lora_torch,
 )
 
 

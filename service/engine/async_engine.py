@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import re
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from service.config import Settings
+from service.config import DEFAULT_ADAPTERS_DIR, DEFAULT_MODEL_DIR, Settings
 from service.engine.engine import Engine, EngineConfig, EngineStats
 from service.engine.outputs import EngineRequestError, RequestOutput, RequestRejectedError
 from service.engine.sampling_params import SamplingParams
@@ -22,6 +25,12 @@ from service.model.card import ModelCard
 from service.model.loader import LoadedModel, load_model
 
 log = logging.getLogger("lmservice.engine")
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class AdapterPathError(ValueError):
+    """An adapter name or directory the server refuses (outside the adapters dir, bad name): HTTP 400."""
 
 
 @dataclass
@@ -67,8 +76,9 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, entries: list[ModelEntry]) -> None:
+    def __init__(self, engine: Engine, entries: list[ModelEntry], adapters_dir: Path | None = None) -> None:
         self.engine = engine
+        self.adapters_dir = adapters_dir
         self._entries = {e.name: e for e in entries}
         self._streams: dict[str, RequestStream] = {}
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -80,14 +90,41 @@ class AsyncEngine:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AsyncEngine:
+        """The base model and its adapters: every --adapter NAME=DIR, and every PEFT directory under
+        --adapters-dir (with no --model given, the shipped models/ directory)."""
         loaded = load_model(settings.model, settings.device, settings.dtype, settings.served_model_name)
-        return cls.from_loaded(loaded, engine_config(settings))
+        adapters_dir = settings.adapters_dir
+        if adapters_dir is None and Path(settings.model).resolve() == DEFAULT_MODEL_DIR.resolve():
+            adapters_dir = DEFAULT_ADAPTERS_DIR
+        adapters = find_adapters(adapters_dir) if adapters_dir is not None else {}
+        adapters.update(settings.adapter_dirs())
+        return cls.from_loaded(loaded, engine_config(settings), adapters, adapters_dir)
 
     @classmethod
-    def from_loaded(cls, loaded: LoadedModel, config: EngineConfig) -> AsyncEngine:
+    def from_loaded(cls, loaded: LoadedModel, config: EngineConfig, adapters: dict[str, Path] | None = None,
+                    adapters_dir: Path | None = None) -> AsyncEngine:
         engine = Engine(loaded, config)
         base = ModelEntry(loaded.name, None, loaded.card, tasks_of(loaded.card, loaded.model.score is not None))
-        return cls(engine, [base])
+        self = cls(engine, [base], adapters_dir)
+        for name, path in (adapters or {}).items():
+            self._register_adapter(name, path)
+        return self
+
+    def _register_adapter(self, name: str, path: Path) -> ModelEntry:
+        if name in self._entries:
+            raise AdapterPathError(f"the name {name!r} is already in use")
+        adapter, card = self.engine.add_adapter(name, path)
+        entry = ModelEntry(name, self.engine.loaded.name, card, tasks_of(card, adapter.score_weight is not None))
+        self._entries[name] = entry
+        log.info("adapter %s loaded from %s (tasks: %s)", name, path, ", ".join(entry.tasks))
+        return entry
+
+    def _unregister_adapter(self, name: str) -> None:
+        entry = self._entries.get(name)
+        if entry is None or entry.parent is None:
+            raise KeyError(name)
+        self.engine.remove_adapter(name)
+        del self._entries[name]
 
     # --- what the API reads ---
     @property
@@ -137,6 +174,32 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         """Counters now (plain reads of ints under the GIL; never waits for a step)."""
         return self.engine.stats()
+
+    # --- adapters, changed while serving (on the engine thread, which owns them) ---
+    def resolve_adapter_dir(self, name: str, directory: str) -> Path:
+        """`directory` inside the adapters dir, or AdapterPathError (no path traversal, no absolute escape)."""
+        if not ADAPTER_NAME.match(name):
+            raise AdapterPathError(f"adapter name {name!r} must match {ADAPTER_NAME.pattern}")
+        if self.adapters_dir is None:
+            raise AdapterPathError("this server has no adapters dir (--adapters-dir): it cannot load adapters")
+        root = Path(self.adapters_dir).resolve()
+        path = (root / directory).resolve()
+        if path == root or root not in path.parents:
+            raise AdapterPathError(f"adapter directory {directory!r} is outside the adapters dir")
+        return path
+
+    async def add_adapter(self, name: str, directory: str) -> ModelEntry:
+        path = self.resolve_adapter_dir(name, directory)
+        return await self._on_engine_thread(lambda: self._register_adapter(name, path))
+
+    async def remove_adapter(self, name: str) -> None:
+        await self._on_engine_thread(lambda: self._unregister_adapter(name))
+
+    async def _on_engine_thread(self, fn: Callable):
+        future: Future = Future()
+        self._commands.put(("call", (fn, future)))
+        self._wakeup.set()
+        return await asyncio.wrap_future(future)
 
     # --- requests ---
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -191,6 +254,12 @@ class AsyncEngine:
                 out = self.engine.abort(payload)
                 if out is not None:
                     outputs.append(out)
+            elif kind == "call":
+                fn, future = payload
+                try:
+                    future.set_result(fn())
+                except Exception as e:  # noqa: BLE001 (handed to the awaiting caller)
+                    future.set_exception(e)
         if outputs:
             self._dispatch(outputs)
 
@@ -212,10 +281,18 @@ class AsyncEngine:
         self._dispatch(failed)
 
 
+def find_adapters(directory: Path) -> dict[str, Path]:
+    """Every PEFT adapter directory (one holding adapter_config.json) directly under `directory`."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterPathError(f"adapters dir {directory} does not exist")
+    return {p.name: p for p in sorted(directory.iterdir()) if (p / "adapter_config.json").is_file()}
+
+
 def engine_config(settings: Settings) -> EngineConfig:
     return EngineConfig(
         block_size=settings.block_size, kv_cache_memory_mb=settings.kv_cache_memory_mb,
         num_kv_blocks=settings.num_kv_blocks, max_num_batched_tokens=settings.max_num_batched_tokens,
         max_num_seqs=settings.max_num_seqs, enable_prefix_caching=settings.enable_prefix_caching,
         max_waiting_requests=settings.max_waiting_requests, max_waiting_tokens=settings.max_waiting_tokens,
-        max_loras=settings.max_loras, attention_backend=settings.attention_backend, seed=settings.seed)
+        max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank, attention_backend=settings.attention_backend, seed=settings.seed)

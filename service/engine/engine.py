@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kernels import load_ops
+from kernels.lora import LoRAMapping
 from service.engine.block_pool import BlockPool
 from service.engine.detokenizer import IncrementalDetokenizer
 from service.engine.kv_cache_manager import KVCacheManager
@@ -18,7 +19,10 @@ from service.engine.outputs import CompletionDelta, RequestOutput, RequestReject
 from service.engine.request import Sequence
 from service.engine.sampling_params import SamplingParams
 from service.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from service.model.card import ModelCard
 from service.model.loader import LoadedModel
+from service.model.lora import LoRAAdapter, LoRATargets
+from service.model.lora_store import LoRAStore
 
 log = logging.getLogger("lmservice.engine")
 
@@ -34,6 +38,7 @@ class EngineConfig:
     max_waiting_requests: int = 1024
     max_waiting_tokens: int = 1 << 20
     max_loras: int = 8
+    max_lora_rank: int = 64
     attention_backend: str = "auto"  # auto | torch | triton
     seed: int = 0
 
@@ -92,15 +97,52 @@ class Engine:
         num_blocks = config.num_kv_blocks or max(
             1, config.kv_cache_memory_mb * 2**20 // kv_cache_bytes_per_block(loaded.model, config.block_size, loaded.dtype))
         self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.lora = LoRAStore(LoRATargets.from_config(loaded.config), config.max_loras, config.max_lora_rank,
+                              loaded.device, loaded.dtype)
+        self.adapter_salts: dict[str, str] = {}
+        self._num_adapters_loaded = 0
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, config.max_waiting_requests,
                             config.max_waiting_tokens, config.max_loras),
-            KVCacheManager(self.pool))
-        self.runner = ModelRunner(loaded.model, load_ops(backend), num_blocks, config.block_size, loaded.device,
+            KVCacheManager(self.pool), adapters_fit=self.lora.can_acquire)
+        self.ops = load_ops(backend)
+        self.runner = ModelRunner(loaded.model, self.ops, num_blocks, config.block_size, loaded.device,
                                   loaded.dtype, self.eos_token_id, config.seed)
         self.groups: dict[str, _Group] = {}
         self.step_samples: deque[tuple[int, int]] = deque(maxlen=10_000)  # (num_seqs, num_tokens) per step
         log.info("engine ready: %d KV blocks of %d tokens, %s kernels", num_blocks, config.block_size, backend)
+
+    # --- adapters ---
+    def add_adapter(self, name: str, path) -> tuple[LoRAAdapter, ModelCard]:
+        """Load a PEFT LoRA directory (and its card) as `name`; a broken one raises ValueError, changing nothing."""
+        card = ModelCard.load(path)
+        adapter = self.lora.load(name, path)
+        if card is None:
+            card = ModelCard(task="classify" if adapter.score_weight is not None else "generate",
+                             labels=[f"LABEL_{i}" for i in range(adapter.score_weight.shape[0])]
+                             if adapter.score_weight is not None else None)
+        self._num_adapters_loaded += 1
+        salt = f"{name}#{self._num_adapters_loaded}"  # unique per load: a re-added name never reuses old KV
+        self.adapter_salts[name] = salt
+        if adapter.score_weight is not None:
+            dev, dt = self.loaded.device, self.loaded.dtype
+            bias = adapter.score_bias.to(dev, dt) if adapter.score_bias is not None else None
+            self.runner.score_heads[salt] = (adapter.score_weight.to(dev, dt), bias)
+        return adapter, card
+
+    def remove_adapter(self, name: str) -> None:
+        """New requests can no longer name it; requests in flight keep it until they end. KeyError if unknown."""
+        salt = self.adapter_salts.pop(name, None)
+        if self.lora.remove(name):
+            self.runner.score_heads.pop(salt, None)
+
+    def _release_adapter(self, name: str, salt: str | None) -> None:
+        self.lora.unpin(name)
+        if self.adapter_salts.get(name) != salt:  # removed (or replaced) while this request ran
+            try:
+                self.lora.get(name)
+            except KeyError:
+                self.runner.score_heads.pop(salt, None)
 
     # --- requests ---
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams, task: str = "generate") -> int:
@@ -135,15 +177,20 @@ class Engine:
         if request_id in self.groups:
             raise RequestRejectedError(f"request id {request_id!r} is already in use", "request_id")
         max_tokens = self.validate_request(prompt_token_ids, params, task)
+        if adapter is not None and adapter not in self.lora:
+            raise KeyError(adapter)
         n = 1 if task == "classify" else params.n
         self.scheduler.check_admission(n, n * len(prompt_token_ids))
+        if adapter is not None:
+            self.lora.pin(adapter)  # kept until the request ends, even if removed meanwhile
 
         seqs = []
         now = time.monotonic()
         for i in range(n):
             seq = Sequence(seq_id=f"{request_id}#{i}", group_id=request_id, index=i,
                            prompt_token_ids=list(prompt_token_ids), params=params, max_tokens=max_tokens,
-                           priority=priority, adapter=adapter, task=task, arrival_time=now)
+                           priority=priority, adapter=adapter, task=task, arrival_time=now,
+                           cache_salt=self.adapter_salts.get(adapter) if adapter else None)
             if params.seed is not None and not params.is_greedy:
                 seq.generator = torch.Generator().manual_seed(params.seed + i)
             seqs.append(seq)
@@ -180,7 +227,14 @@ class Engine:
         return self.update(sched, result)
 
     def lora_hook(self, sched: SchedulerOutput):
-        return None  # the multi-LoRA layer plugs in here
+        """The step's LoRA hook: each sequence's adapter in a device slot, None when no row uses one."""
+        names = [item.seq.adapter for item in sched.scheduled]
+        if all(name is None for name in names):
+            return None
+        slots = self.lora.acquire(names)
+        mapping = LoRAMapping.from_seq_slots(slots, [item.num_new_tokens for item in sched.scheduled],
+                                             self.loaded.device)
+        return self.lora.step_hook(mapping, self.ops.add_lora)
 
     def update(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestOutput]:
         now = time.monotonic()
@@ -262,6 +316,8 @@ class Engine:
             group.sent_prompt_logprobs = True
         if finished:
             del self.groups[group.request_id]
+            if first.adapter is not None:
+                self._release_adapter(first.adapter, first.cache_salt)
         return out
 
     def _fail_batch(self, sched: SchedulerOutput, error: Exception) -> list[RequestOutput]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from kernels import KernelOps
 from service.engine.outputs import TokenLogprob
@@ -45,9 +46,10 @@ class ModelRunner:
                                      dtype=dtype, device=device)
         self.kv_caches = [(self.kv_buffer[i, 0], self.kv_buffer[i, 1]) for i in range(c.n_layer)]
         self.sampler = Sampler(c.vocab_size, seed)
-        self.score_heads: dict[str | None, torch.Tensor] = {}
+        # classification heads: the base's (key None) and each classification adapter's (key: its cache salt)
+        self.score_heads: dict[str | None, tuple[torch.Tensor, torch.Tensor | None]] = {}
         if model.score is not None:
-            self.score_heads[None] = model.score.weight
+            self.score_heads[None] = (model.score.weight, None)
 
     def _block_table(self, seqs: list[Sequence]) -> torch.Tensor:
         width = max(len(s.block_ids) for s in seqs)
@@ -130,10 +132,13 @@ class ModelRunner:
                   out: ModelRunnerOutput) -> None:
         h = hidden[rows]  # (N, C)
         for row, (i, seq) in enumerate(zip(idx, seqs, strict=True)):
-            head = self.score_heads.get(seq.adapter)
+            head = self.score_heads.get(seq.cache_salt)
             if head is None:
-                raise RuntimeError(f"model {seq.adapter or 'base'} has no classification head")
-            out.scores[i] = torch.softmax((h[row] @ head.t()).float(), dim=-1).tolist()
+                out.errors[i] = f"model {seq.adapter or 'base'} has no classification head"
+                continue
+            weight, bias = head
+            logits = F.linear(h[row], weight, bias).float()  # (num_labels,)
+            out.scores[i] = torch.softmax(logits, dim=-1).tolist()
 
     def _prompt_logprobs(self, hidden: torch.Tensor, seq: Sequence, start: int) -> list[TokenLogprob]:
         """Logprob of each prompt token given the ones before it, for the chunk's positions."""

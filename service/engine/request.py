@@ -36,6 +36,7 @@ class Sequence:
     max_tokens: int  # resolved against the context length
     priority: int = 0
     adapter: str | None = None  # LoRA adapter name (None: base)
+    cache_salt: str | None = None  # unique per loaded adapter: its KV differs from the base's and other adapters'
     task: str = "generate"  # "generate" | "classify"
     arrival_time: float = field(default_factory=time.monotonic)
     arrival_order: int = field(default_factory=lambda: next(_arrival_counter))
@@ -77,7 +78,7 @@ class Sequence:
     @property
     def prefix_cache_salt(self) -> str | None:
         """Blocks are keyed by adapter as well as tokens: the same prompt has other KV under another adapter."""
-        return self.adapter
+        return self.cache_salt
 
     def token_at(self, position: int) -> int:
         n = len(self.prompt_token_ids)

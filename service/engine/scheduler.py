@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import heapq
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from service.engine.kv_cache_manager import KVCacheManager
@@ -49,9 +50,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager,
+                 adapters_fit: Callable[[set[str]], bool] | None = None) -> None:
         self.config = config
         self.kv = kv
+        # whether a batch may use these adapters at once (device slots); None: only max_loras counts
+        self.adapters_fit = adapters_fit
         self.waiting: list[tuple[tuple[int, int], Sequence]] = []  # heap by sort_key
         self.running: list[Sequence] = []
         self.num_waiting_tokens = 0
@@ -118,7 +122,9 @@ class Scheduler:
         deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
             seq = self.waiting[0][1]
-            if seq.adapter is not None and seq.adapter not in adapters and len(adapters) >= self.config.max_loras:
+            if seq.adapter is not None and seq.adapter not in adapters and (
+                    len(adapters) >= self.config.max_loras
+                    or (self.adapters_fit is not None and not self.adapters_fit(adapters | {seq.adapter}))):
                 deferred.append(self._pop_waiting())  # a batch holds at most max_loras distinct adapters
                 continue
             first_time = seq.num_computed_tokens == 0 and seq.first_scheduled_time is None

@@ -8,7 +8,7 @@ from service.model.loader import load_model
 
 
 def run_to_completion(engine: Engine, requests: list[tuple], stagger: int = 0) -> dict[str, dict]:
-    """Add (request_id, prompt_ids, params) requests — `stagger` of them per step after the
+    """Add (request_id, prompt_ids, params[, adapter[, task]]) requests — `stagger` of them per step after the
     first batch when stagger > 0 — and step until idle. Returns per request id: tokens per
     index, text per index, logprobs per index, finish reasons, and the raw events."""
     results: dict[str, dict] = {}
@@ -16,8 +16,8 @@ def run_to_completion(engine: Engine, requests: list[tuple], stagger: int = 0) -
 
     def add(n: int) -> None:
         for _ in range(min(n, len(pending))):
-            rid, ids, params = pending.pop(0)
-            engine.add_request(rid, ids, params)
+            rid, ids, params, *rest = pending.pop(0)
+            engine.add_request(rid, ids, params, *rest[:1], 0, *rest[1:])
             results[rid] = {"tokens": {}, "text": {}, "logprobs": {}, "finish": {}, "events": []}
 
     add(stagger or len(pending))
@@ -26,6 +26,7 @@ def run_to_completion(engine: Engine, requests: list[tuple], stagger: int = 0) -
         for out in engine.step():
             r = results[out.request_id]
             r["events"].append(out)
+            r["scores"] = out.scores
             for c in out.outputs:
                 r["tokens"].setdefault(c.index, []).extend(c.token_ids)
                 r["text"][c.index] = r["text"].get(c.index, "") + c.text
