@@ -90,6 +90,8 @@ def split_heldout(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dat
     """(train, held-out) by a seeded shuffle; the held-out part is never trained on."""
     if not 0.0 < fraction < 1.0:
         raise DataError(f"--eval-fraction must be in (0, 1), got {fraction}")
+    if len(ds) < 2:
+        raise DataError(f"{len(ds)} example(s): too few to hold out an eval split; give --eval")
     parts = ds.train_test_split(test_size=fraction, seed=seed, shuffle=True)
     return parts["train"], parts["test"]
 

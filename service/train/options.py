@@ -15,7 +15,7 @@ from transformers import TrainingArguments
 # Flags recorded in the card's `hyperparameters` (everything that changes the weights).
 _HYPERPARAMETERS = (
     "epochs", "max_steps", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_steps",
-    "weight_decay", "max_grad_norm", "seed", "bf16", "max_length",
+    "weight_decay", "max_grad_norm", "seed", "sampling", "bf16", "max_length",
     "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
 )
 
@@ -40,6 +40,8 @@ def add_training_arguments(p: argparse.ArgumentParser, lr: float, lora: bool = T
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampling", choices=["random", "sequential", "group_by_length"], default="random",
+                   help="Training order: random, file order, or batches of similar length (less padding).")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU with AMX/AVX512-BF16, or GPU).")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads per process.")
     p.add_argument("--logging-steps", type=int, default=10)
@@ -83,6 +85,7 @@ def training_arguments(args: argparse.Namespace, work_dir: Path, has_eval: bool)
         max_grad_norm=args.max_grad_norm,
         seed=args.seed,
         data_seed=args.seed,
+        train_sampling_strategy=args.sampling,
         bf16=args.bf16,
         logging_steps=args.logging_steps,
         logging_first_step=True,

@@ -73,15 +73,15 @@ def run(args: argparse.Namespace) -> int:
     if block_size > config.n_positions:
         raise DataError(f"--block-size {block_size} exceeds --n-positions {config.n_positions}")
 
-    text = load_text(args.train, sample_by=args.sample_by)
+    train_ds = pack(load_text(args.train, sample_by=args.sample_by), tokenizer, block_size)
     if args.eval:
-        train_text, eval_text = text, load_text(args.eval, sample_by=args.sample_by)
+        eval_ds = pack(load_text(args.eval, sample_by=args.sample_by), tokenizer, block_size)
         eval_name = ", ".join(map(str, args.eval))
     else:
-        train_text, eval_text = split_heldout(text, args.eval_fraction, args.seed)
-        eval_name = f"{args.eval_fraction:g} of the training text (seed {args.seed})"
-    train_ds = limit(pack(train_text, tokenizer, block_size), args.max_train_examples)
-    eval_ds = limit(pack(eval_text, tokenizer, block_size), args.max_eval_examples)
+        train_ds, eval_ds = split_heldout(train_ds, args.eval_fraction, args.seed)
+        eval_name = f"{args.eval_fraction:g} of the training blocks (seed {args.seed})"
+    train_ds = limit(train_ds, args.max_train_examples)
+    eval_ds = limit(eval_ds, args.max_eval_examples)
 
     model = GPT2LMHeadModel(config)
     card = ModelCard(task="generate", data={
