@@ -1,8 +1,7 @@
 """Kernel tests run the Triton kernels on the CPU through the Triton interpreter.
 
-NOTE: @triton.jit picks interpreter or compiler when a kernel module is imported,
-so TRITON_INTERPRET is set here, before any kernels.triton_* import; a kernel module
-that an earlier test directory imported without it is dropped and re-imported.
+NOTE: @triton.jit picks interpreter or compiler when the decorated module is imported,
+so TRITON_INTERPRET is set here, before the tests import any kernel module.
 """
 
 from __future__ import annotations
@@ -12,7 +11,32 @@ import sys
 
 os.environ["TRITON_INTERPRET"] = "1"
 for _name in [m for m in sys.modules if m.startswith("kernels.triton_")]:
-    del sys.modules[_name]
+    del sys.modules[_name]  # decorated for the compiler by an earlier import: import afresh
+
+
+def _reinterpret_triton_language() -> None:
+    """NOTE: triton.language's own helpers (tl.sum's combine, tl.sigmoid, tl.cdiv, ...) are
+    @triton.jit functions, decorated when triton is first imported. transformers and peft
+    import triton when they load, and test directories collected before this one import
+    them, so those helpers were built for the compiler and the interpreter refuses to call
+    them. Triton cannot be imported twice (its extension aborts), so wrap them in place.
+    A no-op when triton is imported after TRITON_INTERPRET is set (the better fix: set it
+    in a top-level tests/conftest.py)."""
+    if "triton" not in sys.modules:
+        return
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    wrapped: dict[int, InterpretedFunction] = {}
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("triton.language") or module is None:
+            continue
+        for attr, value in list(vars(module).items()):
+            if isinstance(value, JITFunction):
+                setattr(module, attr, wrapped.setdefault(id(value), InterpretedFunction(value.fn)))
+
+
+_reinterpret_triton_language()
 
 import zlib  # noqa: E402
 

@@ -39,7 +39,7 @@ def test_greedy_parity_on_triton_kernels(tiny_reference, variant):
     engine = Engine(load_model(model_dir, device="cpu", dtype="float32"), config)
     assert engine.runner.ops.name == "triton"
     params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True)
-    results = run_to_completion(engine, [(f"r{i}", p, params) for i, p in enumerate(ps)], stagger=2)
+    results = run_to_completion(engine, [(f"r{i}", p, params, None) for i, p in enumerate(ps)], stagger=2)
     for i, tokens in enumerate(expected):
         assert results[f"r{i}"]["tokens"][0] == tokens, f"prompt {i} (len {len(ps[i])})"
     if config.enable_prefix_caching and not variant:
