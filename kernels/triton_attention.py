@@ -178,7 +178,8 @@ def prefill_attention_triton(
     if num_tokens == 0:
         return out
     max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
-    fixed = {} if _on_gpu() else {"BLOCK_M": 16, "BLOCK_N": 16}
+    is_tuned = isinstance(_prefill_kernel, triton.runtime.Autotuner)
+    fixed = {} if is_tuned else {"BLOCK_M": 16, "BLOCK_N": 16}  # small tiles: tests cross many tile edges
 
     def grid(meta):
         return (triton.cdiv(max_q_len, meta["BLOCK_M"]), num_heads, num_seqs)
