@@ -295,4 +295,5 @@ def engine_config(settings: Settings) -> EngineConfig:
         num_kv_blocks=settings.num_kv_blocks, max_num_batched_tokens=settings.max_num_batched_tokens,
         max_num_seqs=settings.max_num_seqs, enable_prefix_caching=settings.enable_prefix_caching,
         max_waiting_requests=settings.max_waiting_requests, max_waiting_tokens=settings.max_waiting_tokens,
-        max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank, attention_backend=settings.attention_backend, seed=settings.seed)
+        max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank,
+        enable_cuda_graphs=settings.enable_cuda_graphs, attention_backend=settings.attention_backend, seed=settings.seed)

@@ -40,6 +40,7 @@ class EngineConfig:
     max_loras: int = 8
     max_lora_rank: int = 64
     attention_backend: str = "auto"  # auto | torch | triton
+    enable_cuda_graphs: bool = True  # decode steps as CUDA graphs (CUDA only)
     seed: int = 0
 
 
@@ -107,7 +108,8 @@ class Engine:
             KVCacheManager(self.pool), adapters_fit=self.lora.can_acquire)
         self.ops = load_ops(backend)
         self.runner = ModelRunner(loaded.model, self.ops, num_blocks, config.block_size, loaded.device,
-                                  loaded.dtype, self.eos_token_id, config.seed)
+                                  loaded.dtype, self.eos_token_id, config.seed,
+                                  cuda_graph_max_batch=config.max_num_seqs if config.enable_cuda_graphs else 0)
         self.groups: dict[str, _Group] = {}
         self.step_samples: deque[tuple[int, int]] = deque(maxlen=10_000)  # (num_seqs, num_tokens) per step
         log.info("engine ready: %d KV blocks of %d tokens, %s kernels", num_blocks, config.block_size, backend)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import KernelOps
+from service.engine.cuda_graphs import DecodeGraphs
 from service.engine.outputs import TokenLogprob
 from service.engine.request import Sequence
 from service.engine.sampler import Sampler, SamplingBatch
@@ -34,7 +35,8 @@ class ModelRunner:
     """Owns the model, its KV cache tensors and the sampler."""
 
     def __init__(self, model: GPT2ForServing, ops: KernelOps, num_blocks: int, block_size: int,
-                 device: torch.device, dtype: torch.dtype, eos_token_id: int | None, seed: int = 0) -> None:
+                 device: torch.device, dtype: torch.dtype, eos_token_id: int | None, seed: int = 0,
+                 cuda_graph_max_batch: int = 0) -> None:
         self.model = model
         self.ops = ops
         self.device = device
@@ -46,6 +48,10 @@ class ModelRunner:
                                      dtype=dtype, device=device)
         self.kv_caches = [(self.kv_buffer[i, 0], self.kv_buffer[i, 1]) for i in range(c.n_layer)]
         self.sampler = Sampler(c.vocab_size, seed)
+        self.decode_graphs: DecodeGraphs | None = None
+        if cuda_graph_max_batch > 0 and device.type == "cuda":
+            max_blocks = -(-c.n_positions // block_size)
+            self.decode_graphs = DecodeGraphs(model, ops, self.kv_caches, cuda_graph_max_batch, max_blocks, device)
         # classification heads: the base's (key None) and each classification adapter's (key: its cache salt)
         self.score_heads: dict[str | None, tuple[torch.Tensor, torch.Tensor | None]] = {}
         if model.score is not None:
@@ -79,6 +85,16 @@ class ModelRunner:
         slot_mapping = block_tables[seq_idx, positions // self.block_size].long() * self.block_size \
             + positions % self.block_size
 
+        graphs = self.decode_graphs
+        if graphs is not None and nd == len(seqs) and lora is None and graphs.can_run(nd):
+            hidden = graphs.run(torch.tensor(input_ids), positions, slot_mapping, seq_lens, block_tables)
+        else:
+            hidden = self._forward_eager(input_ids, positions, slot_mapping, seq_lens, block_tables, cu, nd, lora)
+        return self._heads(hidden, seqs, starts, num_new, cu)
+
+    def _forward_eager(self, input_ids: list[int], positions: torch.Tensor, slot_mapping: torch.Tensor,
+                       seq_lens: torch.Tensor, block_tables: torch.Tensor, cu: torch.Tensor, nd: int,
+                       lora: LoRAHook | None) -> torch.Tensor:
         dev = self.device
         prefill_cu = (cu[nd:] - cu[nd]).to(torch.int32)
         meta = AttentionMetadata(
@@ -90,9 +106,12 @@ class ModelRunner:
             prefill_seq_lens=seq_lens[nd:].to(dev),
             prefill_block_tables=block_tables[nd:].to(dev),
         )
-        hidden = self.model(torch.tensor(input_ids, device=dev), positions.to(dev), meta, self.kv_caches,
-                            self.ops, lora)  # (T, C)
+        return self.model(torch.tensor(input_ids, device=dev), positions.to(dev), meta, self.kv_caches,
+                          self.ops, lora)  # (T, C)
 
+    def _heads(self, hidden: torch.Tensor, seqs: list[Sequence], starts: list[int], num_new: list[int],
+               cu: torch.Tensor) -> ModelRunnerOutput:
+        """Prompt logprobs, classification scores and sampling, on the rows that need them."""
         out = ModelRunnerOutput()
         last_row = (cu[1:] - 1).tolist()
         sample_idx, classify_idx = [], []

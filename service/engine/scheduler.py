@@ -147,8 +147,9 @@ class Scheduler:
         for seq in deferred:
             self._push_waiting(seq)
 
-        # Decodes first: the runner gives them the decode kernel.
-        out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)
+        # Decodes first (the runner gives them the decode kernel); rows of one adapter next to each
+        # other, so that the LoRA kernels see contiguous groups.
+        out.scheduled.sort(key=lambda s: (s.num_new_tokens != 1, s.seq.adapter or ""))
         out.num_decodes = sum(1 for s in out.scheduled if s.num_new_tokens == 1)
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget
         return out

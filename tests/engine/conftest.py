@@ -17,7 +17,8 @@ def run_to_completion(engine: Engine, requests: list[tuple], stagger: int = 0) -
     def add(n: int) -> None:
         for _ in range(min(n, len(pending))):
             rid, ids, params, *rest = pending.pop(0)
-            engine.add_request(rid, ids, params, *rest[:1], 0, *rest[1:])
+            adapter, task = (list(rest) + [None, "generate"][len(rest):])[:2]
+            engine.add_request(rid, ids, params, adapter=adapter, task=task)
             results[rid] = {"tokens": {}, "text": {}, "logprobs": {}, "finish": {}, "events": []}
 
     add(stagger or len(pending))
