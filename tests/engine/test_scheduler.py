@@ -110,5 +110,6 @@ def test_batch_holds_at_most_max_loras_adapters():
     for name, adapter in [("a", "x"), ("b", "y"), ("c", "z"), ("d", "x"), ("e", None)]:
         s.add(seq(name, 2, adapter=adapter))
     out = s.schedule()
-    assert [x.seq.seq_id for x in out.scheduled] == ["a", "b", "d", "e"]
+    # c (a third adapter) waits; the batch is ordered by adapter: base, x, x, y
+    assert [x.seq.seq_id for x in out.scheduled] == ["e", "a", "d", "b"]
     assert [w.seq_id for _, w in s.waiting] == ["c"]
