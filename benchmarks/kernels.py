@@ -245,7 +245,7 @@ def bench_decode_step(setup: Setup, model_name: str, dims: tuple[int, int, int, 
     from service.model.gpt2 import AttentionMetadata
 
     model = _random_gpt2(setup, *dims)
-    n_embd, n_layer, n_head, _ = dims
+    _, n_layer, n_head, vocab_size = dims
     ops = load_ops("triton")
     dev, rows = setup.device, []
     weight_bytes = sum(p.nbytes for n, p in model.named_parameters() if not n.endswith(("wte.weight", "wpe.weight")))
@@ -261,7 +261,7 @@ def bench_decode_step(setup: Setup, model_name: str, dims: tuple[int, int, int, 
             decode_seq_lens=torch.full((num_seqs,), ctx, device=dev, dtype=torch.int32), decode_block_tables=tables,
             prefill_cu_seqlens_q=torch.zeros(1, device=dev, dtype=torch.int32), prefill_seq_lens=empty,
             prefill_block_tables=empty.view(0, 1))
-        ids = torch.randint(0, dims[3], (num_seqs,), device=dev)
+        ids = torch.randint(0, vocab_size, (num_seqs,), device=dev)
 
         @torch.inference_mode()
         def step(ops=ops, ids=ids, pos=pos, meta=meta, kv=kv):
