@@ -10,6 +10,7 @@ from kernels.ops import KernelOps
 from kernels.triton_activation import bias_gelu_triton
 from kernels.triton_attention import decode_attention_triton, prefill_attention_triton
 from kernels.triton_kv_cache import write_kv_cache_triton
+from kernels.triton_lora import add_lora_triton
 from kernels.triton_norm import add_layer_norm_triton
 
 TRITON_OPS = KernelOps(
@@ -19,4 +20,5 @@ TRITON_OPS = KernelOps(
     decode_attention=decode_attention_triton,
     add_layer_norm=add_layer_norm_triton,
     bias_gelu=bias_gelu_triton,
+    add_lora=add_lora_triton,
 )
