@@ -72,10 +72,11 @@ def engine_with(base, dirs, **kwargs):
     return engine
 
 
-@pytest.mark.parametrize("max_loras", [8, 2])
-def test_mixed_adapters_in_one_batch_match_peft(lora_setup, max_loras):
+@pytest.mark.parametrize("max_loras, backend", [(8, "torch"), (2, "torch"), (8, "triton")])
+def test_mixed_adapters_in_one_batch_match_peft(lora_setup, max_loras, backend):
+    """The triton row runs the SGMV/BGMV kernels (and the attention kernels) in the interpreter."""
     base, _, dirs = lora_setup
-    engine = engine_with(base, dirs, max_loras=max_loras)
+    engine = engine_with(base, dirs, max_loras=max_loras, attention_backend=backend)
     names = [None, *dirs]
     requests = [(f"r{i}", p, GREEDY, names[i % len(names)]) for i, p in enumerate(prompts(8, 1000, 3, 20, seed=8))]
     widest = 0
