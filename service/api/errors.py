@@ -80,6 +80,8 @@ def from_engine_error(exc: Exception) -> APIError:
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     parts, param = [], None
     for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            return f"malformed JSON body: {err.get('msg', 'invalid JSON')}", None
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
         if param is None and loc:
             param = loc[0]

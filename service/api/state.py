@@ -74,7 +74,7 @@ class ServerState:
         seen.num_preemptions = stats.num_preemptions
         if stats.prefix_cache_queries:
             m.prefix_cache_hit_ratio.set(stats.prefix_cache_hits / stats.prefix_cache_queries)
-        for num_seqs, num_tokens in stats.drain_step_samples():
+        for num_seqs, num_tokens in stats.step_samples:  # the steps since the previous call
             m.batch_size.observe(num_seqs)
             m.batch_tokens.observe(num_tokens)
         m.loaded_adapters.set(sum(1 for entry in self.engine.models() if entry.parent is not None))

@@ -1,35 +1,53 @@
-"""Admin endpoints (admin key only): load and unload LoRA adapters at runtime.
+"""Admin endpoints (admin key only): load and unload LoRA adapters while serving.
 
-Not implemented by the engine yet: both answer 501 behind the admin key.
+Adapters load only from inside settings.adapters_dir (the engine refuses any
+path that escapes it). A removed adapter takes no new requests; requests in
+flight on it finish.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
-from pydantic import BaseModel, ConfigDict
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 
-from service.api.auth import require_admin_key
+from service.api.auth import require_admin_key, server_state
 from service.api.errors import APIError
-from service.api.schemas.common import ERROR_RESPONSES, ErrorResponse
+from service.api.schemas.common import ERROR_RESPONSES
 
 router = APIRouter(dependencies=[Depends(require_admin_key)], tags=["admin"])
 
-_NOT_IMPLEMENTED = {501: {"model": ErrorResponse, "description": "Runtime adapter loading is not supported yet"}}
-
 
 class LoadAdapterRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"name": "sst2", "path": "sst2"}]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"name": "sst2", "path": "sst2"}]})
 
-    name: str
-    path: str  # relative to settings.adapters_dir, the only place adapters may be loaded from
-
-
-@router.post("/v1/adapters", responses={**ERROR_RESPONSES, **_NOT_IMPLEMENTED})
-async def load_adapter(body: LoadAdapterRequest):
-    raise APIError(501, "loading adapters at runtime is not supported yet")
+    name: str = Field(..., description="Name the adapter is served under (the `model` of requests).")
+    path: str = Field(..., description="Adapter directory, relative to the server's --adapters-dir.")
 
 
-@router.delete("/v1/adapters/{name}", responses={**ERROR_RESPONSES, **_NOT_IMPLEMENTED})
-async def unload_adapter(name: str):
-    raise APIError(501, "unloading adapters at runtime is not supported yet")
+def _engine(request: Request):
+    engine = server_state(request).engine
+    if engine is None:
+        raise APIError(503, "server is not ready")
+    return engine
+
+
+@router.post("/v1/adapters", status_code=201, responses={201: {"content": {"application/json": {"example": {
+    "id": "sst2", "object": "model", "parent": "base", "tasks": ["classify"]}}}}, **ERROR_RESPONSES})
+async def load_adapter(body: LoadAdapterRequest, request: Request):
+    try:
+        entry = await _engine(request).add_adapter(body.name, body.path)
+    except (ValueError, OSError) as e:  # AdapterPathError, a broken adapter, a missing directory
+        raise APIError(400, f"cannot load adapter {body.name!r}: {e}", param="path") from e
+    return JSONResponse({"id": entry.name, "object": "model", "parent": entry.parent, "tasks": list(entry.tasks)},
+                        status_code=201)
+
+
+@router.delete("/v1/adapters/{name}", responses={200: {"content": {"application/json": {"example": {
+    "id": "sst2", "object": "model", "deleted": True}}}}, **ERROR_RESPONSES})
+async def unload_adapter(name: str, request: Request):
+    try:
+        await _engine(request).remove_adapter(name)
+    except KeyError as e:
+        raise APIError(404, f"adapter {name!r} does not exist", param="name", code="model_not_found") from e
+    return {"id": name, "object": "model", "deleted": True}

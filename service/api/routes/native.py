@@ -143,6 +143,10 @@ async def classify(body: ClassifyRequest, request: Request):
 # ---------------------------------------------------------------- translate
 
 
+def _pair(body: TranslateRequest) -> str:
+    return f"{body.source or '*'} -> {body.target or '*'}"
+
+
 def _translation_model(state: ServerState, body: TranslateRequest):
     """The model named in the request, or the first translate model whose languages match."""
     def matches(entry) -> bool:
@@ -155,7 +159,7 @@ def _translation_model(state: ServerState, body: TranslateRequest):
             langs = entry.card.languages
             have = f"{langs.source} -> {langs.target}" if langs else "unknown languages"
             param = "source" if langs is not None and body.source not in (None, langs.source) else "target"
-            raise APIError(400, f"model {entry.name!r} translates {have}, not {body.source} -> {body.target}",
+            raise APIError(400, f"model {entry.name!r} translates {have}, not {_pair(body)}",
                            param=param)
         return entry
     candidates = [e for e in state.engine.models() if "translate" in e.tasks]
@@ -166,7 +170,7 @@ def _translation_model(state: ServerState, body: TranslateRequest):
         return resolve_model(state, None, "translate")  # raises the engine's own "no model can" error
     have = ", ".join(f"{e.name} ({e.card.languages.source} -> {e.card.languages.target})" for e in candidates
                      if e.card.languages)
-    raise APIError(400, f"no model translates {body.source} -> {body.target}; available: {have}",
+    raise APIError(400, f"no model translates {_pair(body)}; available: {have}",
                    param="source")
 
 
