@@ -50,7 +50,6 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None, metrics: M
         summary="GPT-2-family inference: native generate/classify/translate and an OpenAI-compatible API.",
         version="0.1.0",
         lifespan=lifespan,
-        max_body_size=settings.max_body_bytes,
     )
     app.state.server = state
     install_handlers(app)

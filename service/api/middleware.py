@@ -1,4 +1,4 @@
-"""Per-request context: the request id, one structured log line and the requests counter.
+"""Per-request context: the request id, the body size limit, one structured log line and the requests counter.
 
 A pure ASGI middleware (not BaseHTTPMiddleware) so streamed responses pass
 through untouched and client disconnects reach the routes.
@@ -13,8 +13,11 @@ import uuid
 from dataclasses import asdict, dataclass, field
 
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.errors import error_body
 from service.api.jsonlog import request_id_var
 from service.api.state import ServerState
 
@@ -72,8 +75,26 @@ class RequestContextMiddleware:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
+        limit = self.state.settings.max_body_bytes
+        received = 0
+
+        async def receive_with_limit() -> Message:
+            # Bodies sent without Content-Length (chunked) are counted as they arrive.
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise HTTPException(413)  # rendered in the one error shape by errors.install_handlers
+            return message
+
         try:
-            await self.app(scope, receive, send_with_id)
+            declared = Headers(scope=scope).get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                response = JSONResponse(error_body(413, f"request body too large (limit {limit} bytes)"), 413)
+                await response(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive_with_limit, send_with_id)
         finally:
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or _OTHER
