@@ -1,0 +1,119 @@
+"""Overload (429 + Retry-After, then recovery) and SIGTERM draining, each on its own server."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.api.conftest import API_KEY, metric_samples, start_server
+
+LONG = {"model": "base", "prompt": "Go", "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+class StreamInBackground:
+    """A streaming completion read to its end in a thread; `started` is set at the first event."""
+
+    def __init__(self, url: str, body: dict) -> None:
+        self.started = threading.Event()
+        self.chunks: list[dict] = []
+        self.status: int | None = None
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(url, body), daemon=True)
+        self.thread.start()
+
+    def _run(self, url: str, body: dict) -> None:
+        with httpx.Client(timeout=120) as c, c.stream("POST", url + "/v1/completions", headers=AUTH,
+                                                      json={**body, "stream": True}) as resp:
+            self.status = resp.status_code
+            for line in resp.iter_lines():
+                if line.startswith("data: {"):
+                    self.chunks.append(json.loads(line[6:]))
+                    self.started.set()
+                if self._stop.is_set():
+                    return  # hang up: the server aborts the request
+
+    def hang_up(self) -> None:
+        self._stop.set()
+        self.thread.join(30)
+
+    def text(self) -> str:
+        return "".join(c["choices"][0]["text"] for c in self.chunks if c["choices"])
+
+    def finish_reason(self) -> str | None:
+        return [c["choices"][0]["finish_reason"] for c in self.chunks if c["choices"]][-1]
+
+
+def _wait_metric(url: str, name: str, value: float, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while metric_samples(url)[(name, ())] != value:
+        assert time.monotonic() < deadline, f"{name} never reached {value}"
+        time.sleep(0.02)
+
+
+def test_full_queue_answers_429_then_recovers(model_dirs, tmp_path_factory):
+    server = start_server(model_dirs, tmp_path_factory, "overload", "--api-key", API_KEY, "--max-num-seqs", "1",
+                          "--max-waiting-requests", "1")
+    try:
+        running = StreamInBackground(server.url, LONG)  # takes the one running slot
+        assert running.started.wait(60)
+        waiting = StreamInBackground(server.url, LONG)  # takes the one waiting slot
+        _wait_metric(server.url, "lmservice_num_requests_waiting", 1)
+
+        resp = httpx.post(server.url + "/v1/generate", json={"prompt": "hi", "max_tokens": 2}, headers=AUTH)
+        assert resp.status_code == 429
+        assert int(resp.headers["retry-after"]) >= 1
+        assert resp.json()["error"]["type"] == "rate_limit_error"
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+        with pytest.raises(openai.RateLimitError):
+            client.completions.create(model="base", prompt="hi", max_tokens=2)
+
+        running.hang_up()  # frees the slot; the waiting request runs
+        assert waiting.started.wait(60)
+        waiting.hang_up()
+        ok = client.completions.create(model="base", prompt="hi", max_tokens=2, extra_body={"ignore_eos": True})
+        assert ok.usage.completion_tokens == 2
+        assert server.stop() == 0
+    finally:
+        server.stop()
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0(model_dirs, tmp_path_factory):
+    server = start_server(model_dirs, tmp_path_factory, "drain", "--api-key", API_KEY, "--drain-timeout-s", "60")
+    try:
+        body = {**LONG, "max_tokens": 600}
+        stream = StreamInBackground(server.url, body)
+        assert stream.started.wait(60)
+        server.terminate()
+        # while draining: not ready, new work refused with 503, probes still answer
+        deadline = time.monotonic() + 10
+        while httpx.get(server.url + "/ready").status_code != 503:
+            assert time.monotonic() < deadline
+        refused = httpx.post(server.url + "/v1/generate", json={"prompt": "hi"}, headers=AUTH)
+        assert refused.status_code == 503 and refused.json()["error"]["type"] == "service_unavailable"
+        assert httpx.get(server.url + "/health").status_code == 200
+        stream.thread.join(60)
+        assert stream.finish_reason() == "length"  # the in-flight request ran to its end
+        assert sum(len(c["choices"][0]["text"]) > 0 for c in stream.chunks if c["choices"]) > 0
+        assert server.proc.wait(30) == 0
+    finally:
+        server.stop()
+
+
+def test_sigterm_aborts_what_outlives_the_grace_period(model_dirs, tmp_path_factory):
+    server = start_server(model_dirs, tmp_path_factory, "drain_timeout", "--api-key", API_KEY,
+                          "--drain-timeout-s", "0.2", "--max-num-seqs", "1")
+    try:
+        stream = StreamInBackground(server.url, LONG)
+        assert stream.started.wait(60)
+        server.terminate()
+        stream.thread.join(30)
+        assert stream.finish_reason() == "abort"
+        assert server.proc.wait(30) == 0
+    finally:
+        server.stop()
