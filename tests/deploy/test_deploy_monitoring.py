@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from deploy_support import DEPLOY, K8S, load_yaml, run, tool
@@ -83,6 +84,24 @@ def test_prometheus_config_passes_promtool() -> None:
 def test_dashboard_queries_only_what_the_server_exports() -> None:
     problems = check_queries_against(registry_series())
     assert not problems, "\n".join(problems)
+
+
+def test_dashboard_queries_only_what_a_live_server_exports(server) -> None:
+    """The same check against a real server's /metrics, after traffic that gives every labelled metric a
+    child; and the live exposition carries exactly the series service.metrics registers."""
+    from tests.api.conftest import API_KEY  # noqa: PLC0415
+
+    reply = httpx.post(server.url + "/v1/generate", json={"prompt": "one two", "max_tokens": 3, "ignore_eos": True},
+                       headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+    assert reply.status_code == 200, reply.text
+    live = exported_series(httpx.get(server.url + "/metrics", timeout=30).text)
+    problems = check_queries_against(live)
+    assert not problems, "\n".join(problems)
+
+    def ours(series: dict[str, set[str]]) -> dict[str, set[str]]:
+        return {n: labels for n, labels in series.items() if n.startswith("lmservice_") and not n.endswith("_created")}
+
+    assert ours(live) == ours(registry_series())
 
 
 def test_the_check_catches_a_wrong_name_and_label() -> None:
