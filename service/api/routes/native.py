@@ -67,16 +67,19 @@ def _submit_all(call: EngineCall, prompts: list[list[int]], params: SamplingPara
 async def _text_chunks(call: EngineCall, with_logprobs: bool, token_text: TokenText,
                        indexed: bool) -> AsyncIterator[dict[str, Any]]:
     """Native stream: {"text": delta, ...} per event; the last of each prompt has finish_reason (+ usage at the end)."""
+    held: dict[int, list] = {}  # prompt index -> logprobs of tokens whose text has not shown yet
     async for i, out in call.merged():
         for delta in out.outputs:
-            if not delta.text and not delta.token_ids and delta.finish_reason is None:
+            logprobs = held.pop(i, []) + list(delta.logprobs or [])
+            if not delta.text and delta.finish_reason is None:
+                held[i] = logprobs  # a token ending inside a multi-byte character shows up with the next one
                 continue
             chunk: dict[str, Any] = {"id": call.id, "model": call.entry.name, "text": delta.text,
                                      "finish_reason": delta.finish_reason}
             if indexed:
                 chunk["index"] = i
             if with_logprobs:
-                chunk["logprobs"] = native_logprobs(token_text, delta.logprobs or [])
+                chunk["logprobs"] = native_logprobs(token_text, logprobs)
             yield chunk
     yield {"id": call.id, "model": call.entry.name, "text": "", "finish_reason": None, "usage": call.usage()}
 
