@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -88,3 +89,15 @@ def test_build_context_keeps_what_the_image_copies() -> None:
             sources = [a for a in arg.split() if not a.startswith("--")][:-1]
             for source in sources:
                 assert source.rstrip("/") in allowed, f"{source} is excluded by .dockerignore"
+
+
+def test_baked_models_are_the_shipped_ones() -> None:
+    """LMSERVICE_MODEL and LMSERVICE_ADAPTER name directories that `COPY models/ /models/` really brings."""
+    env = dockerfile_env()
+    if not (REPO / "models/base/config.json").exists():
+        pytest.skip("models/base is not in the repository yet (made by the training jobs)")
+    assert env["LMSERVICE_MODEL"] == "/models/base"
+    for item in json.loads(env["LMSERVICE_ADAPTER"]):
+        name, _, path = item.partition("=")
+        local = REPO / "models" / path.removeprefix("/models/")
+        assert (local / "adapter_config.json").is_file(), f"adapter {name}: {local} is not a PEFT adapter"
