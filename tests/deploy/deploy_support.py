@@ -49,6 +49,15 @@ def tool(name: str) -> str:
     return path
 
 
+def kubernetes_validate():  # noqa: ANN201 (the module)
+    """The kubernetes-validate package (Kubernetes' OpenAPI schemas as JSON schema, strict variants too)."""
+    try:
+        import kubernetes_validate  # noqa: PLC0415
+    except ImportError:
+        missing("kubernetes-validate")
+    return kubernetes_validate
+
+
 def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=120, check=False)
 

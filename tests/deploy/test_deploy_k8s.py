@@ -7,13 +7,13 @@ import json
 from pathlib import Path
 
 import jsonschema
-import kubernetes_validate
 import pytest
 from deploy_support import (
     K8S,
     K8S_VERSIONS,
     SCRAPE_TARGET_LABELS,
     find,
+    kubernetes_validate,
     kustomizations,
     kustomize_build,
     load_yaml,
@@ -33,6 +33,7 @@ def _id(path: Path) -> str:
 @pytest.mark.parametrize("directory", kustomizations(), ids=_id)
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_builds_and_validates_strictly(directory: Path, version: str) -> None:
+    validator = kubernetes_validate()
     resources = kustomize_build(directory)
     assert resources, f"{directory} builds to nothing"
     for resource in resources:
@@ -42,18 +43,19 @@ def test_builds_and_validates_strictly(directory: Path, version: str) -> None:
             jsonschema.validate(resource, SERVICEMONITOR_SCHEMA)
             continue
         try:
-            kubernetes_validate.validate(resource, version, strict=True)
-        except kubernetes_validate.ValidationError as error:
+            validator.validate(resource, version, strict=True)
+        except validator.ValidationError as error:
             pytest.fail(f"{_id(directory)}: {name} is invalid for Kubernetes {version}: "
                         f"{'.'.join(map(str, error.path))}: {error.message}")
 
 
 def test_strict_validation_rejects_an_unknown_field() -> None:
     """The validator really is strict: a misspelt field fails."""
+    validator = kubernetes_validate()
     deployment = json.loads(json.dumps(find(kustomize_build(SERVING["cpu"]), "Deployment")))
     deployment["spec"]["template"]["spec"]["terminationGracePeriodSecond"] = 45
-    with pytest.raises(kubernetes_validate.ValidationError):
-        kubernetes_validate.validate(deployment, K8S_VERSIONS[-1], strict=True)
+    with pytest.raises(validator.ValidationError):
+        validator.validate(deployment, K8S_VERSIONS[-1], strict=True)
     monitor = json.loads(json.dumps(find(kustomize_build(SERVING["cpu"]), "ServiceMonitor")))
     monitor["spec"]["endpoints"][0]["intervall"] = "15s"
     with pytest.raises(jsonschema.ValidationError):
