@@ -27,7 +27,7 @@ class NoFreeBlocksError(RuntimeError):
     pass
 
 
-def hash_block(parent_hash: int | None, token_ids: tuple[int, ...], salt: str | None) -> int:
+def hash_block(parent_hash: int | None, token_ids: tuple[int, ...], salt: object) -> int:
     """Chained hash of one full block. NOTE: Python's 64-bit tuple hash; a collision
     (about 2^-64 per pair of distinct chains) would share a wrong block."""
     return hash((parent_hash, token_ids, salt))
@@ -36,12 +36,11 @@ def hash_block(parent_hash: int | None, token_ids: tuple[int, ...], salt: str | 
 class BlockPool:
     """Fixed set of `num_blocks` KV blocks of `block_size` tokens."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be >= 1")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, int] = {}  # block hash -> block id
@@ -111,8 +110,6 @@ class BlockPool:
 
     def register(self, block_id: int, block_hash: int) -> None:
         """Publish a full block under its chained hash (first writer wins on duplicates)."""
-        if not self.enable_prefix_caching:
-            return
         block = self.blocks[block_id]
         if block.block_hash is not None:
             return

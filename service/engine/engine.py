@@ -97,7 +97,7 @@ class Engine:
             backend = "triton" if loaded.device.type == "cuda" else "torch"
         num_blocks = config.num_kv_blocks or max(
             1, config.kv_cache_memory_mb * 2**20 // kv_cache_bytes_per_block(loaded.model, config.block_size, loaded.dtype))
-        self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.pool = BlockPool(num_blocks, config.block_size)
         self.lora = LoRAStore(LoRATargets.from_config(loaded.config), config.max_loras, config.max_lora_rank,
                               loaded.device, loaded.dtype)
         self.adapter_salts: dict[str, str] = {}
@@ -105,7 +105,7 @@ class Engine:
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, config.max_waiting_requests,
                             config.max_waiting_tokens, config.max_loras),
-            KVCacheManager(self.pool), adapters_fit=self.lora.can_acquire)
+            KVCacheManager(self.pool, config.enable_prefix_caching), adapters_fit=self.lora.can_acquire)
         self.ops = load_ops(backend)
         self.runner = ModelRunner(loaded.model, self.ops, num_blocks, config.block_size, loaded.device,
                                   loaded.dtype, self.eos_token_id, config.seed,

@@ -7,26 +7,36 @@ from service.engine.request import Sequence
 
 
 class KVCacheManager:
-    """Gives sequences the blocks they need and publishes their full blocks to the prefix cache."""
+    """Gives sequences the blocks they need and publishes their full blocks to the prefix cache.
 
-    def __init__(self, pool: BlockPool) -> None:
+    With prefix caching off, blocks are still shared inside one request: the n
+    sequences of a request with n > 1 compute the prompt once. The hash salt then
+    includes the request, so no other request can find them.
+    """
+
+    def __init__(self, pool: BlockPool, enable_prefix_caching: bool = True) -> None:
         self.pool = pool
         self.block_size = pool.block_size
+        self.enable_prefix_caching = enable_prefix_caching
+
+    def _salt(self, seq: Sequence) -> object:
+        return seq.prefix_cache_salt if self.enable_prefix_caching else (seq.group_id, seq.prefix_cache_salt)
 
     def _extend_hashes(self, seq: Sequence, num_full_blocks: int) -> None:
         """Chained hashes of seq's first `num_full_blocks` blocks (cached on the sequence)."""
         bs = self.block_size
         hashes = seq.block_hashes
         parent = hashes[-1] if hashes else None
+        salt = self._salt(seq)
         for i in range(len(hashes), num_full_blocks):
-            parent = hash_block(parent, tuple(seq.token_slice(i * bs, (i + 1) * bs)), seq.prefix_cache_salt)
+            parent = hash_block(parent, tuple(seq.token_slice(i * bs, (i + 1) * bs)), salt)
             hashes.append(parent)
 
     def find_cached_prefix(self, seq: Sequence) -> list[int]:
         """Blocks holding a leading run of seq's tokens. At least one token is left to
         compute, since the step must produce its logits. Prompt logprobs need every
         prompt position computed, so those sequences skip the cache."""
-        if not self.pool.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+        if seq.params.prompt_logprobs is not None:
             return []
         max_blocks = (seq.num_tokens - 1) // self.block_size
         self._extend_hashes(seq, max_blocks)
@@ -52,11 +62,10 @@ class KVCacheManager:
             seq.block_ids.extend(self.pool.allocate(num_needed))
         # Publish the blocks this step fills. Same-step sharing is safe: every layer
         # writes the whole batch's K/V before any sequence attends.
-        if self.pool.enable_prefix_caching:
-            first_new = len(seq.block_hashes)
-            self._extend_hashes(seq, total // self.block_size)
-            for i in range(first_new, len(seq.block_hashes)):
-                self.pool.register(seq.block_ids[i], seq.block_hashes[i])
+        first_new = len(seq.block_hashes)
+        self._extend_hashes(seq, total // self.block_size)
+        for i in range(first_new, len(seq.block_hashes)):
+            self.pool.register(seq.block_ids[i], seq.block_hashes[i])
         return True
 
     def free(self, seq: Sequence) -> None:

@@ -94,9 +94,12 @@ def test_allocation_failure_changes_nothing():
     assert seq.block_ids == [] and pool.num_free_blocks == 2
 
 
-def test_prefix_caching_off_registers_nothing():
-    pool = BlockPool(4, 2, enable_prefix_caching=False)
-    kv = KVCacheManager(pool)
-    kv.allocate_slots(_seq([1, 2, 3, 4]), 4)
-    assert pool.cached == {}
-    assert kv.find_cached_prefix(_seq([1, 2, 3, 4, 5])) == []
+def test_prefix_caching_off_shares_only_within_a_request():
+    pool = BlockPool(8, 2)
+    kv = KVCacheManager(pool, enable_prefix_caching=False)
+    first = Sequence("g#0", "g", 0, [1, 2, 3, 4, 5], SamplingParams(), max_tokens=4)
+    sibling = Sequence("g#1", "g", 1, [1, 2, 3, 4, 5], SamplingParams(), max_tokens=4)
+    other = Sequence("h#0", "h", 0, [1, 2, 3, 4, 5], SamplingParams(), max_tokens=4)
+    kv.allocate_slots(first, 5)
+    assert kv.find_cached_prefix(sibling) == first.block_ids[:2]
+    assert kv.find_cached_prefix(other) == []

@@ -60,8 +60,9 @@ def test_stop_token_ids_and_min_tokens(tiny_engine):
     assert r["b"]["finish"][0] == ("stop", tokens[2])
 
 
-def test_n_siblings_share_prompt_blocks(tiny_engine):
-    engine = tiny_engine(block_size=4)
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_n_siblings_share_prompt_blocks(tiny_engine, prefix_caching):
+    engine = tiny_engine(block_size=4, enable_prefix_caching=prefix_caching)
     prompt = list(range(1, 30))
     r = run_to_completion(engine, [("a", prompt, SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=6,
                                                                 ignore_eos=True))])["a"]
