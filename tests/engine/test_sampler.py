@@ -1,0 +1,76 @@
+"""Sampler semantics on fixed logits (no model): filters, penalties, seeds, logprobs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from service.engine.sampler import Sampler, SamplingBatch
+from service.engine.sampling_params import SamplingParams
+
+V = 10
+LOGITS = torch.tensor([[4.0, 3.0, 2.5, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0]])
+
+
+def batch(params, outputs=None, prompts=None, seeded=False):
+    n = len(params)
+    gens = [torch.Generator().manual_seed(p.seed) if seeded and p.seed is not None else None for p in params]
+    return SamplingBatch(params=params, generators=gens, output_token_ids=outputs or [[] for _ in range(n)],
+                         prompt_token_ids=prompts or [[] for _ in range(n)], eos_token_id=9)
+
+
+def draws(params, n=400):
+    sampler = Sampler(V, seed=0)
+    logits = LOGITS.repeat(n, 1)
+    return set(sampler(logits, batch([params] * n)).token_ids)
+
+
+def test_filters_restrict_the_support():
+    assert draws(SamplingParams(temperature=1.0, top_k=2)) == {0, 1}
+    probs = LOGITS.softmax(-1)[0]  # 0.60, 0.22, 0.13, ...: top_p 0.9 keeps tokens 0-2
+    assert probs[:2].sum() < 0.9 < probs[:3].sum()
+    assert draws(SamplingParams(temperature=1.0, top_p=0.9)) == {0, 1, 2}
+    assert draws(SamplingParams(temperature=1.0, min_p=0.3)) == {0, 1}  # p >= 0.3 * p_max
+    assert draws(SamplingParams(temperature=1.0)) >= {0, 1, 2, 3}
+    assert draws(SamplingParams(temperature=0.0, top_k=5)) == {0}
+
+
+def test_presence_and_frequency_penalties_follow_openai():
+    sampler = Sampler(V)
+    params = SamplingParams(temperature=0.0, presence_penalty=1.0, frequency_penalty=0.6)
+    # logit - frequency * count - presence * (count > 0):
+    # token 0: 4.0 - 3 * 0.6 - 1.0 = 1.2; token 1: 3.0 - 0.6 - 1.0 = 1.4; token 2: 2.5 - 4 * 0.6 - 1.0 = -0.9
+    out = sampler(LOGITS.clone(), batch([params], outputs=[[0, 0, 0, 1, 2, 2, 2, 2]]))
+    assert out.token_ids == [1]
+    # token 0 once: 4.0 - 0.6 - 1.0 = 2.4 < token 1's untouched 3.0
+    assert sampler(LOGITS.clone(), batch([params], outputs=[[0]])).token_ids == [1]
+    # prompt tokens are not penalized by presence/frequency (they are by repetition_penalty)
+    assert sampler(LOGITS.clone(), batch([params], prompts=[[0, 0]])).token_ids == [0]
+
+
+def test_min_tokens_bans_eos_and_stop_ids():
+    sampler = Sampler(V)
+    logits = LOGITS.clone()
+    logits[0, 9] = 100.0  # eos
+    params = SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[0])
+    assert sampler(logits.clone(), batch([params], outputs=[[3]])).token_ids == [1]
+    assert sampler(logits.clone(), batch([params], outputs=[[3, 3]])).token_ids == [9]
+
+
+def test_seeded_rows_ignore_their_neighbours():
+    sampler = Sampler(V, seed=123)
+    target = SamplingParams(temperature=1.5, seed=42)
+    alone = Sampler(V, seed=0)(LOGITS.clone(), batch([target], seeded=True)).token_ids[0]
+    mixed = sampler(LOGITS.repeat(3, 1), batch([SamplingParams(temperature=1.0), target,
+                                               SamplingParams(temperature=1.0, seed=7)], seeded=True))
+    assert mixed.token_ids[1] == alone
+
+
+def test_logprobs_are_the_raw_distribution():
+    sampler = Sampler(V)
+    params = SamplingParams(temperature=0.0, logprobs=3, repetition_penalty=2.0, logit_bias={5: 50.0})
+    out = sampler(LOGITS.clone(), batch([params], prompts=[[0]]))
+    raw = torch.log_softmax(LOGITS[0], -1)
+    assert out.token_ids == [5]  # the bias decided the token...
+    assert out.logprobs[0] == pytest.approx(raw[5].item())  # ...but logprobs are the model's
+    assert [t for t, _ in out.top_logprobs[0]] == [0, 1, 2]
