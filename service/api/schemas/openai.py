@@ -116,6 +116,10 @@ class ChatCompletionResponse(BaseModel):
 
 
 class ModelInfo(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"id": "sst2", "object": "model", "created": 1764300000, "owned_by": "lmservice", "parent": "base",
+         "root": "base", "tasks": ["classify"], "max_model_len": 1024}]})
+
     id: str
     object: Literal["model"] = "model"
     created: int
