@@ -84,10 +84,6 @@ class EngineCall:
         engine = self.state.engine
         if engine is None or not self.state.is_ready():
             raise APIError(503, "server is draining" if self.state.is_draining else "server is not ready")
-        try:
-            params.validate(len(engine.tokenizer))
-        except ValueError as e:
-            raise from_engine_error(e) from e
         request_id = f"{self.id}-{len(self.runs)}"
         try:
             stream = engine.add_request(request_id, prompt_token_ids, params, model=self.entry.name, task=task)

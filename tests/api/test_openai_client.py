@@ -126,6 +126,12 @@ def test_exceptions_map_from_our_errors(client, server):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="base", prompt=PROMPT, extra_body={"stop": 7})
     assert e.value.body["param"] == "stop"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="base", prompt=[5, 1_000_000])
+    assert e.value.body["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="base", prompt="")
+    assert e.value.body["param"] == "prompt"
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="no-such-model", prompt=PROMPT)
     assert e.value.body["code"] == "model_not_found"
