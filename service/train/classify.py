@@ -27,7 +27,7 @@ from service.train.evaluate import classification_metrics, predict_labels
 from service.train.examples import PadCollator, encode_texts
 from service.train.modeling import load_for_training
 from service.train.options import add_base_arguments, add_training_arguments
-from service.train.runner import Job, run_job, set_threads
+from service.train.runner import Job, run_job, setup
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -74,7 +74,7 @@ def _encode(ds: Dataset, tokenizer: PreTrainedTokenizerBase, args: argparse.Name
 
 
 def run(args: argparse.Namespace) -> int:
-    set_threads(args)
+    setup(args)
     train_raw = _load(args.train, args)
     labels = _declared_labels(train_raw, args)
     _check_labels(train_raw, args.train, args.label_column, labels)

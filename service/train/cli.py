@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415
+
+    hf_logging.disable_progress_bar()  # weight-loading bars; training draws its own
     from service.train.data import DataError  # noqa: PLC0415
     from service.train.modeling import ModelError  # noqa: PLC0415
 

@@ -64,7 +64,14 @@ def load_table(path: Path, columns: Sequence[str], header: bool = True) -> Datas
         kwargs["quoting"] = 3  # csv.QUOTE_NONE: SST-2 style TSVs hold bare quote characters
         if not header:
             kwargs["column_names"] = list(columns)
-    ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except ValueError as e:
+        if "corresponds to no data" in str(e):  # a header and no rows
+            raise DataError(f"{path}: file is empty (no rows)") from e
+        raise DataError(f"{path}: cannot read as {builder}: {e}") from e
+    except Exception as e:  # pyarrow/pandas parse errors: name the file, keep the cause
+        raise DataError(f"{path}: cannot read as {builder}: {e}") from e
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; the file has {ds.column_names}")

@@ -19,7 +19,7 @@ from service.train.data import DataError, limit, load_table, load_text, split_he
 from service.train.examples import PadCollator, encode_prompt_completion, pack
 from service.train.modeling import load_for_training
 from service.train.options import add_base_arguments, add_training_arguments
-from service.train.runner import Job, run_job, set_threads
+from service.train.runner import Job, run_job, setup
 
 _TABLE_SUFFIXES = {".jsonl", ".json", ".csv", ".tsv", ".parquet"}
 
@@ -55,10 +55,10 @@ def _encode(path: Path, fmt: str, tokenizer: PreTrainedTokenizerBase, max_length
 
 
 def run(args: argparse.Namespace) -> int:
-    set_threads(args)
+    setup(args)
+    fmt = _format_of(args.train)  # bad data fails before the model loads
     model, tokenizer = load_for_training(args, GPT2LMHeadModel, task_type="CAUSAL_LM")
     max_length = args.max_length or model.config.n_positions
-    fmt = _format_of(args.train)
     train_ds = _encode(args.train, fmt, tokenizer, max_length, args.sample_by)
     if args.eval is not None:
         if _format_of(args.eval) != fmt:

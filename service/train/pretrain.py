@@ -15,7 +15,7 @@ from service.train.data import DataError, limit, load_text, split_heldout
 from service.train.examples import pack
 from service.train.modeling import load_tokenizer
 from service.train.options import add_training_arguments
-from service.train.runner import Job, run_job, set_threads
+from service.train.runner import Job, run_job, setup
 
 # (n_layer, n_embd, n_head). small..xl are the released GPT-2 shapes.
 PRESETS: dict[str, tuple[int, int, int]] = {
@@ -66,7 +66,7 @@ def gpt2_config(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    set_threads(args)
+    setup(args)
     tokenizer = load_tokenizer(args.tokenizer)
     config = gpt2_config(args, tokenizer)
     block_size = args.block_size or config.n_positions

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 from peft import PeftModel
-from transformers import PreTrainedTokenizerBase, Trainer
+from transformers import PreTrainedTokenizerBase, Trainer, set_seed
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -51,9 +51,13 @@ class Job:
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-def set_threads(args: argparse.Namespace) -> None:
+def setup(args: argparse.Namespace) -> None:
+    """Thread count and seed, before any model is built: fresh weights (a pretrained model, a LoRA
+    factor, a score head) are drawn from the seeded RNG, so a run is reproducible and every
+    torchrun rank starts from the same weights."""
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
+    set_seed(args.seed)
 
 
 def _rank0_print(trainer: Trainer, msg: str) -> None:

@@ -20,7 +20,7 @@ from service.train.evaluate import greedy_generate, translation_metrics
 from service.train.examples import PadCollator, encode_prompt_completion
 from service.train.modeling import load_for_training
 from service.train.options import add_base_arguments, add_training_arguments
-from service.train.runner import Job, run_job, set_threads
+from service.train.runner import Job, run_job, setup
 
 LANGUAGE_NAMES = {"en": "English", "de": "German", "fr": "French", "cs": "Czech", "es": "Spanish"}
 
@@ -60,7 +60,7 @@ def default_template(source_lang: str, target_lang: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    set_threads(args)
+    setup(args)
     template = args.prompt_template or default_template(args.source_lang, args.target_lang)
     if "{text}" not in template:
         raise DataError(f"--prompt-template must contain {{text}}: {template!r}")
