@@ -35,5 +35,25 @@ pretrain)
     --max-steps 500 --batch-size 8 --lr 1.5e-3 --warmup-steps 30 --weight-decay 0.1 \
     --eval-steps 100 --save-steps 50 --max-eval-examples 128 --threads "$THREADS" --no-progress
   ;;
+sentiment)
+  # LoRA (r 16 on attention + MLP) + a trained score head; SST-2 train, scored on SST-2 dev.
+  # Labels 0/1 are named negative/positive in the card. Shorter phrases batched together (less padding).
+  $TRAIN classify --base models/base --output models/sentiment \
+    --train "$DATA/sst2/train.tsv" --eval "$DATA/sst2/dev.tsv" --text-column sentence --label-column label \
+    --labels 0 1 --label-names negative positive \
+    --lora --lora-r 16 --lora-alpha 32 --lora-targets c_attn c_proj c_fc \
+    --max-steps 1000 --batch-size 32 --lr 2e-3 --warmup-steps 30 --sampling group_by_length --max-length 128 \
+    --save-steps 100 --threads "$THREADS" --no-progress
+  ;;
+translate)
+  # LoRA (r 32 on attention + MLP) on Multi30k train; BLEU/chrF of greedy output on Multi30k val.
+  $TRAIN translate --base models/base --output models/translate-en-de \
+    --train-src "$DATA/multi30k/train.en" --train-tgt "$DATA/multi30k/train.de" \
+    --eval-src "$DATA/multi30k/val.en" --eval-tgt "$DATA/multi30k/val.de" --source-lang en --target-lang de \
+    --lora --lora-r 32 --lora-alpha 64 --lora-targets c_attn c_proj c_fc \
+    --max-steps 450 --batch-size 32 --lr 2e-3 --warmup-steps 30 --sampling group_by_length \
+    --max-new-tokens 64 --save-steps 50 --threads "$THREADS" --no-progress
+  ;;
+*) echo "unknown step: $step" >&2; exit 2 ;;
 esac
 done
