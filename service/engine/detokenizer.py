@@ -18,12 +18,18 @@ class IncrementalDetokenizer:
         self.stop = stop
         self.include_stop_str = include_stop_str
         self._max_stop = max((len(s) for s in stop), default=0)
+        self.skip_special_tokens = skip_special_tokens
         self.text = ""
         self._emitted = 0
+        self._undecoded: list[int] = []  # tokens the stream holds back (an incomplete UTF-8 character so far)
 
     def add_token(self, token_id: int) -> str | None:
         """Feed one token; returns the stop string when one now appears in the text."""
         piece = self._stream.step(self._backend, token_id)
+        if piece is None:
+            self._undecoded.append(token_id)
+            return None
+        self._undecoded.clear()
         if not piece:
             return None
         old_len = len(self.text)
@@ -43,7 +49,11 @@ class IncrementalDetokenizer:
         return s
 
     def take_delta(self, finished: bool) -> str:
-        """New final text since the last call."""
+        """New final text since the last call. At the end, bytes that never formed a whole
+        character come out as U+FFFD, as the tokenizer's own decode gives them."""
+        if finished and self._undecoded:
+            self.text += self._backend.decode(self._undecoded, skip_special_tokens=self.skip_special_tokens)
+            self._undecoded.clear()
         end = len(self.text)
         if not finished and self._max_stop > 1:
             end = max(self._emitted, end - (self._max_stop - 1))

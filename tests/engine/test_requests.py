@@ -173,3 +173,15 @@ def test_non_finite_logits_fail_only_their_request(tiny_engine):
     out = [o for _ in range(3) for o in engine.step()]
     assert out[-1].finished and "non-finite" in out[-1].error
     assert not engine.has_unfinished() and engine.pool.num_used_blocks == 0
+
+
+def test_text_is_the_tokenizers_decode_even_for_broken_utf8(tiny_engine):
+    """Random byte-level tokens leave incomplete UTF-8 characters: the streamed text must still
+    add up to the tokenizer's own decode of the tokens, and each delta must be valid text."""
+    engine = tiny_engine()
+    params = SamplingParams(temperature=1.0, seed=3, max_tokens=40, ignore_eos=True)
+    requests = [(f"r{i}", p, params) for i, p in enumerate(prompts(6, 1000, 2, 10, seed=13))]
+    results = run_to_completion(engine, requests)
+    for rid, _, _ in requests:
+        r = results[rid]
+        assert r["text"][0] == engine.tokenizer.decode(r["tokens"][0], skip_special_tokens=True)
