@@ -46,6 +46,7 @@ def atomic_directory(output_dir: Path, overwrite: bool = False) -> Iterator[Path
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:
         yield tmp
+        _normal_permissions(tmp)
         old = None
         if output_dir.exists():
             old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
@@ -56,6 +57,16 @@ def atomic_directory(output_dir: Path, overwrite: bool = False) -> Iterator[Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _normal_permissions(directory: Path) -> None:
+    """mkdtemp makes the dir 0700 (and some writers 0600 files): give the artifact the umask's usual
+    modes, so a server running as another user (a container's) can read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for path in directory.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def save_history(directory: Path, log_history: list[dict]) -> None:

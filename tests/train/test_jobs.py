@@ -125,3 +125,18 @@ def test_translate_from_jsonl_with_full_weights(train, base_dir, data_dir, tmp_p
     card = _assert_artifact(out, {"config.json", "model.safetensors"})
     assert card.prompt_template == "{text} =>"
     assert torch.isfinite(torch.tensor(card.metrics["eval_loss"]))
+
+
+def test_artifact_is_readable_by_other_users(train, tokenizer_dir, data_dir, tmp_path):
+    """mkdtemp's 0700 must not leak into the artifact: a server in a container runs as another user."""
+    import os
+    import stat
+
+    out = tmp_path / "perm"
+    assert train("pretrain", "--tokenizer", tokenizer_dir, "--train", data_dir / "text.txt", "--preset", "tiny",
+                 "--n-embd", "32", "--n-positions", "32", "--max-steps", "1", "--output", out) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    for path in out.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
