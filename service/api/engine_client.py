@@ -99,6 +99,15 @@ class EngineCall:
         self.record.num_engine_requests += 1
         return run
 
+    def submit_all(self, prompts: list[list[int]], params: SamplingParams, task: str = "generate") -> None:
+        """Admit every prompt or none: when one is refused, those already admitted are aborted."""
+        try:
+            for ids in prompts:
+                self.submit(ids, params, task)
+        except Exception:
+            self.close()
+            raise
+
     # ---- following outputs --------------------------------------------------------------------------
 
     async def events(self, run: PromptRun) -> AsyncIterator[RequestOutput]:
@@ -146,6 +155,13 @@ class EngineCall:
             async for _ in events:
                 pass
         return self.runs
+
+    async def finish(self, request: Request) -> list[PromptRun]:
+        """Non-streaming: run every request to its end (aborted if the client leaves), then close."""
+        try:
+            return await until_disconnect(request, self.run_to_end())
+        finally:
+            self.close()
 
     def _apply(self, run: PromptRun, out: RequestOutput) -> None:
         now = time.monotonic()

@@ -61,6 +61,15 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
     return {"base": base, "adapters": adapters}
 
 
+@pytest.fixture(scope="session")
+def slow_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """A wider model (several ms per decode step) for tests that need a request to outlive a few HTTP calls."""
+    root = tmp_path_factory.mktemp("api_slow_model")
+    base = make_gpt2_dir(root / "base", seed=5, vocab_size=1000, n_positions=1024, n_embd=384, n_layer=6, n_head=6)
+    (root / "adapters").mkdir()
+    return {"base": base, "adapters": root / "adapters"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -57,8 +57,8 @@ def _wait_metric(url: str, name: str, value: float, timeout_s: float = 30) -> No
         time.sleep(0.02)
 
 
-def test_full_queue_answers_429_then_recovers(model_dirs, tmp_path_factory):
-    server = start_server(model_dirs, tmp_path_factory, "overload", "--api-key", API_KEY, "--max-num-seqs", "1",
+def test_full_queue_answers_429_then_recovers(slow_model_dirs, tmp_path_factory):
+    server = start_server(slow_model_dirs, tmp_path_factory, "overload", "--api-key", API_KEY, "--max-num-seqs", "1",
                           "--max-waiting-requests", "1")
     try:
         running = StreamInBackground(server.url, LONG)  # takes the one running slot
@@ -77,6 +77,7 @@ def test_full_queue_answers_429_then_recovers(model_dirs, tmp_path_factory):
         running.hang_up()  # frees the slot; the waiting request runs
         assert waiting.started.wait(60)
         waiting.hang_up()
+        _wait_metric(server.url, "lmservice_num_requests_running", 0)  # both aborts processed by the engine
         ok = client.completions.create(model="base", prompt="hi", max_tokens=2, extra_body={"ignore_eos": True})
         assert ok.usage.completion_tokens == 2
         assert server.stop() == 0
@@ -84,10 +85,11 @@ def test_full_queue_answers_429_then_recovers(model_dirs, tmp_path_factory):
         server.stop()
 
 
-def test_sigterm_drains_in_flight_requests_then_exits_0(model_dirs, tmp_path_factory):
-    server = start_server(model_dirs, tmp_path_factory, "drain", "--api-key", API_KEY, "--drain-timeout-s", "60")
+def test_sigterm_drains_in_flight_requests_then_exits_0(slow_model_dirs, tmp_path_factory):
+    server = start_server(slow_model_dirs, tmp_path_factory, "drain", "--api-key", API_KEY, "--drain-timeout-s", "60")
     try:
-        stream = StreamInBackground(server.url, LONG)
+        body = {**LONG, "max_tokens": 300}  # ~5 s on this model: outlives the checks below
+        stream = StreamInBackground(server.url, body)
         assert stream.started.wait(60)
         server.terminate()
         # while draining: not ready, new work refused with 503, probes still answer
@@ -99,14 +101,14 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(model_dirs, tmp_path_fac
         assert httpx.get(server.url + "/health").status_code == 200
         stream.thread.join(60)
         assert stream.finish_reason() == "length"  # the in-flight request ran to its end
-        assert stream.chunks[-1]["usage"]["completion_tokens"] == LONG["max_tokens"]
+        assert stream.chunks[-1]["usage"]["completion_tokens"] == body["max_tokens"]
         assert server.proc.wait(30) == 0
     finally:
         server.stop()
 
 
-def test_sigterm_aborts_what_outlives_the_grace_period(model_dirs, tmp_path_factory):
-    server = start_server(model_dirs, tmp_path_factory, "drain_timeout", "--api-key", API_KEY,
+def test_sigterm_aborts_what_outlives_the_grace_period(slow_model_dirs, tmp_path_factory):
+    server = start_server(slow_model_dirs, tmp_path_factory, "drain_timeout", "--api-key", API_KEY,
                           "--drain-timeout-s", "0.2", "--max-num-seqs", "1")
     try:
         stream = StreamInBackground(server.url, LONG)

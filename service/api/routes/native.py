@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from service.api.auth import require_api_key, server_state
-from service.api.engine_client import EngineCall, resolve_model, until_disconnect
+from service.api.engine_client import EngineCall, resolve_model
 from service.api.errors import APIError
 from service.api.logprobs import TokenText, native_logprobs
 from service.api.middleware import record_of
@@ -46,22 +46,6 @@ def _texts(text: str | list[str]) -> list[str]:
     if not texts:
         raise APIError(400, "text: must not be an empty list", param="text")
     return texts
-
-
-async def _finish(request: Request, call: EngineCall) -> None:
-    try:
-        await until_disconnect(request, call.run_to_end())
-    finally:
-        call.close()
-
-
-def _submit_all(call: EngineCall, prompts: list[list[int]], params: SamplingParams, task: str = "generate") -> None:
-    try:
-        for ids in prompts:
-            call.submit(ids, params, task=task)
-    except Exception:
-        call.close()
-        raise
 
 
 async def _text_chunks(call: EngineCall, with_logprobs: bool, token_text: TokenText,
@@ -99,12 +83,12 @@ async def generate(body: GenerateRequest, request: Request):
     call = EngineCall(state, record_of(request.scope), entry, "gen")
     if state.settings.log_prompts:
         call.record.prompt = body.prompt
-    _submit_all(call, [ids], params)
+    call.submit_all([ids], params)
     token_text = TokenText(tokenizer)
     if body.stream:
         return EventStreamResponse(_text_chunks(call, body.logprobs is not None, token_text, indexed=False),
                                    on_close=call.close)
-    await _finish(request, call)
+    await call.finish(request)
     seq = call.runs[0].sequences[0]
     if state.settings.log_prompts:
         call.record.output = seq.text
@@ -128,8 +112,8 @@ async def classify(body: ClassifyRequest, request: Request):
     if state.settings.log_prompts:
         call.record.prompt = repr(texts)
     # Classification is one prefill: nothing is sampled, so the params only carry the defaults.
-    _submit_all(call, prompts, SamplingParams(max_tokens=0, temperature=0.0), task="classify")
-    await _finish(request, call)
+    call.submit_all(prompts, SamplingParams(max_tokens=0, temperature=0.0), task="classify")
+    await call.finish(request)
     results = []
     for run in call.runs:
         scores = run.scores or []
@@ -193,11 +177,11 @@ async def translate(body: TranslateRequest, request: Request):
     call = EngineCall(state, record_of(request.scope), entry, "tr")
     if state.settings.log_prompts:
         call.record.prompt = repr(texts)
-    _submit_all(call, prompts, params)
+    call.submit_all(prompts, params)
     if body.stream:
         return EventStreamResponse(_text_chunks(call, False, TokenText(tokenizer), indexed=True),
                                    on_close=call.close)
-    await _finish(request, call)
+    await call.finish(request)
     translations = [{"text": run.sequences[0].text.strip(), "finish_reason": run.sequences[0].finish_reason}
                     for run in call.runs]
     if state.settings.log_prompts:

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 
 from service.api.auth import require_api_key, server_state
 from service.api.chat import render_chat_prompt
-from service.api.engine_client import EngineCall, resolve_model, until_disconnect
+from service.api.engine_client import EngineCall, resolve_model
 from service.api.errors import APIError
 from service.api.logprobs import TokenText, chat_logprobs, completion_logprobs
 from service.api.middleware import record_of
@@ -50,15 +50,6 @@ def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[
     return list(prompt)  # type: ignore[arg-type]
 
 
-def _submit_all(call: EngineCall, prompts: list[list[int]], params: Any) -> None:
-    try:
-        for ids in prompts:
-            call.submit(ids, params)
-    except Exception:
-        call.close()  # the prompts already admitted must not run on
-        raise
-
-
 async def _deltas(call: EngineCall) -> AsyncIterator[tuple[int, int, CompletionDelta]]:
     """(choice index, prompt index, delta) of every sequence, as they come."""
     async for i, out in call.merged():
@@ -86,17 +77,14 @@ async def completions(body: CompletionRequest, request: Request):
     call = EngineCall(state, record_of(request.scope), entry, "cmpl")
     if state.settings.log_prompts:
         call.record.prompt = repr(body.prompt)
-    _submit_all(call, prompts, params)
+    call.submit_all(prompts, params)
     prompt_texts = [tokenizer.decode(ids) for ids in prompts] if body.echo else None
     token_text = TokenText(tokenizer)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventStreamResponse(_completion_chunks(call, body, prompt_texts, token_text, include_usage),
                                    on_close=call.close)
-    try:
-        await until_disconnect(request, call.run_to_end())
-    finally:
-        call.close()
+    await call.finish(request)
     choices = []
     for i, run in enumerate(call.runs):
         for j, seq in enumerate(run.sequences):
@@ -153,15 +141,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     call = EngineCall(state, record_of(request.scope), entry, "chatcmpl")
     if state.settings.log_prompts:
         call.record.prompt = prompt
-    _submit_all(call, [ids], params)
+    call.submit_all([ids], params)
     token_text = TokenText(tokenizer)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventStreamResponse(_chat_chunks(call, body, token_text, include_usage), on_close=call.close)
-    try:
-        await until_disconnect(request, call.run_to_end())
-    finally:
-        call.close()
+    await call.finish(request)
     choices = [{"index": j, "message": {"role": "assistant", "content": seq.text},
                 "logprobs": chat_logprobs(token_text, seq.logprobs) if body.logprobs else None,
                 "finish_reason": seq.finish_reason} for j, seq in enumerate(call.runs[0].sequences)]
