@@ -11,7 +11,8 @@ import time
 # Set by the request middleware for the duration of one HTTP request (tasks it spawns inherit it).
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
-_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+# color_message: uvicorn's ANSI-colored duplicate of msg, noise in JSON.
+_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "color_message"}
 
 
 class JsonFormatter(logging.Formatter):

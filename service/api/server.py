@@ -54,9 +54,17 @@ class DrainingServer(uvicorn.Server):
 
 
 def run(settings: Settings) -> int:
-    """Serve until SIGTERM/SIGINT; 0 after a clean drain, 1 when startup failed."""
+    """Serve until SIGTERM/SIGINT; 0 after a clean drain, 1 when the model cannot be loaded."""
     configure_logging(settings.log_level)
-    app = create_app(settings)
+    from service.engine.async_engine import AsyncEngine  # noqa: PLC0415  (torch and the model: only when serving)
+
+    try:
+        # Loaded before uvicorn starts so that a bad model or adapter is one clear line and exit 1.
+        engine = AsyncEngine.from_settings(settings)
+    except (ValueError, OSError) as e:  # ModelConfigError, LoRAAdapterError, AdapterPathError, missing files
+        logger.error("cannot load the model", extra={"error": str(e)})
+        return 1
+    app = create_app(settings, engine)
     state = app.state.server
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_config=None, access_log=False,

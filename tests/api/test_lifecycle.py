@@ -119,3 +119,16 @@ def test_sigterm_aborts_what_outlives_the_grace_period(slow_model_dirs, tmp_path
         assert server.proc.wait(30) == 0
     finally:
         server.stop()
+
+
+def test_unloadable_model_is_one_clear_line_and_exit_1(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.api.conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--model", str(tmp_path / "missing")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    errors = [json.loads(line) for line in proc.stderr.splitlines() if '"level": "error"' in line]
+    assert len(errors) == 1 and "model directory not found" in errors[0]["error"]
