@@ -87,6 +87,10 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._failed: BaseException | None = None
+        # Admitted adds not yet taken by the engine thread: the queue bounds count them too.
+        self._pending_lock = threading.Lock()
+        self._pending_seqs = 0
+        self._pending_tokens = 0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AsyncEngine:
@@ -115,7 +119,8 @@ class AsyncEngine:
             raise AdapterPathError(f"the name {name!r} is already in use")
         adapter, card = self.engine.add_adapter(name, path)
         entry = ModelEntry(name, self.engine.loaded.name, card, tasks_of(card, adapter.score_weight is not None))
-        self._entries[name] = entry
+        # NOTE: replaced, never mutated: the event loop reads _entries while the engine thread writes it
+        self._entries = {**self._entries, name: entry}
         log.info("adapter %s loaded from %s (tasks: %s)", name, path, ", ".join(entry.tasks))
         return entry
 
@@ -124,7 +129,7 @@ class AsyncEngine:
         if entry is None or entry.parent is None:
             raise KeyError(name)
         self.engine.remove_adapter(name)
-        del self._entries[name]
+        self._entries = {k: v for k, v in self._entries.items() if k != name}
 
     # --- what the API reads ---
     @property
@@ -196,6 +201,7 @@ class AsyncEngine:
         await self._on_engine_thread(lambda: self._unregister_adapter(name))
 
     async def _on_engine_thread(self, fn: Callable):
+        self._check_alive()
         future: Future = Future()
         self._commands.put(("call", (fn, future)))
         self._wakeup.set()
@@ -207,17 +213,25 @@ class AsyncEngine:
         """Validate, check admission and enqueue; never waits for the engine thread."""
         entry = self.get_model(model, "classify" if task == "classify" else "generate")
         adapter = entry.name if entry.parent is not None else None
+        self._check_alive()
         if request_id in self._streams:
             raise RequestRejectedError(f"request id {request_id!r} is already in use", "request_id")
         self.engine.validate_request(prompt_token_ids, params, task)
         n = 1 if task == "classify" else params.n
-        # Adds still in the command queue count as waiting too.
-        self.engine.scheduler.check_admission(n + self._commands.qsize(), n * len(prompt_token_ids))
+        num_tokens = n * len(prompt_token_ids)
+        with self._pending_lock:
+            self.engine.scheduler.check_admission(n + self._pending_seqs, num_tokens + self._pending_tokens)
+            self._pending_seqs += n
+            self._pending_tokens += num_tokens
         stream = RequestStream(request_id)
         self._streams[request_id] = stream
-        self._commands.put(("add", (request_id, prompt_token_ids, params, adapter, priority, task)))
+        self._commands.put(("add", ((request_id, prompt_token_ids, params, adapter, priority, task), n, num_tokens)))
         self._wakeup.set()
         return stream
+
+    def _check_alive(self) -> None:
+        if self._failed is not None:
+            raise EngineRequestError(f"the engine loop died: {self._failed}")
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
@@ -229,7 +243,11 @@ class AsyncEngine:
             while not self._stop.is_set():
                 self._drain_commands()
                 if self.engine.has_unfinished():
-                    self._dispatch(self.engine.step())
+                    outputs = self.engine.step()
+                    self._dispatch(outputs)
+                    if not outputs and not self.engine.scheduler.running:
+                        self._wakeup.wait(0.01)  # nothing could be scheduled: don't spin
+                        self._wakeup.clear()
                 else:
                     self._wakeup.wait(0.5)
                     self._wakeup.clear()
@@ -246,10 +264,14 @@ class AsyncEngine:
             except queue.Empty:
                 break
             if kind == "add":
+                args, n, num_tokens = payload
                 try:
-                    self.engine.add_request(*payload)
-                except Exception as e:  # noqa: BLE001 (lost an admission race: the request fails alone)
-                    outputs.append(RequestOutput(request_id=payload[0], outputs=[], finished=True, error=str(e)))
+                    self.engine.add_request(*args, admitted=True)
+                except Exception as e:  # noqa: BLE001 (e.g. an adapter removed meanwhile: fails alone)
+                    outputs.append(RequestOutput(request_id=args[0], outputs=[], finished=True, error=str(e)))
+                with self._pending_lock:  # after the add: the bound never undercounts
+                    self._pending_seqs -= n
+                    self._pending_tokens -= num_tokens
             elif kind == "abort":
                 out = self.engine.abort(payload)
                 if out is not None:

@@ -12,6 +12,7 @@ queue, never both.
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -28,9 +29,11 @@ class NoFreeBlocksError(RuntimeError):
 
 
 def hash_block(parent_hash: int | None, token_ids: tuple[int, ...], salt: object) -> int:
-    """Chained hash of one full block. NOTE: Python's 64-bit tuple hash; a collision
-    (about 2^-64 per pair of distinct chains) would share a wrong block."""
-    return hash((parent_hash, token_ids, salt))
+    """Chained 128-bit BLAKE2b hash of one full block. NOTE: a cryptographic hash, not
+    Python's hash(): a tenant must not be able to craft tokens whose blocks collide
+    with another tenant's prefix and read its KV."""
+    digest = hashlib.blake2b(repr((parent_hash, token_ids, salt)).encode(), digest_size=16).digest()
+    return int.from_bytes(digest, "little")
 
 
 class BlockPool:
@@ -116,6 +119,14 @@ class BlockPool:
         if block_hash not in self.cached:
             self.cached[block_hash] = block_id
             block.block_hash = block_hash
+
+    def unregister(self, block_id: int) -> None:
+        """Withdraw a block from the prefix cache (its KV is not to be trusted)."""
+        block = self.blocks[block_id]
+        if block.block_hash is not None:
+            if self.cached.get(block.block_hash) == block_id:
+                del self.cached[block.block_hash]
+            block.block_hash = None
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (e.g. when an adapter is replaced under the same name)."""

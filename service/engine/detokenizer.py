@@ -23,18 +23,22 @@ class IncrementalDetokenizer:
         self._emitted = 0
         self._undecoded: list[int] = []  # tokens the stream holds back (an incomplete UTF-8 character so far)
 
-    def add_token(self, token_id: int) -> str | None:
-        """Feed one token; returns the stop string when one now appears in the text."""
+    def add_token(self, token_id: int, check_stop: bool = True) -> str | None:
+        """Feed one token; returns the stop string when one now appears in the text
+        (not looked for while check_stop is False: min_tokens not reached yet)."""
         piece = self._stream.step(self._backend, token_id)
         if piece is None:
             self._undecoded.append(token_id)
             return None
         self._undecoded.clear()
+        return self._append(piece, check_stop)
+
+    def _append(self, piece: str, check_stop: bool) -> str | None:
         if not piece:
             return None
         old_len = len(self.text)
         self.text += piece
-        if not self.stop:
+        if not self.stop or not check_stop:
             return None
         search_from = max(0, old_len - self._max_stop + 1)
         best = None
@@ -52,7 +56,7 @@ class IncrementalDetokenizer:
         """New final text since the last call. At the end, bytes that never formed a whole
         character come out as U+FFFD, as the tokenizer's own decode gives them."""
         if finished and self._undecoded:
-            self.text += self._backend.decode(self._undecoded, skip_special_tokens=self.skip_special_tokens)
+            self._append(self._backend.decode(self._undecoded, skip_special_tokens=self.skip_special_tokens), True)
             self._undecoded.clear()
         end = len(self.text)
         if not finished and self._max_stop > 1:

@@ -113,6 +113,9 @@ class Engine:
         self.groups: dict[str, _Group] = {}
         self.step_samples: deque[tuple[int, int]] = deque(maxlen=10_000)  # (num_seqs, num_tokens) per step
         log.info("engine ready: %d KV blocks of %d tokens, %s kernels", num_blocks, config.block_size, backend)
+        if num_blocks * config.block_size < self.max_model_len:
+            log.warning("the KV cache (%d tokens) is smaller than one full context (%d): long requests are refused",
+                        num_blocks * config.block_size, self.max_model_len)
 
     # --- adapters ---
     def add_adapter(self, name: str, path) -> tuple[LoRAAdapter, ModelCard]:
@@ -167,22 +170,31 @@ class Engine:
         else:
             room = self.max_model_len - num_prompt
             max_tokens = room if params.max_tokens is None else params.max_tokens
-            if room < 1 or max_tokens > room:
+            if max_tokens > room or (params.max_tokens is None and room < 1) or room < 0:
                 raise RequestRejectedError(
                     f"the prompt has {num_prompt} tokens and max_tokens is {max_tokens}: more than the model's "
                     f"context of {self.max_model_len} tokens", "max_tokens")
+        # 4: a request the whole pool cannot hold would wait forever
+        num_blocks_needed = -(-(num_prompt + max_tokens) // self.pool.block_size)
+        if num_blocks_needed > self.pool.num_blocks:
+            raise RequestRejectedError(
+                f"the request needs {num_blocks_needed} KV blocks and the cache has {self.pool.num_blocks} "
+                "(raise --kv-cache-memory-mb)", "max_tokens")
         return max_tokens
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    adapter: str | None = None, priority: int = 0, task: str = "generate") -> None:
-        """Validate and queue a request; raises RequestRejectedError or QueueFullError, changing nothing."""
+                    adapter: str | None = None, priority: int = 0, task: str = "generate",
+                    admitted: bool = False) -> None:
+        """Validate and queue a request; raises RequestRejectedError or QueueFullError, changing nothing.
+        admitted: the caller already checked the waiting-queue bounds (AsyncEngine does, on its thread)."""
         if request_id in self.groups:
             raise RequestRejectedError(f"request id {request_id!r} is already in use", "request_id")
         max_tokens = self.validate_request(prompt_token_ids, params, task)
         if adapter is not None and adapter not in self.lora:
             raise KeyError(adapter)
         n = 1 if task == "classify" else params.n
-        self.scheduler.check_admission(n, n * len(prompt_token_ids))
+        if not admitted:
+            self.scheduler.check_admission(n, n * len(prompt_token_ids))
         if adapter is not None:
             self.lora.pin(adapter)  # kept until the request ends, even if removed meanwhile
 
@@ -243,6 +255,7 @@ class Engine:
         touched: dict[str, _Group] = {}
         for i, item in enumerate(sched.scheduled):
             seq = item.seq
+            start = seq.num_computed_tokens
             seq.num_computed_tokens += item.num_new_tokens
             group = self.groups[seq.group_id]
             touched[group.request_id] = group
@@ -252,10 +265,14 @@ class Engine:
                 if i in result.errors:
                     raise RuntimeError(result.errors[i])
                 if i in result.prompt_logprobs and group.prompt_logprobs is not None and seq.index == 0:
-                    group.prompt_logprobs.extend(result.prompt_logprobs[i])
+                    # entry k is position start + 1 + k; a preempted sequence recomputes positions it already reported
+                    chunk = result.prompt_logprobs[i]
+                    group.prompt_logprobs.extend(chunk[len(group.prompt_logprobs) - (start + 1):])
                 if i in result.scores:
                     group.scores = result.scores[i]
                     self.scheduler.finish(seq, "stop")
+                elif seq.max_tokens == 0 and seq.num_computed_tokens >= seq.num_tokens:
+                    self.scheduler.finish(seq, "length")  # prompt only (echo + logprobs scoring)
                 elif i in result.sampled:
                     token_id, logprob = result.sampled[i]
                     self._append_token(group, seq, token_id, logprob, now)
@@ -267,6 +284,7 @@ class Engine:
     def _fail_group(self, group: _Group, error: Exception) -> None:
         group.error = f"{type(error).__name__}: {error}"
         for seq in group.seqs:
+            self.scheduler.kv.forget(seq)
             self.scheduler.finish(seq, "error")
 
     def _append_token(self, group: _Group, seq: Sequence, token_id: int, logprob: TokenLogprob | None,
@@ -284,7 +302,7 @@ class Engine:
                 return self.scheduler.finish(seq, "stop", None)
             if token_id in params.stop_token_ids:
                 return self.scheduler.finish(seq, "stop", token_id)
-        stop = group.detoks[seq.index].add_token(token_id)
+        stop = group.detoks[seq.index].add_token(token_id, check_stop=num_out >= params.min_tokens)
         if stop is not None:
             return self.scheduler.finish(seq, "stop", stop)
         if num_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
@@ -314,7 +332,7 @@ class Engine:
             first_token_time=min((s.first_token_time for s in group.seqs if s.first_token_time), default=None))
         if group.prompt_logprobs is not None and not group.sent_prompt_logprobs and (
                 first.num_computed_tokens >= first.num_prompt_tokens or finished):
-            out.prompt_logprobs = group.prompt_logprobs
+            out.prompt_logprobs = list(group.prompt_logprobs)
             group.sent_prompt_logprobs = True
         if finished:
             del self.groups[group.request_id]

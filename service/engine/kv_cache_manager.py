@@ -68,6 +68,12 @@ class KVCacheManager:
             self.pool.register(seq.block_ids[i], seq.block_hashes[i])
         return True
 
+    def forget(self, seq: Sequence) -> None:
+        """Withdraw seq's blocks from the prefix cache: a failed step may have left them unwritten
+        (hashes are published when the step is scheduled) or holding non-finite values."""
+        for block_id in seq.block_ids:
+            self.pool.unregister(block_id)
+
     def free(self, seq: Sequence) -> None:
         self.pool.free(seq.block_ids)
         seq.block_ids = []

@@ -119,7 +119,10 @@ class ModelRunner:
             if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
                 out.prompt_logprobs[i] = self._prompt_logprobs(hidden[cu[i]:cu[i + 1]], seq, start)
             if start + n == seq.num_tokens:
-                (classify_idx if seq.task == "classify" else sample_idx).append(i)
+                if seq.task == "classify":
+                    classify_idx.append(i)
+                elif seq.max_tokens > 0:
+                    sample_idx.append(i)
         if classify_idx:
             self._classify(hidden, [last_row[i] for i in classify_idx], [seqs[i] for i in classify_idx],
                            classify_idx, out)
@@ -157,6 +160,9 @@ class ModelRunner:
                 continue
             weight, bias = head
             logits = F.linear(h[row], weight, bias).float()  # (num_labels,)
+            if not bool(torch.isfinite(logits).all()):
+                out.errors[i] = "the model produced non-finite scores"
+                continue
             out.scores[i] = torch.softmax(logits, dim=-1).tolist()
 
     def _prompt_logprobs(self, hidden: torch.Tensor, seq: Sequence, start: int) -> list[TokenLogprob]:

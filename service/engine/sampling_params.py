@@ -76,4 +76,4 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < 1e-5  # below that, logits / temperature overflows: the same as greedy

@@ -146,7 +146,7 @@ def test_failing_request_fails_alone(tiny_engine):
     engine = tiny_engine()
     engine.add_request("good", [1, 2, 3], SamplingParams(max_tokens=4, **GREEDY))
     engine.add_request("bad", [4, 5, 6], SamplingParams(max_tokens=4, **GREEDY))
-    engine.groups["bad"].detoks[0].add_token = lambda token_id: 1 / 0  # breaks after validation
+    engine.groups["bad"].detoks[0].add_token = lambda token_id, **kw: 1 / 0  # breaks after validation
     events: dict[str, list] = {}
     while engine.has_unfinished():
         for out in engine.step():
