@@ -54,11 +54,17 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
+FORCE_TOKEN: int | None = None  # --force-token
+
+
 async def one_request(client: openai.AsyncOpenAI, model: str, prompt: list[int], new_tokens: int) -> RequestTiming:
     start = time.perf_counter()
+    extra = {"ignore_eos": True}
+    if FORCE_TOKEN is not None:
+        extra["logit_bias"] = {str(FORCE_TOKEN): 100}
     stream = await client.completions.create(
         model=model, prompt=prompt, max_tokens=new_tokens, temperature=0.0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        stream_options={"include_usage": True}, extra_body=extra)
     timing: RequestTiming | None = None
     last = start
     token_chunks, usage_tokens = 0, None
@@ -87,7 +93,9 @@ async def run_level(base_url: str, api_key: str, model: str, concurrency: int, n
                     prompt_len: int, new_tokens: int, vocab_size: int, seed: int) -> dict:
     rng = random.Random(seed * 1000 + concurrency)
     prompts = [[rng.randrange(vocab_size) for _ in range(prompt_len)] for _ in range(num_requests)]
-    limits = httpx.Limits(max_connections=concurrency + 4)
+    # No keep-alive: some servers (llama-server) close idle connections under a reusing client; a fresh local
+    # connection per request costs well under a millisecond and is the same for every server.
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
     async with openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=3600,
                                   http_client=httpx.AsyncClient(limits=limits, timeout=3600)) as client:
         await one_request(client, model, prompts[0][:8], 4)  # warm-up: connections, first-call costs
@@ -150,11 +158,16 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--vocab-size", type=int, default=50000, help="Prompt ids are drawn below this.")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force-token", type=int, default=None,
+                        help="logit_bias +100 on this token id: random weights then emit decodable text (servers "
+                             "that hold back incomplete UTF-8, like llama-server, stream nothing otherwise).")
     parser.add_argument("--label", default=None, help="Name of the server in the printed table.")
     parser.add_argument("--launch", action="store_true", help="Start lmservice on a random-weight model first.")
     parser.add_argument("--shape", choices=["gpt2", "tiny"], default="gpt2", help="Model shape with --launch.")
     parser.add_argument("--serve-arg", action="append", default=[], help="Extra `lmservice serve` flag (--launch).")
     args = parser.parse_args()
+    global FORCE_TOKEN
+    FORCE_TOKEN = args.force_token
 
     proc = None
     base_url, label = args.base_url, args.label
