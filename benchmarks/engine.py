@@ -7,6 +7,7 @@ a time, and transformers' generate on one static batch of the same size.
 
     python benchmarks/engine.py                       # the table in docs/benchmarks.md
     python benchmarks/engine.py --concurrency 1 8 --dtypes float32 --new-tokens 32   # quicker
+    python benchmarks/engine.py --decode-steps 16 --repeats 3   # decode step alone, best of 3, alternating
 """
 
 from __future__ import annotations
@@ -70,6 +71,44 @@ def run_hf(model_dir: Path, dtype: str, prompts: list[list[int]], new_tokens: in
     return len(prompts) * new_tokens / elapsed
 
 
+def decode_step_ms(model_dir: Path, dtype: str, prompts: list[list[int]], steps: int, repeats: int) -> tuple[float, float]:
+    """Decode-step time (ms, median step of a run, best of `repeats` runs) of lmservice and of
+    transformers' generate on a static batch, measured alternately so that both see the same machine
+    load. transformers' steps are timed from inside its loop (a logits processor); prefill is excluded."""
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    ids = torch.tensor(prompts)
+    loaded = load_model(model_dir, "cpu", dtype)
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 2, ignore_eos=True)
+    ours, theirs = [], []
+    stamps: list[float] = []
+
+    def stamp(input_ids, scores):  # a logits processor: generate calls it once per step
+        stamps.append(time.perf_counter())
+        return scores
+
+    for _ in range(repeats):
+        stamps.clear()
+        with torch.inference_mode():
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps + 1, min_new_tokens=steps + 1,
+                        do_sample=False, pad_token_id=0, logits_processor=[stamp])
+        gaps = sorted(b - a for a, b in zip(stamps, stamps[1:], strict=False))  # decode steps only
+        theirs.append(gaps[len(gaps) // 2] * 1e3)
+        engine = Engine(loaded, EngineConfig(kv_cache_memory_mb=512, max_num_batched_tokens=8192,
+                                             enable_prefix_caching=False))
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, params)
+        engine.step()  # the whole prefill in one step
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - t)
+        ours.append(sorted(times)[len(times) // 2] * 1e3)
+    return min(ours), min(theirs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="gpt2", choices=["gpt2", "tiny"])
@@ -80,13 +119,31 @@ def main() -> None:
     ap.add_argument("--hf-serial-max", type=int, default=8,
                     help="run transformers one-at-a-time on at most this many prompts (its rate does not depend on concurrency)")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--decode-steps", type=int, default=0,
+                    help="instead: time N decode steps (prefill excluded), lmservice and transformers alternately")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads for both sides (0: torch's default). On a shared machine 1 avoids "
+                         "OpenMP threads spin-waiting on a busy core, which can slow small ops 30x")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
         make_model(model_dir, args.shape)
         vocab = 50257 if args.shape == "gpt2" else 1000
+        if args.decode_steps:
+            print("| dtype | batch | lmservice ms/step | transformers static batch ms/step | speed-up |")
+            print("| --- | ---: | ---: | ---: | ---: |")
+            for dtype in args.dtypes:
+                for c in args.concurrency:
+                    g = torch.Generator().manual_seed(c)
+                    prompts = torch.randint(0, vocab - 1, (c, args.prompt_len), generator=g).tolist()
+                    ours, theirs = decode_step_ms(model_dir, dtype, prompts, args.decode_steps, args.repeats)
+                    print(f"| {dtype} | {c} | {ours:.1f} | {theirs:.1f} | {theirs / ours:.2f}x |", flush=True)
+            return
         rows = []
         for dtype in args.dtypes:
             serial = None

@@ -84,11 +84,16 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads for both sides (0: torch's default). On a shared machine 1 avoids "
+                         "OpenMP threads spin-waiting on a busy core, which can slow small ops 30x")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from tests.helpers import make_gpt2_dir
 
     shape = SHAPES[args.shape]
-    config = EngineConfig(kv_cache_memory_mb=1024, max_num_seqs=256, max_loras=max(max(args.adapters), 1),
+    config = EngineConfig(kv_cache_memory_mb=256, max_num_seqs=256, max_loras=max(max(args.adapters), 1),
                           enable_prefix_caching=False)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

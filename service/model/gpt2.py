@@ -101,8 +101,9 @@ class GPT2MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, ops: KernelOps, lora: LoRAHook | None) -> torch.Tensor:
         if self.activation in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-            h = _linear(self.c_fc, self.prefix + "mlp.c_fc", x, lora, bias=False)  # (T, n_inner)
-            h = ops.bias_gelu(h, self.c_fc.bias)
+            fused = ops.gelu_adds_bias
+            h = _linear(self.c_fc, self.prefix + "mlp.c_fc", x, lora, bias=not fused)  # (T, n_inner)
+            h = ops.bias_gelu(h, self.c_fc.bias if fused else None)
         else:
             h = _linear(self.c_fc, self.prefix + "mlp.c_fc", x, lora)
             h = F.gelu(h) if self.activation == "gelu" else F.relu(h)
