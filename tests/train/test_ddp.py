@@ -36,9 +36,17 @@ def test_two_processes_match_one_with_the_same_global_batch(tokenizer_dir, data_
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    two = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", *argv(tmp_path / "two", 4)],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
+    for attempt in range(2):
+        shutil.rmtree(tmp_path / "two", ignore_errors=True)
+        shutil.rmtree(tmp_path / "two.work", ignore_errors=True)
+        two = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", *argv(tmp_path / "two", 4)],
+                             env=env, capture_output=True, text=True, timeout=300)
+        # NOTE: once, on a machine loaded 5x over its 2 cores, a rank died by SIGABRT inside gloo (seen in CI
+        # runs, never alone). One retry for a child killed by a signal; any other failure fails at once.
+        if two.returncode == 0 or "Signal 6 (SIGABRT)" not in two.stderr or attempt == 1:
+            break
+    clues = [line for line in two.stderr.splitlines() if any(k in line for k in ("rror", "terminate", "gloo"))]
+    assert two.returncode == 0, "\n".join(clues[:40]) + "\n...\n" + two.stderr[-2000:]
     one = subprocess.run([sys.executable, *argv(tmp_path / "one", 8)], env=env, capture_output=True, text=True,
                          timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
