@@ -12,7 +12,7 @@ def test_triton_ops_mirror_torch_ops():
     triton_ops = load_ops("triton")
     assert triton_ops.name == "triton"
     for field in dataclasses.fields(TORCH_OPS):
-        if field.name == "name":
+        if not callable(getattr(TORCH_OPS, field.name)):  # name, gelu_adds_bias: data, not kernels
             continue
         ref = list(inspect.signature(getattr(TORCH_OPS, field.name)).parameters)
         fast = list(inspect.signature(getattr(triton_ops, field.name)).parameters)
