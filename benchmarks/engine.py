@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import SHAPES, add_threads_flag, apply_threads  # noqa: E402
 from service.engine.engine import Engine, EngineConfig  # noqa: E402
 from service.engine.sampling_params import SamplingParams  # noqa: E402
 from service.model.loader import load_model  # noqa: E402
@@ -30,9 +31,7 @@ from service.model.loader import load_model  # noqa: E402
 def make_model(path: Path, shape: str) -> None:
     from tests.helpers import make_gpt2_dir
 
-    shapes = {"gpt2": dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12),
-              "tiny": dict(vocab_size=1000, n_positions=512, n_embd=64, n_layer=2, n_head=4)}
-    make_gpt2_dir(path, seed=0, **shapes[shape])
+    make_gpt2_dir(path, seed=0, **SHAPES[shape])
 
 
 def run_engine(model_dir: Path, dtype: str, prompts: list[list[int]], new_tokens: int) -> float:
@@ -122,18 +121,15 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=0,
                     help="instead: time N decode steps (prefill excluded), lmservice and transformers alternately")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch threads for both sides (0: torch's default). On a shared machine 1 avoids "
-                         "OpenMP threads spin-waiting on a busy core, which can slow small ops 30x")
+    add_threads_flag(ap)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     torch.manual_seed(0)
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
         make_model(model_dir, args.shape)
-        vocab = 50257 if args.shape == "gpt2" else 1000
+        vocab = SHAPES[args.shape]["vocab_size"]
         if args.decode_steps:
             print("| dtype | batch | lmservice ms/step | transformers static batch ms/step | speed-up |")
             print("| --- | ---: | ---: | ---: | ---: |")

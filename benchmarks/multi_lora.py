@@ -28,13 +28,12 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import SHAPES, add_threads_flag, apply_threads  # noqa: E402
 from service.engine.engine import Engine, EngineConfig  # noqa: E402
 from service.engine.sampling_params import SamplingParams  # noqa: E402
 from service.model.loader import load_model  # noqa: E402
 from service.model.lora import LoRATargets, load_lora_adapter  # noqa: E402
 
-SHAPES = {"gpt2": dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12),
-          "tiny": dict(vocab_size=1000, n_positions=512, n_embd=64, n_layer=2, n_head=4)}
 MODULES = {"attn.c_attn": (1, 3), "attn.c_proj": (1, 1), "mlp.c_fc": (1, 4), "mlp.c_proj": (4, 1)}  # (in, out) x n_embd
 
 
@@ -84,12 +83,9 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch threads for both sides (0: torch's default). On a shared machine 1 avoids "
-                         "OpenMP threads spin-waiting on a busy core, which can slow small ops 30x")
+    add_threads_flag(ap)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     from tests.helpers import make_gpt2_dir
 
     shape = SHAPES[args.shape]

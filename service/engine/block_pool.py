@@ -127,9 +127,3 @@ class BlockPool:
             if self.cached.get(block.block_hash) == block_id:
                 del self.cached[block.block_hash]
             block.block_hash = None
-
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached prefix (e.g. when an adapter is replaced under the same name)."""
-        for block in self.blocks:
-            block.block_hash = None
-        self.cached.clear()

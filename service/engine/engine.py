@@ -56,10 +56,6 @@ class EngineStats:
     num_preemptions: int
     step_samples: list[tuple[int, int]] = field(default_factory=list)
 
-    def drain_step_samples(self) -> list[tuple[int, int]]:
-        samples, self.step_samples = self.step_samples, []
-        return samples
-
 
 @dataclass(eq=False)
 class _Group:

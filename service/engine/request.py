@@ -80,10 +80,6 @@ class Sequence:
         """Blocks are keyed by adapter as well as tokens: the same prompt has other KV under another adapter."""
         return self.cache_salt
 
-    def token_at(self, position: int) -> int:
-        n = len(self.prompt_token_ids)
-        return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
-
     def token_slice(self, start: int, end: int) -> list[int]:
         n = len(self.prompt_token_ids)
         if end <= n:
