@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.engine.sampling_params import RequestLimits
+
 # The shipped default model, made by the project's own training jobs.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "base"
@@ -47,6 +49,13 @@ class Settings(BaseSettings):
     max_waiting_requests: int = Field(1024, ge=1, description="Waiting-queue bound; past it requests get 429.")
     max_waiting_tokens: int = Field(1_048_576, ge=1, description="Bound on prompt tokens waiting; past it requests get 429.")
 
+    # --- request limits (400 beyond each, naming the limit) ---
+    max_n: int = Field(RequestLimits.max_n, ge=1, description="Most sequences one request may ask for (n).")
+    max_logit_bias: int = Field(RequestLimits.max_logit_bias, ge=0, description="Most logit_bias entries in one request.")
+    max_stop: int = Field(RequestLimits.max_stop, ge=0, description="Most stop strings (and, separately, stop token ids) in one request.")
+    max_stop_length: int = Field(RequestLimits.max_stop_length, ge=1, description="Most characters in one stop string.")
+    max_prompts_per_request: int = Field(256, ge=1, description="Most prompts (or texts) in one completions, classify or translate request.")
+
     # --- http ---
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind.")
@@ -56,6 +65,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_048_576, ge=1, description="Largest request body accepted (413 beyond).")
     cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS (none: CORS off).")
     drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish.")
+    header_read_timeout_s: float = Field(10.0, gt=0, description="A connection that has not sent its request headers this long after opening (or after starting its next request) is closed.")
     log_prompts: bool = Field(False, description="Log prompts and outputs (off: never logged).")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
 
@@ -67,6 +77,10 @@ class Settings(BaseSettings):
             if not sep or not name or not path:
                 raise ValueError(f"adapter {item!r} must be NAME=DIR")
         return value
+
+    def request_limits(self) -> RequestLimits:
+        return RequestLimits(max_n=self.max_n, max_logit_bias=self.max_logit_bias, max_stop=self.max_stop,
+                             max_stop_length=self.max_stop_length)
 
     def adapter_dirs(self) -> dict[str, Path]:
         return {name: Path(path) for name, _, path in (a.partition("=") for a in self.adapter)}

@@ -79,34 +79,26 @@ class EngineCall:
 
     # ---- submission -------------------------------------------------------------------------------
 
-    def submit(self, prompt_token_ids: list[int], params: SamplingParams, task: str = "generate") -> PromptRun:
-        """Admit one prompt; raises APIError (400/429/503) when the engine will not take it."""
+    def submit_all(self, prompts: list[list[int]], params: SamplingParams, task: str = "generate") -> None:
+        """Admit every prompt or none (one admission for the whole HTTP request); raises APIError
+        (400/404/429/503) when the engine will not take them, with nothing left in the engine."""
         engine = self.state.engine
         if engine is None or not self.state.is_ready():
             raise APIError(503, "server is draining" if self.state.is_draining else "server is not ready")
-        request_id = f"{self.id}-{len(self.runs)}"
+        request_ids = [f"{self.id}-{i}" for i in range(len(prompts))]
         try:
-            stream = engine.add_request(request_id, prompt_token_ids, params, model=self.entry.name, task=task)
+            streams = engine.add_requests(list(zip(request_ids, prompts, strict=True)), params,
+                                          model=self.entry.name, task=task)
         except (QueueFullError, ValueError) as e:
             raise from_engine_error(e) from e
         except KeyError as e:
             raise APIError(404, f"model {self.entry.name!r} does not exist", param="model",
                            code="model_not_found") from e
-        run = PromptRun(request_id, list(prompt_token_ids), params, stream,
-                        [SequenceResult() for _ in range(params.n)])
-        self.runs.append(run)
-        self.state.in_flight.add(request_id)
-        self.record.num_engine_requests += 1
-        return run
-
-    def submit_all(self, prompts: list[list[int]], params: SamplingParams, task: str = "generate") -> None:
-        """Admit every prompt or none: when one is refused, those already admitted are aborted."""
-        try:
-            for ids in prompts:
-                self.submit(ids, params, task)
-        except Exception:
-            self.close()
-            raise
+        for request_id, ids, stream in zip(request_ids, prompts, streams, strict=True):
+            self.runs.append(PromptRun(request_id, list(ids), params, stream,
+                                       [SequenceResult() for _ in range(params.n)]))
+            self.state.in_flight.add(request_id)
+            self.record.num_engine_requests += 1
 
     # ---- following outputs --------------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ class RequestRecord:
     finish_reasons: list[str] = field(default_factory=list)
     prompt: str | None = None  # only with settings.log_prompts
     output: str | None = None  # only with settings.log_prompts
+    client_disconnected: bool = False  # a stream the client dropped before its end (status 499)
 
 
 def record_of(scope: Scope) -> RequestRecord:
@@ -96,10 +97,13 @@ class RequestContextMiddleware:
             else:
                 await self.app(scope, receive_with_limit, send_with_id)
         finally:
+            if record.client_disconnected:
+                status = 499  # nginx's "client closed request": the 200 header went out, the answer did not
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or _OTHER
             self.state.metrics.requests.labels(endpoint, record.model, str(status)).inc()
-            fields = {k: v for k, v in asdict(record).items() if v not in (None, [], "")}
+            fields = {k: v for k, v in asdict(record).items()
+                      if v not in (None, [], "") and k != "client_disconnected"}
             access_log.info("request", extra={
                 "method": scope["method"], "path": scope["path"], "status": status,
                 "duration_ms": round((time.perf_counter() - start) * 1000, 2), **fields})

@@ -20,6 +20,13 @@ def stop_list(value: Any) -> list[str]:
     raise APIError(400, f"stop: must be a string or a list of strings, got {type(value).__name__}", param="stop")
 
 
+def check_num_prompts(num: int, limit: int, param: str) -> None:
+    """The operator's cap on prompts (or texts) in one HTTP request, checked before any is tokenized."""
+    if num > limit:
+        raise APIError(400, f"{param}: at most {limit} prompts in one request (--max-prompts-per-request), "
+                            f"got {num}", param=param)
+
+
 def logit_bias(value: dict[str, float] | None) -> dict[int, float] | None:
     if not value:
         return None

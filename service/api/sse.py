@@ -14,9 +14,10 @@ from contextlib import aclosing
 from typing import Any
 
 from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from service.api.errors import APIError, error_body, from_engine_error
+from service.api.middleware import record_of
 from service.engine.outputs import EngineRequestError, QueueFullError
 
 logger = logging.getLogger(__name__)
@@ -55,9 +56,19 @@ class EventStreamResponse(StreamingResponse):
         self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        completed = False
+
+        async def send_tracking(message: Message) -> None:
+            nonlocal completed
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                completed = True
+
         try:
             async with aclosing(self.body_iterator):  # type: ignore[type-var]
-                await super().__call__(scope, receive, send)
+                await super().__call__(scope, receive, send_tracking)
         finally:
+            if not completed:  # the client left before the end: counted and logged as 499, not 200
+                record_of(scope).client_disconnected = True
             # Also when the stream never started (client gone before the first byte).
             self._on_close()

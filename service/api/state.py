@@ -47,12 +47,18 @@ class ServerState:
         deadline = time.monotonic() + timeout_s
         while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        return await self.abort_all(2.0)
+
+    async def abort_all(self, grace_s: float) -> int:
+        """Stop admitting, abort every in-flight request and give their handlers up to `grace_s`
+        to see their streams end and answer. Returns how many were aborted."""
+        self.is_draining = True
+        self.metrics.draining.set(1)
         left = list(self.in_flight)
         if self.engine is not None:
             for request_id in left:
                 self.engine.abort(request_id)
-        # Give the aborted handlers a moment to see their streams end and answer.
-        deadline = time.monotonic() + 2.0
+        deadline = time.monotonic() + grace_s
         while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         return len(left)

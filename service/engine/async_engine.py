@@ -26,7 +26,7 @@ from service.model.loader import LoadedModel, load_model
 
 log = logging.getLogger("lmservice.engine")
 
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # used with fullmatch: no trailing newline
 
 
 class AdapterPathError(ValueError):
@@ -183,8 +183,8 @@ class AsyncEngine:
     # --- adapters, changed while serving (on the engine thread, which owns them) ---
     def resolve_adapter_dir(self, name: str, directory: str) -> Path:
         """`directory` inside the adapters dir, or AdapterPathError (no path traversal, no absolute escape)."""
-        if not ADAPTER_NAME.match(name):
-            raise AdapterPathError(f"adapter name {name!r} must match {ADAPTER_NAME.pattern}")
+        if not ADAPTER_NAME.fullmatch(name):
+            raise AdapterPathError(f"adapter name {name!r} must be 1-64 of [A-Za-z0-9._-], starting with a letter or digit")
         if self.adapters_dir is None:
             raise AdapterPathError("this server has no adapters dir (--adapters-dir): it cannot load adapters")
         root = Path(self.adapters_dir).resolve()
@@ -211,23 +211,36 @@ class AsyncEngine:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     model: str | None = None, priority: int = 0, task: str = "generate") -> RequestStream:
         """Validate, check admission and enqueue; never waits for the engine thread."""
+        return self.add_requests([(request_id, prompt_token_ids)], params, model, priority, task)[0]
+
+    def add_requests(self, prompts: list[tuple[str, list[int]]], params: SamplingParams,
+                     model: str | None = None, priority: int = 0, task: str = "generate") -> list[RequestStream]:
+        """Several prompts with the same parameters (one HTTP request), admitted all or none: each is
+        validated, then the queue bounds are checked once for their sum, so a request too big for the
+        queue is refused whole and never takes room from other clients meanwhile."""
         entry = self.get_model(model, "classify" if task == "classify" else "generate")
         adapter = entry.name if entry.parent is not None else None
         self._check_alive()
-        if request_id in self._streams:
-            raise RequestRejectedError(f"request id {request_id!r} is already in use", "request_id")
-        self.engine.validate_request(prompt_token_ids, params, task)
+        ids_seen = set()
+        for request_id, prompt_token_ids in prompts:
+            if request_id in self._streams or request_id in ids_seen:
+                raise RequestRejectedError(f"request id {request_id!r} is already in use", "request_id")
+            ids_seen.add(request_id)
+            self.engine.validate_request(prompt_token_ids, params, task)
         n = 1 if task == "classify" else params.n
-        num_tokens = n * len(prompt_token_ids)
+        num_seqs = n * len(prompts)
+        num_tokens = n * sum(len(ids) for _, ids in prompts)
         with self._pending_lock:
-            self.engine.scheduler.check_admission(n + self._pending_seqs, num_tokens + self._pending_tokens)
-            self._pending_seqs += n
+            self.engine.scheduler.check_admission(num_seqs + self._pending_seqs, num_tokens + self._pending_tokens)
+            self._pending_seqs += num_seqs
             self._pending_tokens += num_tokens
-        stream = RequestStream(request_id)
-        self._streams[request_id] = stream
-        self._commands.put(("add", ((request_id, prompt_token_ids, params, adapter, priority, task), n, num_tokens)))
+        streams = [RequestStream(request_id) for request_id, _ in prompts]
+        for stream in streams:
+            self._streams[stream.request_id] = stream
+        adds = [(request_id, ids, params, adapter, priority, task) for request_id, ids in prompts]
+        self._commands.put(("add", (adds, num_seqs, num_tokens)))
         self._wakeup.set()
-        return stream
+        return streams
 
     def _check_alive(self) -> None:
         if self._failed is not None:
@@ -264,13 +277,14 @@ class AsyncEngine:
             except queue.Empty:
                 break
             if kind == "add":
-                args, n, num_tokens = payload
-                try:
-                    self.engine.add_request(*args, admitted=True)
-                except Exception as e:  # noqa: BLE001 (e.g. an adapter removed meanwhile: fails alone)
-                    outputs.append(RequestOutput(request_id=args[0], outputs=[], finished=True, error=str(e)))
-                with self._pending_lock:  # after the add: the bound never undercounts
-                    self._pending_seqs -= n
+                adds, num_seqs, num_tokens = payload
+                for args in adds:
+                    try:
+                        self.engine.add_request(*args, admitted=True)
+                    except Exception as e:  # noqa: BLE001 (e.g. an adapter removed meanwhile: fails alone)
+                        outputs.append(RequestOutput(request_id=args[0], outputs=[], finished=True, error=str(e)))
+                with self._pending_lock:  # after the adds: the bound never undercounts
+                    self._pending_seqs -= num_seqs
                     self._pending_tokens -= num_tokens
             elif kind == "abort":
                 out = self.engine.abort(payload)
@@ -304,11 +318,25 @@ class AsyncEngine:
 
 
 def find_adapters(directory: Path) -> dict[str, Path]:
-    """Every PEFT adapter directory (one holding adapter_config.json) directly under `directory`."""
+    """Every PEFT adapter directory (one holding adapter_config.json) directly under `directory`, named
+    as the adapter name rule allows. A symlink that leads outside the directory is skipped with a
+    warning: the scan trusts no more than POST /v1/adapters does."""
     directory = Path(directory)
     if not directory.is_dir():
         raise AdapterPathError(f"adapters dir {directory} does not exist")
-    return {p.name: p for p in sorted(directory.iterdir()) if (p / "adapter_config.json").is_file()}
+    root = directory.resolve()
+    found = {}
+    for path in sorted(directory.iterdir()):
+        if not (path / "adapter_config.json").is_file():
+            continue
+        real = path.resolve()
+        if real == root or root not in real.parents:
+            log.warning("skipping adapter %s: it leads outside the adapters dir (to %s)", path.name, real)
+        elif not ADAPTER_NAME.fullmatch(path.name):
+            log.warning("skipping adapter directory %r: not a valid adapter name", path.name)
+        else:
+            found[path.name] = path
+    return found
 
 
 def engine_config(settings: Settings) -> EngineConfig:
@@ -318,4 +346,5 @@ def engine_config(settings: Settings) -> EngineConfig:
         max_num_seqs=settings.max_num_seqs, enable_prefix_caching=settings.enable_prefix_caching,
         max_waiting_requests=settings.max_waiting_requests, max_waiting_tokens=settings.max_waiting_tokens,
         max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank,
-        enable_cuda_graphs=settings.enable_cuda_graphs, attention_backend=settings.attention_backend, seed=settings.seed)
+        enable_cuda_graphs=settings.enable_cuda_graphs, attention_backend=settings.attention_backend, seed=settings.seed,
+        limits=settings.request_limits())

@@ -2,22 +2,25 @@
 
 Text is released only when it is final: never half of a multi-byte character
 (the tokenizer's DecodeStream buffers incomplete UTF-8), and never the start of
-a possible stop string (the last len(longest stop) - 1 characters are held back
-until the sequence ends or they can no longer begin a stop string).
+a possible stop string (the text's longest suffix that begins a stop string is
+held back until the sequence ends or it can no longer begin one).
 """
 
 from __future__ import annotations
 
 from tokenizers.decoders import DecodeStream
 
+from service.engine.stop_strings import StopStrings
+
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: list[str], include_stop_str: bool, skip_special_tokens: bool) -> None:
+    def __init__(self, tokenizer, stops: StopStrings | None, include_stop_str: bool,
+                 skip_special_tokens: bool) -> None:
         self._backend = tokenizer.backend_tokenizer  # tokenizers.Tokenizer
         self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
-        self.stop = stop
+        self._stops = stops  # shared by the request's sequences; the state below is this sequence's
+        self._stop_state = 0
         self.include_stop_str = include_stop_str
-        self._max_stop = max((len(s) for s in stop), default=0)
         self.skip_special_tokens = skip_special_tokens
         self.text = ""
         self._emitted = 0
@@ -36,21 +39,20 @@ class IncrementalDetokenizer:
     def _append(self, piece: str, check_stop: bool) -> str | None:
         if not piece:
             return None
-        old_len = len(self.text)
-        self.text += piece
-        if not self.stop or not check_stop:
+        if self._stops is None:
+            self.text += piece
             return None
-        search_from = max(0, old_len - self._max_stop + 1)
-        best = None
-        for s in self.stop:
-            at = self.text.find(s, search_from)
-            if at != -1 and (best is None or at < best[0]):
-                best = (at, s)
-        if best is None:
-            return None
-        at, s = best
-        self.text = self.text[: at + len(s)] if self.include_stop_str else self.text[:at]
-        return s
+        # Every character goes through the automaton once; a stop string completed while
+        # check_stop is False (min_tokens not reached) is passed over.
+        while piece:
+            self._stop_state, used, stop = self._stops.feed(self._stop_state, piece)
+            self.text += piece[:used]
+            piece = piece[used:]
+            if stop is not None and check_stop:
+                if not self.include_stop_str:
+                    self.text = self.text[: len(self.text) - len(stop)]
+                return stop
+        return None
 
     def take_delta(self, finished: bool) -> str:
         """New final text since the last call. At the end, bytes that never formed a whole
@@ -59,8 +61,8 @@ class IncrementalDetokenizer:
             self._append(self._backend.decode(self._undecoded, skip_special_tokens=self.skip_special_tokens), True)
             self._undecoded.clear()
         end = len(self.text)
-        if not finished and self._max_stop > 1:
-            end = max(self._emitted, end - (self._max_stop - 1))
+        if not finished and self._stops is not None:
+            end = max(self._emitted, end - self._stops.depth[self._stop_state])
         delta = self.text[self._emitted:end]
         self._emitted = end
         return delta

@@ -17,8 +17,9 @@ from service.engine.kv_cache_manager import KVCacheManager
 from service.engine.model_runner import ModelRunner, ModelRunnerOutput, kv_cache_bytes_per_block
 from service.engine.outputs import CompletionDelta, RequestOutput, RequestRejectedError, TokenLogprob
 from service.engine.request import Sequence
-from service.engine.sampling_params import SamplingParams
+from service.engine.sampling_params import RequestLimits, SamplingParams
 from service.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from service.engine.stop_strings import StopStrings
 from service.model.card import ModelCard
 from service.model.loader import LoadedModel
 from service.model.lora import LoRAAdapter, LoRATargets
@@ -42,6 +43,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto | torch | triton
     enable_cuda_graphs: bool = True  # decode steps as CUDA graphs (CUDA only)
     seed: int = 0
+    limits: RequestLimits = RequestLimits()
 
 
 @dataclass
@@ -155,7 +157,7 @@ class Engine:
         if any(not 0 <= int(t) < self.vocab_size for t in prompt_token_ids):
             raise RequestRejectedError(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
         try:
-            params.validate(self.vocab_size)
+            params.validate(self.vocab_size, self.config.limits)
         except ValueError as e:
             raise RequestRejectedError(str(e), getattr(e, "param", None)) from e
         if task == "classify":
@@ -202,9 +204,10 @@ class Engine:
                            priority=priority, adapter=adapter, task=task, arrival_time=now,
                            cache_salt=self.adapter_salts.get(adapter) if adapter else None)
             if params.seed is not None and not params.is_greedy:
-                seq.generator = torch.Generator().manual_seed(params.seed + i)
+                seq.generator = torch.Generator().manual_seed((params.seed + i) % 2**64)
             seqs.append(seq)
-        detoks = [IncrementalDetokenizer(self.tokenizer, params.stop, params.include_stop_str_in_output,
+        stops = StopStrings(params.stop) if params.stop and task == "generate" else None
+        detoks = [IncrementalDetokenizer(self.tokenizer, stops, params.include_stop_str_in_output,
                                          params.skip_special_tokens) if task == "generate" else None for _ in seqs]
         self.groups[request_id] = _Group(
             request_id, seqs, detoks, [[] for _ in seqs], [[] for _ in seqs],
@@ -306,11 +309,20 @@ class Engine:
 
     def _collect(self, group: _Group) -> RequestOutput:
         """The group's RequestOutput event with everything not yet reported."""
+        try:
+            texts = [detok.take_delta(seq.is_finished) if detok is not None else ""
+                     for seq, detok in zip(group.seqs, group.detoks, strict=True)]
+        except Exception as e:  # noqa: BLE001 (a detokenizer error fails this request alone)
+            log.warning("request %s failed while detokenizing: %s", group.request_id, e)
+            if group.finished:  # the last flush failed: report it on the finished request
+                group.error = f"{type(e).__name__}: {e}"
+            else:
+                self._fail_group(group, e)
+            texts = [""] * len(group.seqs)
         finished = group.finished
         deltas = []
-        for seq, detok in zip(group.seqs, group.detoks, strict=True):
+        for seq, text in zip(group.seqs, texts, strict=True):
             tokens = group.pending_tokens[seq.index]
-            text = detok.take_delta(seq.is_finished) if detok is not None else ""
             if tokens or text or seq.is_finished:
                 logprobs = group.pending_logprobs[seq.index] if seq.params.logprobs is not None else None
                 deltas.append(CompletionDelta(seq.index, text, tokens, logprobs,

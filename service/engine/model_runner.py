@@ -141,6 +141,8 @@ class ModelRunner:
                 eos_token_id=self.eos_token_id,
             )
             sampled = self.sampler(logits, batch)
+            for row, message in sampled.errors.items():
+                out.errors.setdefault(sample_idx[row], message)
             for row, i in enumerate(sample_idx):
                 if i in out.errors:
                     continue

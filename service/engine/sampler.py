@@ -5,15 +5,24 @@ tensors; penalties, bias, top-k/top-p/min-p are masks over the batch. Random
 rows sample by the exponential race (argmax of p / q, q ~ Exp(1)), which equals
 sampling from p. A seeded row draws its q from its own generator, once per
 token, so it samples the same tokens alone or inside any batch.
+
+A row fails alone: if the batched pass raises (a value validation let through),
+the seeded generators are rewound and every row is sampled on its own: greedy and
+seeded rows get exactly the tokens they would have had, unseeded rows fresh draws
+from the same distribution, and only the bad row an error.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 
 from service.engine.sampling_params import SamplingParams
+
+log = logging.getLogger("lmservice.engine")
 
 
 @dataclass
@@ -32,6 +41,7 @@ class SamplerOutput:
     token_ids: list[int]
     logprobs: list[float] | None  # logprob of each sampled token (raw model distribution)
     top_logprobs: list[list[tuple[int, float]]] | None  # top-n per row (n from the row's params)
+    errors: dict[int, str] = field(default_factory=dict)  # row -> why it could not be sampled
 
 
 def _padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
@@ -55,8 +65,40 @@ class Sampler:
     def __init__(self, vocab_size: int, seed: int = 0) -> None:
         self.vocab_size = vocab_size
         self.generator = torch.Generator().manual_seed(seed)
+        # id(params) -> (weak ref to it, token ids, biases): a request's logit_bias becomes tensors once
+        self._bias_cache: dict[int, tuple[weakref.ref, torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        states = [g.get_state() if g is not None else None for g in batch.generators]
+        try:
+            return self._sample_batch(logits, batch)
+        except Exception as e:  # noqa: BLE001 (isolated below, row by row)
+            log.warning("sampling the batch failed (%s: %s); sampling its %d rows one by one",
+                        type(e).__name__, e, logits.shape[0])
+        for g, state in zip(batch.generators, states, strict=True):
+            if g is not None:
+                g.set_state(state)
+        return self._sample_rows(logits, batch)
+
+    def _sample_rows(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        num_rows = logits.shape[0]
+        out = SamplerOutput(token_ids=[0] * num_rows, logprobs=None, top_logprobs=None)
+        if any(p.logprobs is not None for p in batch.params):
+            out.logprobs, out.top_logprobs = [0.0] * num_rows, [[] for _ in range(num_rows)]
+        for i in range(num_rows):
+            row = SamplingBatch([batch.params[i]], [batch.generators[i]], [batch.output_token_ids[i]],
+                                [batch.prompt_token_ids[i]], batch.eos_token_id)
+            try:
+                one = self._sample_batch(logits[i:i + 1], row)
+            except Exception as e:  # noqa: BLE001 (this row fails alone)
+                out.errors[i] = f"sampling failed: {type(e).__name__}: {e}"
+                continue
+            out.token_ids[i] = one.token_ids[0]
+            if one.logprobs is not None and out.logprobs is not None:
+                out.logprobs[i], out.top_logprobs[i] = one.logprobs[0], one.top_logprobs[0]
+        return out
+
+    def _sample_batch(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         logits = logits.float()  # (B, V)
         params = batch.params
         num_rows, vocab = logits.shape
@@ -104,11 +146,16 @@ class Sampler:
             logits = logits - torch.tensor(freq, device=device)[:, None] * counts
             logits = logits - torch.tensor(pres, device=device)[:, None] * (counts > 0).float()
         if any(p.logit_bias for p in params):
-            bias = torch.zeros(num_rows, vocab, device=device)
+            # one scatter for the whole batch; each request's entries became tensors on its first step
+            rows, ids, values = [], [], []
             for i, p in enumerate(params):
-                for tid, b in (p.logit_bias or {}).items():
-                    bias[i, int(tid)] = float(b)
-            logits = logits + bias
+                if p.logit_bias:
+                    tids, biases = self._bias_tensors(p)
+                    rows.append(torch.full_like(tids, i))
+                    ids.append(tids)
+                    values.append(biases)
+            logits = logits.index_put((torch.cat(rows).to(device), torch.cat(ids).to(device)),
+                                      torch.cat(values).to(device), accumulate=True)
         # min_tokens: stop tokens are impossible until enough tokens were generated
         banned = [(i, p) for i, p in enumerate(params) if len(batch.output_token_ids[i]) < p.min_tokens]
         if banned:
@@ -120,6 +167,18 @@ class Sampler:
                 if stop_ids:
                     logits[i, stop_ids] = float("-inf")
         return logits
+
+    def _bias_tensors(self, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+        entry = self._bias_cache.get(id(params))
+        if entry is not None and entry[0]() is params:
+            return entry[1], entry[2]
+        if len(self._bias_cache) >= 4096:  # forget the requests that are gone
+            self._bias_cache = {k: v for k, v in self._bias_cache.items() if v[0]() is not None}
+        bias = params.logit_bias or {}
+        tids = torch.tensor([int(t) for t in bias], dtype=torch.long)
+        biases = torch.tensor([float(b) for b in bias.values()], dtype=torch.float32)
+        self._bias_cache[id(params)] = (weakref.ref(params), tids, biases)
+        return tids, biases
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch, greedy: list[bool]) -> torch.Tensor:
         params = batch.params

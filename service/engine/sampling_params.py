@@ -1,8 +1,30 @@
-"""Per-request sampling parameters (torch-free)."""
+"""Per-request sampling parameters and the bounds they are checked against (torch-free).
+
+`SamplingParams.validate()` is the one place where every sampling field is
+range-checked; the API adds only JSON types, finiteness and valid Unicode (its
+schemas) and the count of prompts per HTTP request. Whatever passes here can be
+held by the sampler's tensors: no request can fail the batch it runs in.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+MAX_LOGPROBS = 20  # as OpenAI
+
+
+@dataclass(frozen=True, kw_only=True)
+class RequestLimits:
+    """Caps an operator may change (server flags of the same names) on what one request carries.
+    Each bounds per-step work that would otherwise grow with the request: the sampler's bias
+    scatter, the stop-string automaton, the sequences of one request."""
+
+    max_n: int = 128  # sequences per request (n)
+    max_logit_bias: int = 1024  # entries of logit_bias
+    max_stop: int = 64  # stop strings, and separately stop token ids, per request
+    max_stop_length: int = 256  # characters of one stop string
 
 
 @dataclass
@@ -32,47 +54,64 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # top-n logprobs per prompt token (for echo)
     skip_special_tokens: bool = True
 
-    MAX_LOGPROBS = 20
+    MAX_LOGPROBS = MAX_LOGPROBS
 
-    def validate(self, vocab_size: int | None = None) -> None:
+    def validate(self, vocab_size: int, limits: RequestLimits | None = None) -> None:
+        """Raise ValueError naming the parameter and its limit (`.param` is the field's name)."""
+        limits = limits or RequestLimits()
+
         def bad(param: str, msg: str) -> ValueError:
             err = ValueError(f"{param}: {msg}")
             err.param = param  # type: ignore[attr-defined]
             return err
 
-        if not 1 <= self.n <= 128:
-            raise bad("n", f"must be between 1 and 128, got {self.n}")
-        if self.max_tokens is not None and self.max_tokens < 0:
-            raise bad("max_tokens", f"must be >= 0, got {self.max_tokens}")
-        if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
-            raise bad("min_tokens", f"must be between 0 and max_tokens, got {self.min_tokens}")
-        if not 0.0 <= self.temperature <= 100.0:
-            raise bad("temperature", f"must be in [0, 100], got {self.temperature}")
-        if self.top_k < -1:
-            raise bad("top_k", f"must be -1, 0 (off) or positive, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise bad("top_p", f"must be in (0, 1], got {self.top_p}")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise bad("min_p", f"must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0.0:
-            raise bad("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
-        if not -2.0 <= self.presence_penalty <= 2.0:
-            raise bad("presence_penalty", f"must be in [-2, 2], got {self.presence_penalty}")
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            raise bad("frequency_penalty", f"must be in [-2, 2], got {self.frequency_penalty}")
+        def integer(param: str, value, low: int, high: int, what: str) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise bad(param, f"must be {what}, got {value!r}")
+
+        def number(param: str, value, low: float, high: float, what: str, low_open: bool = False) -> None:
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or not low <= value <= high or (low_open and value == low)):
+                raise bad(param, f"must be {what}, got {value!r}")
+
+        integer("n", self.n, 1, limits.max_n, f"between 1 and {limits.max_n} (--max-n)")
+        if self.max_tokens is not None:
+            integer("max_tokens", self.max_tokens, 0, 2**31 - 1, "a non-negative integer")
+        integer("min_tokens", self.min_tokens, 0, self.max_tokens if self.max_tokens is not None else 2**31 - 1,
+                "between 0 and max_tokens")
+        number("temperature", self.temperature, 0.0, 100.0, "in [0, 100]")
+        if self.top_k not in (-1, 0):
+            integer("top_k", self.top_k, 1, vocab_size, f"-1, 0 (off) or between 1 and the vocabulary size {vocab_size}")
+        number("top_p", self.top_p, 0.0, 1.0, "in (0, 1]", low_open=True)
+        number("min_p", self.min_p, 0.0, 1.0, "in [0, 1]")
+        number("repetition_penalty", self.repetition_penalty, 0.0, 100.0, "in (0, 100]", low_open=True)
+        number("presence_penalty", self.presence_penalty, -2.0, 2.0, "in [-2, 2]")
+        number("frequency_penalty", self.frequency_penalty, -2.0, 2.0, "in [-2, 2]")
         for name, value in (("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs)):
-            if value is not None and not 0 <= value <= self.MAX_LOGPROBS:
-                raise bad(name, f"must be between 0 and {self.MAX_LOGPROBS}, got {value}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise bad("stop", "stop sequences must be non-empty strings")
-        if vocab_size is not None:
-            for tid in list(self.stop_token_ids) + list((self.logit_bias or {}).keys()):
-                if not 0 <= int(tid) < vocab_size:
-                    raise bad("logit_bias" if tid in (self.logit_bias or {}) else "stop_token_ids",
-                              f"token id {tid} is outside the vocabulary (0..{vocab_size - 1})")
-            for bias in (self.logit_bias or {}).values():
-                if not -100.0 <= bias <= 100.0:
-                    raise bad("logit_bias", f"bias must be in [-100, 100], got {bias}")
+            if value is not None:
+                integer(name, value, 0, MAX_LOGPROBS, f"between 0 and {MAX_LOGPROBS}")
+        if self.seed is not None:
+            integer("seed", self.seed, SEED_MIN, SEED_MAX, "in [-2^63, 2^64 - 1]")
+        if len(self.stop) > limits.max_stop:
+            raise bad("stop", f"at most {limits.max_stop} stop sequences (--max-stop), got {len(self.stop)}")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise bad("stop", "stop sequences must be non-empty strings")
+            if len(s) > limits.max_stop_length:
+                raise bad("stop", f"a stop sequence has at most {limits.max_stop_length} characters "
+                                  f"(--max-stop-length), got {len(s)}")
+        if len(self.stop_token_ids) > limits.max_stop:
+            raise bad("stop_token_ids",
+                      f"at most {limits.max_stop} stop token ids (--max-stop), got {len(self.stop_token_ids)}")
+        for tid in self.stop_token_ids:
+            integer("stop_token_ids", tid, 0, vocab_size - 1, f"token ids in [0, {vocab_size - 1}]")
+        bias = self.logit_bias or {}
+        if len(bias) > limits.max_logit_bias:
+            raise bad("logit_bias",
+                      f"at most {limits.max_logit_bias} entries (--max-logit-bias), got {len(bias)}")
+        for tid, value in bias.items():
+            integer("logit_bias", tid, 0, vocab_size - 1, f"keyed by token ids in [0, {vocab_size - 1}]")
+            number("logit_bias", value, -100.0, 100.0, "values in [-100, 100]")
 
     @property
     def is_greedy(self) -> bool:

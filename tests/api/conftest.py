@@ -63,10 +63,12 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def slow_model_dirs(tmp_path_factory) -> dict[str, Path]:
-    """A wider model (several ms per decode step) for tests that need a request to outlive a few HTTP calls."""
+    """A wider model (several ms per decode step) for tests that need a request to outlive a few HTTP calls,
+    with the same two adapters as the small one."""
     root = tmp_path_factory.mktemp("api_slow_model")
     base = make_gpt2_dir(root / "base", seed=5, vocab_size=1000, n_positions=1024, n_embd=384, n_layer=6, n_head=6)
-    (root / "adapters").mkdir()
+    _make_adapter(base, root / "adapters" / "cls", classifier=True, seed=1)
+    _make_adapter(base, root / "adapters" / "tr", classifier=False, seed=2)
     return {"base": base, "adapters": root / "adapters"}
 
 

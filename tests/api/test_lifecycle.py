@@ -23,6 +23,7 @@ class StreamInBackground:
         self.started = threading.Event()
         self.chunks: list[dict] = []
         self.status: int | None = None
+        self.done = False  # the stream's closing `data: [DONE]` arrived
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(url, body), daemon=True)
         self.thread.start()
@@ -36,6 +37,7 @@ class StreamInBackground:
                 if line.startswith("data: {"):
                     self.chunks.append(json.loads(line[6:]))
                     self.started.set()
+                self.done = self.done or line == "data: [DONE]"
                 if self._stop.is_set():
                     return  # hang up: the server aborts the request
 
@@ -117,6 +119,27 @@ def test_sigterm_aborts_what_outlives_the_grace_period(slow_model_dirs, tmp_path
         stream.thread.join(30)
         assert stream.finish_reason() == "abort"
         assert server.proc.wait(30) == 0
+    finally:
+        server.stop()
+
+
+def test_second_sigterm_aborts_every_request_and_exits_at_once(slow_model_dirs, tmp_path_factory):
+    server = start_server(slow_model_dirs, tmp_path_factory, "drain_forced", "--api-key", API_KEY,
+                          "--drain-timeout-s", "60")
+    try:
+        stream = StreamInBackground(server.url, LONG)
+        assert stream.started.wait(60)
+        server.terminate()
+        deadline = time.monotonic() + 10
+        while httpx.get(server.url + "/ready").status_code != 503:  # draining: the first SIGTERM was seen
+            assert time.monotonic() < deadline
+        start = time.monotonic()
+        server.terminate()
+        rc = server.proc.wait(30)
+        assert time.monotonic() - start < 3.0
+        assert rc == 1  # forced: not a clean drain
+        stream.thread.join(10)
+        assert stream.finish_reason() == "abort" and stream.done  # the stream still ended properly
     finally:
         server.stop()
 

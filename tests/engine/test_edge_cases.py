@@ -11,6 +11,7 @@ from service.engine.detokenizer import IncrementalDetokenizer
 from service.engine.engine import EngineConfig
 from service.engine.outputs import QueueFullError, RequestRejectedError
 from service.engine.sampling_params import SamplingParams
+from service.engine.stop_strings import StopStrings
 from service.model.loader import load_model
 from tests.engine.conftest import run_to_completion
 
@@ -84,7 +85,7 @@ def test_tiny_temperature_is_greedy(tiny_engine):
 
 def test_stop_string_in_bytes_flushed_at_the_end(tiny_engine):
     tokenizer = tiny_engine().tokenizer
-    detok = IncrementalDetokenizer(tokenizer, ["0"], False, True)
+    detok = IncrementalDetokenizer(tokenizer, StopStrings(["0"]), False, True)
     # two stray bytes, then the token '0' + a lead byte: all held back until the end
     held = [t for t in range(256, 1000) if tokenizer.convert_ids_to_tokens(t) in ("0Ã", "0Ä", "0Å")][:1]
     assert held, "the test tokenizer has a '0' + lead-byte token"

@@ -158,6 +158,52 @@ def test_failing_request_fails_alone(tiny_engine):
     assert engine.pool.num_used_blocks == 0
 
 
+def test_a_detokenizer_that_raises_while_flushing_text_fails_only_its_request(tiny_engine):
+    """take_delta runs while the step's outputs are collected, after every row was updated: a failure
+    there must end its own request with an error, not the step (which would fail every request)."""
+    alone = run_to_completion(tiny_engine(), [("good", [1, 2, 3], SamplingParams(max_tokens=6, **GREEDY))])
+    engine = tiny_engine()
+    engine.add_request("good", [1, 2, 3], SamplingParams(max_tokens=6, **GREEDY))
+    engine.add_request("bad", [4, 5, 6], SamplingParams(max_tokens=6, n=2, **GREEDY))
+
+    def broken(finished):
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "a bad byte")
+
+    engine.groups["bad"].detoks[1].take_delta = broken
+    tokens, last = {"good": [], "bad": []}, {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id] += [t for c in out.outputs for t in c.token_ids]
+            last[out.request_id] = out
+    assert last["bad"].finished and "UnicodeDecodeError" in last["bad"].error
+    assert {c.finish_reason for c in last["bad"].outputs} == {"error"}
+    assert last["good"].error is None and tokens["good"] == alone["good"]["tokens"][0]
+    assert engine.pool.num_used_blocks == 0
+
+
+def test_a_row_the_sampler_cannot_handle_fails_alone_and_its_batch_is_unchanged(tiny_engine):
+    """A value past validation (set after it, as a bug elsewhere could) breaks the batched sampling
+    pass: only its request fails; greedy and seeded neighbours get exactly their tokens alone."""
+    innocent = [("greedy", [1, 2, 3], SamplingParams(max_tokens=8, **GREEDY)),
+                ("seeded", [4, 5], SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True))]
+    alone = {rid: run_to_completion(tiny_engine(), [(rid, ids, p)])[rid]["tokens"][0] for rid, ids, p in innocent}
+    engine = tiny_engine()
+    hostile = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.5, ignore_eos=True)
+    for rid, ids, params in [*innocent, ("hostile", [7, 8, 9], hostile)]:
+        engine.add_request(rid, ids, params)
+    hostile.top_k = 10**20  # torch.tensor(top_k) overflows inside the batched pass
+    tokens: dict[str, list[int]] = {rid: [] for rid in ["greedy", "seeded", "hostile"]}
+    last = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id] += [t for c in out.outputs for t in c.token_ids]
+            last[out.request_id] = out
+    assert "sampling failed" in last["hostile"].error and tokens["hostile"] == []
+    assert {rid: tokens[rid] for rid in alone} == alone
+    assert last["greedy"].error is None and last["seeded"].error is None
+    assert engine.pool.num_used_blocks == 0
+
+
 def test_non_finite_logits_fail_only_their_request(tiny_engine):
     engine = tiny_engine()
     runner = engine.runner

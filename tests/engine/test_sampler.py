@@ -74,3 +74,30 @@ def test_logprobs_are_the_raw_distribution():
     assert out.token_ids == [5]  # the bias decided the token...
     assert out.logprobs[0] == pytest.approx(raw[5].item())  # ...but logprobs are the model's
     assert [t for t, _ in out.top_logprobs[0]] == [0, 1, 2]
+
+
+def test_logit_bias_of_many_rows_is_one_scatter_equal_to_the_dense_sum():
+    sampler = Sampler(V)
+    biases = [{1: 5.0, 7: 9.5}, None, {2: -3.0, 3: 4.5, 8: 10.0}]
+    params = [SamplingParams(temperature=0.0, logit_bias=b) for b in biases]
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(0))
+    dense = logits.clone()
+    for row, bias in enumerate(biases):
+        for tid, value in (bias or {}).items():
+            dense[row, tid] += value
+    for _ in range(2):  # the second step reads the request's cached tensors
+        out = sampler(logits.clone(), batch(params))
+        assert out.token_ids == dense.argmax(dim=-1).tolist()
+    assert len(sampler._bias_cache) == 2  # one entry per request that carries a bias
+
+
+def test_a_row_that_cannot_be_sampled_fails_alone_and_the_others_are_unchanged():
+    """top_k past what a tensor holds (validation stops it at the API; the sampler must not need it to)."""
+    good = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.3, seed=5),
+            SamplingParams(temperature=0.9, seed=11, top_p=0.8)]
+    hostile = SamplingParams(temperature=1.0, top_k=10**20, top_p=0.5)
+    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(1))
+    alone = [Sampler(V)(logits[i:i + 1].clone(), batch([p], seeded=True)).token_ids[0] for i, p in enumerate(good)]
+    mixed = Sampler(V)(logits.clone(), batch([*good, hostile], seeded=True))
+    assert set(mixed.errors) == {3} and "sampling failed" in mixed.errors[3]
+    assert mixed.token_ids[:3] == alone

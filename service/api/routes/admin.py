@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from service.api.auth import require_admin_key, server_state
 from service.api.errors import APIError
-from service.api.schemas.common import ERROR_RESPONSES
+from service.api.schemas.common import ERROR_RESPONSES, RequestBody
 
 router = APIRouter(dependencies=[Depends(require_admin_key)], tags=["admin"])
 
 
-class LoadAdapterRequest(BaseModel):
+class LoadAdapterRequest(RequestBody):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"name": "sst2", "path": "sst2"}]})
 
     name: str = Field(..., description="Name the adapter is served under (the `model` of requests).")

@@ -17,7 +17,7 @@ from service.api.engine_client import EngineCall, resolve_model
 from service.api.errors import APIError
 from service.api.logprobs import TokenText, native_logprobs
 from service.api.middleware import record_of
-from service.api.params import prompt_token_ids, sampling_params
+from service.api.params import check_num_prompts, prompt_token_ids, sampling_params
 from service.api.schemas.common import ERROR_RESPONSES, SamplingFields
 from service.api.schemas.native import (
     ClassifyRequest,
@@ -41,10 +41,11 @@ def _responses(model: type, stream_example: str | None = None) -> dict:
     return {200: ok, **ERROR_RESPONSES}
 
 
-def _texts(text: str | list[str]) -> list[str]:
+def _texts(state: ServerState, text: str | list[str]) -> list[str]:
     texts = [text] if isinstance(text, str) else list(text)
     if not texts:
         raise APIError(400, "text: must not be an empty list", param="text")
+    check_num_prompts(len(texts), state.settings.max_prompts_per_request, "text")
     return texts
 
 
@@ -106,7 +107,7 @@ async def classify(body: ClassifyRequest, request: Request):
     state = server_state(request)
     entry = resolve_model(state, body.model, "classify")
     labels = list(entry.card.labels or [])
-    texts = _texts(body.text)
+    texts = _texts(state, body.text)
     prompts = [prompt_token_ids(state.engine.tokenizer, t, param="text") for t in texts]
     call = EngineCall(state, record_of(request.scope), entry, "cls")
     if state.settings.log_prompts:
@@ -168,7 +169,7 @@ async def translate(body: TranslateRequest, request: Request):
     state = server_state(request)
     entry = _translation_model(state, body)
     langs = entry.card.languages
-    texts = _texts(body.text)
+    texts = _texts(state, body.text)
     tokenizer = state.engine.tokenizer
     prompts = [prompt_token_ids(tokenizer, entry.card.render_translation_prompt(t), param="text") for t in texts]
     # The card's contract: the target follows the prompt and ends with EOS, so greedy until EOS by default.

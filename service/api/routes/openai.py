@@ -18,7 +18,7 @@ from service.api.engine_client import EngineCall, resolve_model
 from service.api.errors import APIError
 from service.api.logprobs import TokenText, chat_logprobs, completion_logprobs
 from service.api.middleware import record_of
-from service.api.params import prompt_token_ids, sampling_params
+from service.api.params import check_num_prompts, prompt_token_ids, sampling_params
 from service.api.schemas.common import ERROR_RESPONSES
 from service.api.schemas.openai import (
     ChatCompletionRequest,
@@ -30,6 +30,7 @@ from service.api.schemas.openai import (
 )
 from service.api.sse import EventStreamResponse
 from service.engine.outputs import CompletionDelta
+from service.engine.sampling_params import MAX_LOGPROBS
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["openai"])
 
@@ -70,7 +71,9 @@ async def completions(body: CompletionRequest, request: Request):
     state = server_state(request)
     entry = resolve_model(state, body.model, "generate")
     tokenizer = state.engine.tokenizer
-    prompts = [prompt_token_ids(tokenizer, p) for p in _prompt_list(body.prompt)]
+    prompt_list = _prompt_list(body.prompt)
+    check_num_prompts(len(prompt_list), state.settings.max_prompts_per_request, "prompt")
+    prompts = [prompt_token_ids(tokenizer, p) for p in prompt_list]
     echo_logprobs = body.echo and body.logprobs is not None
     params = sampling_params(body, default_max_tokens=16, n=body.n, logprobs=body.logprobs,
                              prompt_logprobs=body.logprobs if echo_logprobs else None)
@@ -137,6 +140,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.max_completion_tokens is not None:
         body.max_tokens = body.max_completion_tokens
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    if top_logprobs is not None and not 0 <= top_logprobs <= MAX_LOGPROBS:
+        raise APIError(400, f"top_logprobs: must be between 0 and {MAX_LOGPROBS}, got {top_logprobs}",
+                       param="top_logprobs")
     params = sampling_params(body, default_max_tokens=None, n=body.n, logprobs=top_logprobs)
     call = EngineCall(state, record_of(request.scope), entry, "chatcmpl")
     if state.settings.log_prompts:

@@ -4,17 +4,53 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
-class SamplingFields(BaseModel):
+def _invalid_unicode_at(value: Any, path: str) -> str | None:
+    """Where in a parsed JSON value a string holds a lone UTF-16 surrogate (JSON's "\\ud800"), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"{path}[{e.start}]" if path else f"[{e.start}]"
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        where = _invalid_unicode_at(key, path) if isinstance(key, str) else None
+        where = where or _invalid_unicode_at(item, f"{path}.{key}" if isinstance(key, str) else f"{path}[{key}]")
+        if where:
+            return where
+    return None
+
+
+class RequestBody(BaseModel):
+    """Base of every request body: unknown fields, non-finite numbers (JSON's 1e999 parses as infinity)
+    and strings that are not valid Unicode are refused with 422 before any route code runs."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        where = _invalid_unicode_at(value, "")
+        if where is not None:
+            raise ValueError(f"must be valid Unicode text (a lone surrogate at {where.lstrip('.')})")
+        return value
+
+
+class SamplingFields(RequestBody):
     """Sampling parameters accepted by every generating endpoint (OpenAI names, plus vLLM's extras).
 
     Ranges are checked by SamplingParams.validate() so that a bad value is a 400 naming the
-    parameter (the OpenAI convention), not a schema error; only wrong JSON types are 422.
+    parameter and its limit (the OpenAI convention), not a schema error; wrong JSON types,
+    non-finite numbers and invalid Unicode are 422.
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     max_tokens: int | None = Field(None, description="Most tokens to generate (default: per endpoint).")
     temperature: float = Field(1.0, description="0 is greedy.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.api.schemas.common import SamplingFields, Usage
+from service.api.schemas.common import RequestBody, SamplingFields, Usage
 
 
 class GenerateRequest(SamplingFields):
@@ -46,7 +46,7 @@ class GenerateResponse(BaseModel):
     logprobs: list[TokenInfo] | None = None
 
 
-class ClassifyRequest(BaseModel):
+class ClassifyRequest(RequestBody):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"text": "A wonderful, moving film."},
         {"model": "sst2", "text": ["Loved it.", "A waste of two hours."]},
@@ -74,7 +74,7 @@ class ClassifyResponse(BaseModel):
     usage: Usage
 
 
-class TranslateRequest(BaseModel):
+class TranslateRequest(RequestBody):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"text": "A man is riding a bike.", "source": "en", "target": "de"},
         {"model": "multi30k-en-de", "text": ["Two dogs play.", "A girl smiles."], "stream": True},
