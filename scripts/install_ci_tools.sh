@@ -7,6 +7,8 @@
 #                        Prometheus daemon is installed or started on the CI machine)
 #   compose_spec.json   (the Compose file JSON schema that PyPI's docker-compose 1.29.2 wheel ships; only that
 #                        file is unpacked into share/lmservice-ci/, the package itself is not installed)
+#   chromium            (Debian's `chromium` package, system-wide: tests/web drive it with Playwright; Playwright's
+#                        own browser download is never used). Needs root (CI runs as root); skipped otherwise.
 # Everything lands in the active virtual environment (scripts/test.sh activates .venv first), pinned.
 # Idempotent: a second run only checks versions (well under a second). Network hiccups are retried;
 # a tool that still cannot be installed is reported here and the deploy tests then fail under CI=true
@@ -70,6 +72,18 @@ if ! [ -s "$SHARE/compose_spec.json" ]; then
         status=1
     fi
     rm -rf "$tmp"
+fi
+
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" -eq 0 ]; then
+        echo "install_ci_tools: chromium from Debian's archive (for tests/web)"
+        apt_opts=(-q -y -o Acquire::Retries=5 -o Acquire::http::Timeout=60)
+        if ! apt-cache show chromium >/dev/null 2>&1; then apt-get -q update >/dev/null || true; fi
+        DEBIAN_FRONTEND=noninteractive apt-get "${apt_opts[@]}" install chromium \
+            >/dev/null || status=1
+    else
+        echo "install_ci_tools: WARNING: not root, chromium not installed (apt-get install chromium)" >&2
+    fi
 fi
 
 [ -s "$SHARE/compose_spec.json" ] || echo "install_ci_tools: WARNING: compose_spec.json is missing" >&2

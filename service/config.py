@@ -68,6 +68,7 @@ class Settings(BaseSettings):
     header_read_timeout_s: float = Field(10.0, gt=0, description="A connection that has not sent its request headers this long after opening (or after starting its next request) is closed.")
     log_prompts: bool = Field(False, description="Log prompts and outputs (off: never logged).")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    playground: bool = Field(True, description="Serve the web playground and live dashboard at / (a page that calls the API with the user's key).")
 
     @field_validator("adapter")
     @classmethod

@@ -12,6 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from service.api.errors import install_handlers
 from service.api.middleware import RequestContextMiddleware
+from service.api.playground import router as playground_router
 from service.api.routes import admin, native, openai, probes
 from service.api.state import ServerState
 from service.config import Settings
@@ -55,6 +56,8 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None, metrics: M
     install_handlers(app)
     for module in (probes, native, openai, admin):
         app.include_router(module.router)
+    if settings.playground:
+        app.include_router(playground_router)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["X-Request-ID", "Retry-After"])
