@@ -8,18 +8,27 @@
 # CPU-only torch (about 200 MB instead of several GB); `cu126`, `cu128`, ... give a torch whose wheels carry
 # their own CUDA runtime, so the same slim base image serves both (the host needs only the NVIDIA driver and
 # container toolkit). CUDA images also get Triton for the fused kernels.
+#
+# Two more build args for machines that cannot reach Docker Hub or PyTorch's index (scripts/container_image.sh
+# uses both; deploy/README.md explains):
+#   PYTHON_IMAGE     the base of both stages: any Debian-family image with python3 (3.10+) and its venv module,
+#                    e.g. one made with mmdebstrap and imported locally.
+#   TORCH_INDEX_URL  the PEP 503 index that torch and its dependencies come from (an internal mirror, or a
+#                    file:// wheelhouse mounted into the build); default: PyTorch's index for TORCH_VARIANT.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 ARG TORCH_VARIANT=cpu
 ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
-RUN python -m venv /opt/venv
+# python3, not python: a plain Debian base has no `python` command (the python:* images have both).
+RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 # torch first, from its own index, in a layer of its own: it is most of the image and changes least.
-RUN pip install --no-cache-dir --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" "torch==${TORCH_VERSION}"
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
