@@ -36,15 +36,15 @@ def make_model(path: Path, shape: str) -> None:
 
 def run_engine(model_dir: Path, dtype: str, prompts: list[list[int]], new_tokens: int) -> float:
     loaded = load_model(model_dir, "cpu", dtype)
-    engine = Engine(loaded, EngineConfig(kv_cache_memory_mb=2048, max_num_seqs=256, max_num_batched_tokens=4096,
+    engine = Engine(loaded, EngineConfig.from_fields(kv_cache_memory_mb=2048, max_num_seqs=256, max_num_batched_tokens=4096,
                                          enable_prefix_caching=False))
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    engine.add_request("warmup", prompts[0][:8], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+    engine.submit("warmup", prompts[0][:8], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
     while engine.has_unfinished():
         engine.step()
     start = time.perf_counter()
     for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, params)
+        engine.submit(str(i), p, params)
     generated = 0
     while engine.has_unfinished():
         for out in engine.step():
@@ -94,10 +94,10 @@ def decode_step_ms(model_dir: Path, dtype: str, prompts: list[list[int]], steps:
                         do_sample=False, pad_token_id=0, logits_processor=[stamp])
         gaps = sorted(b - a for a, b in zip(stamps, stamps[1:], strict=False))  # decode steps only
         theirs.append(gaps[len(gaps) // 2] * 1e3)
-        engine = Engine(loaded, EngineConfig(kv_cache_memory_mb=512, max_num_batched_tokens=8192,
+        engine = Engine(loaded, EngineConfig.from_fields(kv_cache_memory_mb=512, max_num_batched_tokens=8192,
                                              enable_prefix_caching=False))
         for i, p in enumerate(prompts):
-            engine.add_request(str(i), p, params)
+            engine.submit(str(i), p, params)
         engine.step()  # the whole prefill in one step
         times = []
         for _ in range(steps):

@@ -58,7 +58,7 @@ def run(engine: Engine, requests: list[tuple[list[int], str | None]], new_tokens
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     start = time.perf_counter()
     for i, (prompt, adapter) in enumerate(requests):
-        engine.add_request(str(i), prompt, params, adapter=adapter)
+        engine.submit(str(i), prompt, params, adapter=adapter)
     generated = 0
     while engine.has_unfinished():
         generated += sum(len(c.token_ids) for out in engine.step() for c in out.outputs)
@@ -89,7 +89,7 @@ def main() -> None:
     from tests.helpers import make_gpt2_dir
 
     shape = SHAPES[args.shape]
-    config = EngineConfig(kv_cache_memory_mb=256, max_num_seqs=256, max_loras=max(max(args.adapters), 1),
+    config = EngineConfig.from_fields(kv_cache_memory_mb=256, max_num_seqs=256, max_loras=max(max(args.adapters), 1),
                           enable_prefix_caching=False)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

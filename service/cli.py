@@ -61,7 +61,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from service.engine.generate_cli import run  # noqa: PLC0415
+    from service.generate_cli import run  # noqa: PLC0415
 
     return run(settings_from_args(args), args)
 

@@ -3,6 +3,10 @@
 Every field is both an environment variable (`LMSERVICE_<FIELD>`) and a CLI
 flag of `lmservice serve` (`--field-name`); flags win over the environment.
 Nothing below the CLI reads the environment.
+
+Engine settings take their defaults from the engine's own configs (EngineConfig,
+SchedulerConfig, RequestLimits) under the same names: every default is written
+once, there. service/serving/bootstrap.py maps the fields across by name.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.engine.config import EngineConfig
 from service.engine.sampling_params import RequestLimits
+from service.engine.scheduler import SchedulerConfig
 
 # The shipped default model, made by the project's own training jobs.
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -31,23 +37,23 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(None, description="Name of the base model in the API (default: the directory name).")
     adapter: list[str] = Field(default_factory=list, description="LoRA adapter as NAME=DIR (repeatable).")
     adapters_dir: Path | None = Field(None, description="Directory whose PEFT adapter sub-directories are all served; also the only place POST /v1/adapters may load from.")
-    max_loras: int = Field(8, ge=1, description="Adapters resident on the device at once (and distinct adapters in one batch).")
-    max_lora_rank: int = Field(64, ge=1, description="Largest LoRA rank accepted.")
+    max_loras: int = Field(SchedulerConfig.max_loras, ge=1, description="Adapters resident on the device at once (and distinct adapters in one batch).")
+    max_lora_rank: int = Field(EngineConfig.max_lora_rank, ge=1, description="Largest LoRA rank accepted.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device to run on (auto: cuda when available).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights and activations dtype (auto: float32 on CPU, bfloat16 on CUDA).")
-    attention_backend: Literal["auto", "torch", "triton"] = Field("auto", description="Kernels: triton on CUDA, torch on CPU unless overridden.")
-    enable_cuda_graphs: bool = Field(True, description="Capture decode steps as CUDA graphs (CUDA only).")
-    seed: int = Field(0, description="Seed of the sampler for requests that carry none.")
+    attention_backend: Literal["auto", "torch", "triton"] = Field(EngineConfig.attention_backend, description="Kernels: triton on CUDA, torch on CPU unless overridden.")
+    enable_cuda_graphs: bool = Field(EngineConfig.enable_cuda_graphs, description="Capture decode steps as CUDA graphs (CUDA only).")
+    seed: int = Field(EngineConfig.seed, description="Seed of the sampler for requests that carry none.")
 
     # --- engine ---
-    block_size: int = Field(16, ge=1, description="Tokens per KV-cache block.")
-    kv_cache_memory_mb: int = Field(1024, ge=1, description="Memory budget of the KV-cache block pool, in MiB.")
-    num_kv_blocks: int | None = Field(None, ge=1, description="Exact number of KV blocks (overrides the memory budget).")
-    max_num_batched_tokens: int = Field(2048, ge=1, description="Token budget of one engine step (prefill chunks + decodes).")
-    max_num_seqs: int = Field(128, ge=1, description="Most requests running in one engine step.")
-    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of identical prompt prefixes across requests.")
-    max_waiting_requests: int = Field(1024, ge=1, description="Waiting-queue bound; past it requests get 429.")
-    max_waiting_tokens: int = Field(1_048_576, ge=1, description="Bound on prompt tokens waiting; past it requests get 429.")
+    block_size: int = Field(EngineConfig.block_size, ge=1, description="Tokens per KV-cache block.")
+    kv_cache_memory_mb: int = Field(EngineConfig.kv_cache_memory_mb, ge=1, description="Memory budget of the KV-cache block pool, in MiB.")
+    num_kv_blocks: int | None = Field(EngineConfig.num_kv_blocks, ge=1, description="Exact number of KV blocks (overrides the memory budget).")
+    max_num_batched_tokens: int = Field(SchedulerConfig.max_num_batched_tokens, ge=1, description="Token budget of one engine step (prefill chunks + decodes).")
+    max_num_seqs: int = Field(SchedulerConfig.max_num_seqs, ge=1, description="Most requests running in one engine step.")
+    enable_prefix_caching: bool = Field(EngineConfig.enable_prefix_caching, description="Reuse KV blocks of identical prompt prefixes across requests.")
+    max_waiting_requests: int = Field(SchedulerConfig.max_waiting_requests, ge=1, description="Waiting-queue bound; past it requests get 429.")
+    max_waiting_tokens: int = Field(SchedulerConfig.max_waiting_tokens, ge=1, description="Bound on prompt tokens waiting; past it requests get 429.")
 
     # --- request limits (400 beyond each, naming the limit) ---
     max_n: int = Field(RequestLimits.max_n, ge=1, description="Most sequences one request may ask for (n).")
@@ -78,10 +84,6 @@ class Settings(BaseSettings):
             if not sep or not name or not path:
                 raise ValueError(f"adapter {item!r} must be NAME=DIR")
         return value
-
-    def request_limits(self) -> RequestLimits:
-        return RequestLimits(max_n=self.max_n, max_logit_bias=self.max_logit_bias, max_stop=self.max_stop,
-                             max_stop_length=self.max_stop_length)
 
     def adapter_dirs(self) -> dict[str, Path]:
         return {name: Path(path) for name, _, path in (a.partition("=") for a in self.adapter)}

@@ -1,4 +1,5 @@
-"""Building small random-weight GPT-2 checkpoints offline (no hub), shared by every test package."""
+"""Shared by every test package: small random-weight GPT-2 checkpoints built offline (no hub), and
+running requests through an engine (synchronously, or through the serving layer as the API does)."""
 
 from __future__ import annotations
 
@@ -69,3 +70,42 @@ def prompts(num: int, vocab_size: int, min_len: int = 1, max_len: int = 40, seed
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(min_len, max_len + 1, (num,), generator=g).tolist()
     return [torch.randint(0, vocab_size - 1, (n,), generator=g).tolist() for n in lens]
+
+
+def submit(serving, request_id: str, prompt_token_ids: list[int], params, model: str | None = None,
+           task: str = "generate"):
+    """One request the way the API sends it: resolve the model, validate, admit; its RequestStream."""
+    entry = serving.models.resolve(model, task)
+    request = serving.engine.validator.check(request_id, prompt_token_ids, params, task=task, adapter=entry.adapter)
+    return serving.engine.add_requests([request])[0]
+
+
+def run_to_completion(engine, requests: list[tuple], stagger: int = 0) -> dict[str, dict]:
+    """Add (request_id, prompt_ids, params[, adapter[, task]]) requests — `stagger` of them per step after the
+    first batch when stagger > 0 — and step until idle. Returns per request id: tokens per
+    index, text per index, logprobs per index, finish reasons, and the raw events."""
+    results: dict[str, dict] = {}
+    pending = list(requests)
+
+    def add(n: int) -> None:
+        for _ in range(min(n, len(pending))):
+            rid, ids, params, *rest = pending.pop(0)
+            adapter, task = (list(rest) + [None, "generate"][len(rest):])[:2]
+            engine.submit(rid, ids, params, adapter=adapter, task=task)
+            results[rid] = {"tokens": {}, "text": {}, "logprobs": {}, "finish": {}, "events": []}
+
+    add(stagger or len(pending))
+    while engine.has_unfinished() or pending:
+        add(stagger)
+        for out in engine.step():
+            r = results[out.request_id]
+            r["events"].append(out)
+            r["scores"] = out.scores
+            for c in out.outputs:
+                r["tokens"].setdefault(c.index, []).extend(c.token_ids)
+                r["text"][c.index] = r["text"].get(c.index, "") + c.text
+                if c.logprobs:
+                    r["logprobs"].setdefault(c.index, []).extend(c.logprobs)
+                if c.finish_reason:
+                    r["finish"][c.index] = (c.finish_reason, c.stop_reason)
+    return results

@@ -19,27 +19,31 @@ from service.config import Settings
 from service.metrics import Metrics
 
 if TYPE_CHECKING:
-    from service.engine.async_engine import AsyncEngine
+    from service.serving.bootstrap import Serving
 
 logger = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, engine: AsyncEngine | None = None, metrics: Metrics | None = None) -> FastAPI:
-    """The app for one server. Without `engine`, it is built from `settings` at startup.
+def create_app(settings: Settings, serving: Serving | None = None, metrics: Metrics | None = None) -> FastAPI:
+    """The app for one server. Without `serving` (the engine and its models), it is built from
+    `settings` at startup.
 
     The engine's worker thread starts when the app starts (inside the running loop)
     and stops when it shuts down; the app never blocks its loop on model compute.
     """
-    state = ServerState(settings=settings, metrics=metrics or Metrics(), engine=engine)
+    state = ServerState(settings=settings, metrics=metrics or Metrics())
+    if serving is not None:
+        state.serve(serving)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if state.engine is None:
-            from service.engine.async_engine import AsyncEngine  # noqa: PLC0415  (heavy: torch, the model)
+            from service.serving.bootstrap import build_serving  # noqa: PLC0415  (heavy: torch, the model)
 
-            state.engine = AsyncEngine.from_settings(settings)
-        state.engine.start()
-        logger.info("engine started", extra={"models": [m.name for m in state.engine.models()]})
+            state.serve(build_serving(settings))
+        engine, models = state.started()
+        engine.start()
+        logger.info("engine started", extra={"models": [m.name for m in models.models()]})
         try:
             yield
         finally:

@@ -1,10 +1,14 @@
-"""The API's one door to the engine: resolve a model, submit requests, follow their outputs, abort on exit.
+"""The API's one door to the engine: every route takes the same path through it.
+
+    call = EngineCall.open(request, entry, "cmpl")     # entry: state.models resolved the request's model
+    call.submit(call.tokenize(prompts), params, task)  # each prompt checked once, then admitted all or none
+    return await call.respond(request, chunks or None, build)   # SSE, or run to the end and answer JSON
 
 An `EngineCall` holds every engine request behind one HTTP request (one per
 prompt; each may carry n sequences). Invariant: once `close()` has run, none
 of its requests is left running in the engine or listed in `in_flight`, and
-its token counts are in the metrics; routes call `close()` in a `finally` (or
-hand it to EventStreamResponse), so disconnects and errors never leak KV blocks.
+its token counts are in the metrics; `respond` closes it (the SSE response
+does, on completion, error or disconnect), so nothing leaks KV blocks.
 """
 
 from __future__ import annotations
@@ -13,20 +17,23 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Request
+from fastapi.responses import JSONResponse, Response
 
-from service.api.errors import APIError, ClientDisconnected, from_engine_error
-from service.api.middleware import RequestRecord
+from service.api.errors import APIError, ClientDisconnected
+from service.api.middleware import RequestRecord, record_of
+from service.api.sse import EventStreamResponse
 from service.api.state import ServerState
-from service.engine.outputs import QueueFullError, RequestOutput, TokenLogprob
+from service.engine.engine_request import EngineTask
+from service.engine.outputs import RequestOutput, TokenLogprob
 from service.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from service.engine.async_engine import ModelEntry
+    from service.serving.models import ModelEntry
 
 T = TypeVar("T")
 
@@ -77,28 +84,60 @@ class EngineCall:
         self._closed = False
         record.model = entry.name
 
+    @classmethod
+    def open(cls, request: Request, entry: ModelEntry, prefix: str) -> EngineCall:
+        return cls(request.app.state.server, record_of(request.scope), entry, prefix)
+
     # ---- submission -------------------------------------------------------------------------------
 
-    def submit_all(self, prompts: list[list[int]], params: SamplingParams, task: str = "generate") -> None:
-        """Admit every prompt or none (one admission for the whole HTTP request); raises APIError
-        (400/404/429/503) when the engine will not take them, with nothing left in the engine."""
-        engine = self.state.engine
-        if engine is None or not self.state.is_ready():
+    def tokenize(self, prompts: list[str | list[int]], param: str = "prompt") -> list[list[int]]:
+        """Token ids of each prompt (text, or ids given directly), after the cap on prompts per request;
+        the prompts are logged when settings.log_prompts. 400 naming `param` for an empty prompt."""
+        limit = self.state.settings.max_prompts_per_request
+        if len(prompts) > limit:
+            raise APIError(400, f"{param}: at most {limit} prompts in one request (--max-prompts-per-request), "
+                                f"got {len(prompts)}", param=param)
+        self.log_prompt(prompts[0] if len(prompts) == 1 else repr(prompts))
+        tokenizer = self.state.started()[0].tokenizer
+        ids = [tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else list(p) for p in prompts]
+        if any(not i for i in ids):
+            raise APIError(400, f"{param}: the prompt is empty", param=param)
+        return ids
+
+    def submit(self, prompts: list[list[int]], params: SamplingParams, task: EngineTask = "generate") -> None:
+        """Check every prompt against the engine, then admit them all or none (one admission for the
+        whole HTTP request). Raises (rendered by the error handlers) 400 for a rejected request,
+        429 when the queue is full, 503 when not ready or draining; nothing is left in the engine."""
+        engine, _ = self.state.started()
+        if not self.state.is_ready():
             raise APIError(503, "server is draining" if self.state.is_draining else "server is not ready")
-        request_ids = [f"{self.id}-{i}" for i in range(len(prompts))]
-        try:
-            streams = engine.add_requests(list(zip(request_ids, prompts, strict=True)), params,
-                                          model=self.entry.name, task=task)
-        except (QueueFullError, ValueError) as e:
-            raise from_engine_error(e) from e
-        except KeyError as e:
-            raise APIError(404, f"model {self.entry.name!r} does not exist", param="model",
-                           code="model_not_found") from e
-        for request_id, ids, stream in zip(request_ids, prompts, streams, strict=True):
-            self.runs.append(PromptRun(request_id, list(ids), params, stream,
+        requests = [engine.validator.check(f"{self.id}-{i}", ids, params, task=task, adapter=self.entry.adapter)
+                    for i, ids in enumerate(prompts)]
+        streams = engine.add_requests(requests)
+        for request, stream in zip(requests, streams, strict=True):
+            self.runs.append(PromptRun(request.request_id, list(request.prompt_token_ids), params, stream,
                                        [SequenceResult() for _ in range(params.n)]))
-            self.state.in_flight.add(request_id)
+            self.state.in_flight.add(request.request_id)
             self.record.num_engine_requests += 1
+
+    def log_prompt(self, prompt: Any) -> None:
+        if self.state.settings.log_prompts:
+            self.record.prompt = prompt if isinstance(prompt, str) else repr(prompt)
+
+    def log_output(self, output: Any) -> None:
+        if self.state.settings.log_prompts:
+            self.record.output = output if isinstance(output, str) else repr(output)
+
+    # ---- answering --------------------------------------------------------------------------------
+
+    async def respond(self, request: Request, chunks: AsyncIterator[dict[str, Any]] | None,
+                      build: Callable[[], dict[str, Any]]) -> Response:
+        """With `chunks`: the SSE stream of them (closed on completion, error or disconnect). Without:
+        every request run to its end (aborted if the client leaves), then build()'s JSON."""
+        if chunks is not None:
+            return EventStreamResponse(chunks, on_close=self.close)
+        await self.finish(request)
+        return JSONResponse(build())
 
     # ---- following outputs --------------------------------------------------------------------------
 
@@ -246,15 +285,3 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
             t.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
-
-
-def resolve_model(state: ServerState, name: str | None, task: str) -> ModelEntry:
-    """The model entry for a request; 404 for an unknown name, 400 when it cannot do `task`."""
-    if state.engine is None:
-        raise APIError(503, "server is not ready")
-    try:
-        return state.engine.get_model(name, task)
-    except KeyError as e:
-        raise APIError(404, f"model {name!r} does not exist", param="model", code="model_not_found") from e
-    except ValueError as e:  # RequestRejectedError
-        raise APIError(400, str(e), param="model") from e

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.engine.outputs import EngineRequestError, QueueFullError, RequestRejectedError
+from service.serving.models import UnknownModelError
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +65,15 @@ def error_response(err: APIError) -> JSONResponse:
                         headers=err.headers)
 
 
+def model_not_found(name: str, param: str = "model") -> APIError:
+    return APIError(404, f"model {name!r} does not exist", param=param, code="model_not_found")
+
+
 def from_engine_error(exc: Exception) -> APIError:
-    """Map the engine's admission errors (QueueFullError, RequestRejectedError, a bad SamplingParams) to HTTP."""
+    """Map what the layers below raise for a request to HTTP: UnknownModelError (404), QueueFullError (429),
+    EngineRequestError (500), RequestRejectedError and any ValueError carrying `.param` (400)."""
+    if isinstance(exc, UnknownModelError):
+        return model_not_found(exc.name)
     if isinstance(exc, QueueFullError):
         # Retry-After is whole seconds (RFC 9110); never 0, which would invite a hot retry loop.
         retry_after = max(1, math.ceil(exc.retry_after_s))
@@ -108,6 +116,7 @@ def install_handlers(app: FastAPI) -> None:
         message, param = _validation_message(exc)
         return error_response(APIError(422, message, param=param))
 
+    @app.exception_handler(UnknownModelError)
     @app.exception_handler(QueueFullError)
     @app.exception_handler(RequestRejectedError)
     @app.exception_handler(EngineRequestError)

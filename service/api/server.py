@@ -121,15 +121,15 @@ def run(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT; 0 after a clean drain, 1 when the model cannot be loaded or
     a second signal forced the exit."""
     configure_logging(settings.log_level)
-    from service.engine.async_engine import AsyncEngine  # noqa: PLC0415  (torch and the model: only when serving)
+    from service.serving.bootstrap import build_serving  # noqa: PLC0415  (torch and the model: only when serving)
 
     try:
         # Loaded before uvicorn starts so that a bad model or adapter is one clear line and exit 1.
-        engine = AsyncEngine.from_settings(settings)
+        serving = build_serving(settings)
     except (ValueError, OSError) as e:  # ModelConfigError, LoRAAdapterError, AdapterPathError, missing files
         logger.error("cannot load the model", extra={"error": str(e)})
         return 1
-    app = create_app(settings, engine)
+    app = create_app(settings, serving)
     state = app.state.server
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_config=None, access_log=False,

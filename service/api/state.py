@@ -1,4 +1,5 @@
-"""What the HTTP layer holds for the life of the process: settings, the engine, metrics, drain state."""
+"""What the HTTP layer holds for the life of the process: settings, the engine and its models, metrics,
+drain state."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from service.api.errors import APIError
 from service.config import Settings
 from service.metrics import Metrics
 
 if TYPE_CHECKING:
     from service.engine.async_engine import AsyncEngine
+    from service.serving.bootstrap import Serving
+    from service.serving.models import ModelRegistry
 
 
 @dataclass
@@ -21,6 +25,7 @@ class _Cumulative:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
+    num_steps: int = 0  # step samples before this one are in the histograms
 
 
 @dataclass
@@ -31,10 +36,20 @@ class ServerState:
     settings: Settings
     metrics: Metrics
     engine: AsyncEngine | None = None
+    models: ModelRegistry | None = None
     is_draining: bool = False
     in_flight: set[str] = field(default_factory=set)
     started_at: float = field(default_factory=time.time)
     _seen: _Cumulative = field(default_factory=_Cumulative)
+
+    def serve(self, serving: Serving) -> None:
+        self.engine, self.models = serving.engine, serving.models
+
+    def started(self) -> tuple[AsyncEngine, ModelRegistry]:
+        """The engine and its models, or 503 before they are loaded."""
+        if self.engine is None or self.models is None:
+            raise APIError(503, "server is not ready")
+        return self.engine, self.models
 
     def is_ready(self) -> bool:
         return self.engine is not None and self.engine.is_alive() and not self.is_draining
@@ -64,7 +79,9 @@ class ServerState:
         return len(left)
 
     def refresh_engine_metrics(self) -> None:
-        """Copy the engine's stats into the gauges and counters (called on every scrape of /metrics)."""
+        """Copy the engine's stats into the gauges and counters (called on every scrape of /metrics).
+        Reads only: concurrent scrapes each see every step sample once in the histograms (the
+        cursor is this state's, the histograms are the process's)."""
         if self.engine is None:
             return
         m, stats = self.metrics, self.engine.stats()
@@ -80,7 +97,9 @@ class ServerState:
         seen.num_preemptions = stats.num_preemptions
         if stats.prefix_cache_queries:
             m.prefix_cache_hit_ratio.set(stats.prefix_cache_hits / stats.prefix_cache_queries)
-        for num_seqs, num_tokens in stats.step_samples:  # the steps since the previous call
+        samples, seen.num_steps = self.engine.step_samples_since(seen.num_steps)
+        for num_seqs, num_tokens in samples:
             m.batch_size.observe(num_seqs)
             m.batch_tokens.observe(num_tokens)
-        m.loaded_adapters.set(sum(1 for entry in self.engine.models() if entry.parent is not None))
+        if self.models is not None:
+            m.loaded_adapters.set(self.models.num_adapters)

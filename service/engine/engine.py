@@ -1,24 +1,30 @@
-"""The synchronous engine: add requests, abort them, step. A step reads as schedule, run, update."""
+"""The synchronous engine: add requests, abort them, step. A step reads as schedule, run, update.
+
+`EngineConfig` lives in service/engine/config.py (torch-free, so Settings can read its defaults);
+it is re-exported here.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from kernels import load_ops
 from kernels.lora import LoRAMapping
 from service.engine.block_pool import BlockPool
+from service.engine.config import EngineConfig
 from service.engine.detokenizer import IncrementalDetokenizer
+from service.engine.engine_request import EngineRequest, EngineTask, RequestValidator
 from service.engine.kv_cache_manager import KVCacheManager
 from service.engine.model_runner import ModelRunner, ModelRunnerOutput, kv_cache_bytes_per_block
 from service.engine.outputs import CompletionDelta, RequestOutput, RequestRejectedError, TokenLogprob
 from service.engine.request import Sequence
-from service.engine.sampling_params import RequestLimits, SamplingParams
-from service.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from service.engine.sampling_params import SamplingParams
+from service.engine.scheduler import Scheduler, SchedulerOutput
 from service.engine.stop_strings import StopStrings
 from service.model.card import ModelCard
 from service.model.loader import LoadedModel
@@ -26,24 +32,6 @@ from service.model.lora import LoRAAdapter, LoRATargets
 from service.model.lora_store import LoRAStore
 
 log = logging.getLogger("lmservice.engine")
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    block_size: int = 16
-    kv_cache_memory_mb: int = 1024
-    num_kv_blocks: int | None = None
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 128
-    enable_prefix_caching: bool = True
-    max_waiting_requests: int = 1024
-    max_waiting_tokens: int = 1 << 20
-    max_loras: int = 8
-    max_lora_rank: int = 64
-    attention_backend: str = "auto"  # auto | torch | triton
-    enable_cuda_graphs: bool = True  # decode steps as CUDA graphs (CUDA only)
-    seed: int = 0
-    limits: RequestLimits = RequestLimits()
 
 
 @dataclass
@@ -56,7 +44,7 @@ class EngineStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
-    step_samples: list[tuple[int, int]] = field(default_factory=list)
+    num_steps: int  # engine steps that ran a batch, since start
 
 
 @dataclass(eq=False)
@@ -96,20 +84,25 @@ class Engine:
         num_blocks = config.num_kv_blocks or max(
             1, config.kv_cache_memory_mb * 2**20 // kv_cache_bytes_per_block(loaded.model, config.block_size, loaded.dtype))
         self.pool = BlockPool(num_blocks, config.block_size)
-        self.lora = LoRAStore(LoRATargets.from_config(loaded.config), config.max_loras, config.max_lora_rank,
-                              loaded.device, loaded.dtype)
-        self.adapter_salts: dict[str, str] = {}
+        self.validator = RequestValidator(vocab_size=self.vocab_size, max_model_len=self.max_model_len,
+                                          block_size=config.block_size, num_kv_blocks=num_blocks,
+                                          limits=config.limits)
+        self.lora = LoRAStore(LoRATargets.from_config(loaded.config), config.scheduler.max_loras,
+                              config.max_lora_rank, loaded.device, loaded.dtype)
+        self.adapter_load_ids: dict[str, int] = {}  # name -> which load of that name is served now
         self._num_adapters_loaded = 0
-        self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, config.max_waiting_requests,
-                            config.max_waiting_tokens, config.max_loras),
-            KVCacheManager(self.pool, config.enable_prefix_caching), adapters_fit=self.lora.can_acquire)
+        self.scheduler = Scheduler(config.scheduler, KVCacheManager(self.pool, config.enable_prefix_caching),
+                                   adapters_fit=self.lora.can_acquire)
         self.ops = load_ops(backend)
-        self.runner = ModelRunner(loaded.model, self.ops, num_blocks, config.block_size, loaded.device,
-                                  loaded.dtype, self.eos_token_id, config.seed,
-                                  cuda_graph_max_batch=config.max_num_seqs if config.enable_cuda_graphs else 0)
+        self.runner = ModelRunner(
+            model=loaded.model, ops=self.ops, num_blocks=num_blocks, block_size=config.block_size,
+            device=loaded.device, dtype=loaded.dtype, eos_token_id=self.eos_token_id, seed=config.seed,
+            cuda_graph_max_batch=config.scheduler.max_num_seqs if config.enable_cuda_graphs else 0)
         self.groups: dict[str, _Group] = {}
-        self.step_samples: deque[tuple[int, int]] = deque(maxlen=10_000)  # (num_seqs, num_tokens) per step
+        # NOTE: (step index, num_seqs, num_tokens) of recent steps, appended by the engine thread and read
+        # by scrapes (step_samples_since); reading never removes, so any number of readers see every sample.
+        self.step_samples: deque[tuple[int, int, int]] = deque(maxlen=10_000)
+        self.num_steps = 0
         log.info("engine ready: %d KV blocks of %d tokens, %s kernels", num_blocks, config.block_size, backend)
         if num_blocks * config.block_size < self.max_model_len:
             log.warning("the KV cache (%d tokens) is smaller than one full context (%d): long requests are refused",
@@ -121,96 +114,73 @@ class Engine:
         card = ModelCard.load(path)
         adapter = self.lora.load(name, path)
         if card is None:
-            card = ModelCard(task="classify" if adapter.score_weight is not None else "generate",
-                             labels=[f"LABEL_{i}" for i in range(adapter.score_weight.shape[0])]
-                             if adapter.score_weight is not None else None)
+            card = ModelCard.default([f"LABEL_{i}" for i in range(adapter.score_weight.shape[0])]
+                                     if adapter.score_weight is not None else None)
         self._num_adapters_loaded += 1
-        salt = f"{name}#{self._num_adapters_loaded}"  # unique per load: a re-added name never reuses old KV
-        self.adapter_salts[name] = salt
+        self.adapter_load_ids[name] = self._num_adapters_loaded
         if adapter.score_weight is not None:
             dev, dt = self.loaded.device, self.loaded.dtype
             bias = adapter.score_bias.to(dev, dt) if adapter.score_bias is not None else None
-            self.runner.score_heads[salt] = (adapter.score_weight.to(dev, dt), bias)
+            self.runner.score_heads[(name, self._num_adapters_loaded)] = (adapter.score_weight.to(dev, dt), bias)
         return adapter, card
 
     def remove_adapter(self, name: str) -> None:
         """New requests can no longer name it; requests in flight keep it until they end. KeyError if unknown."""
-        salt = self.adapter_salts.pop(name, None)
+        load_id = self.adapter_load_ids.pop(name, None)
         if self.lora.remove(name):
-            self.runner.score_heads.pop(salt, None)
+            self.runner.score_heads.pop((name, load_id), None)
 
-    def _release_adapter(self, name: str, salt: str | None) -> None:
+    def _release_adapter(self, key: tuple[str, int | None]) -> None:
+        name, load_id = key
         self.lora.unpin(name)
-        if self.adapter_salts.get(name) != salt:  # removed (or replaced) while this request ran
+        if self.adapter_load_ids.get(name) != load_id:  # removed (or replaced) while this request ran
             try:
                 self.lora.get(name)
             except KeyError:
-                self.runner.score_heads.pop(salt, None)
+                self.runner.score_heads.pop(key, None)
 
     # --- requests ---
-    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams, task: str = "generate") -> int:
-        """Check a request against the model (no engine state read or changed); returns its
-        max_tokens resolved against the context. Raises RequestRejectedError."""
-        num_prompt = len(prompt_token_ids)
-        if num_prompt == 0:
-            raise RequestRejectedError("the prompt is empty", "prompt")
-        if any(not 0 <= int(t) < self.vocab_size for t in prompt_token_ids):
-            raise RequestRejectedError(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
-        try:
-            params.validate(self.vocab_size, self.config.limits)
-        except ValueError as e:
-            raise RequestRejectedError(str(e), getattr(e, "param", None)) from e
-        if task == "classify":
-            max_tokens = 0
-            if num_prompt > self.max_model_len:
-                raise RequestRejectedError(
-                    f"the input has {num_prompt} tokens; the model's context is {self.max_model_len}", "input")
-        else:
-            room = self.max_model_len - num_prompt
-            max_tokens = room if params.max_tokens is None else params.max_tokens
-            if max_tokens > room or (params.max_tokens is None and room < 1) or room < 0:
-                raise RequestRejectedError(
-                    f"the prompt has {num_prompt} tokens and max_tokens is {max_tokens}: more than the model's "
-                    f"context of {self.max_model_len} tokens", "max_tokens")
-        # 4: a request the whole pool cannot hold would wait forever
-        num_blocks_needed = -(-(num_prompt + max_tokens) // self.pool.block_size)
-        if num_blocks_needed > self.pool.num_blocks:
-            raise RequestRejectedError(
-                f"the request needs {num_blocks_needed} KV blocks and the cache has {self.pool.num_blocks} "
-                "(raise --kv-cache-memory-mb)", "max_tokens")
-        return max_tokens
-
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    adapter: str | None = None, priority: int = 0, task: str = "generate",
-                    admitted: bool = False) -> None:
-        """Validate and queue a request; raises RequestRejectedError or QueueFullError, changing nothing.
-        admitted: the caller already checked the waiting-queue bounds (AsyncEngine does, on its thread)."""
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+               task: EngineTask = "generate", adapter: str | None = None, priority: int = 0) -> EngineRequest:
+        """The synchronous entry (the CLI, benchmarks, tests): validate, check the waiting-queue bounds and
+        queue; raises RequestRejectedError or QueueFullError, changing nothing."""
         if request_id in self.groups:
             raise RequestRejectedError(f"request id {request_id!r} is already in use", "request_id")
-        max_tokens = self.validate_request(prompt_token_ids, params, task)
+        request = self.validator.check(request_id, prompt_token_ids, params, task=task, adapter=adapter,
+                                       priority=priority)
+        self.check_admission(request.num_seqs, request.num_prompt_tokens)
+        self.add_request(request)
+        return request
+
+    def check_admission(self, num_seqs: int, num_prompt_tokens: int) -> None:
+        """QueueFullError when the bounded waiting queue cannot take this many more."""
+        self.scheduler.check_admission(num_seqs, num_prompt_tokens)
+
+    def add_request(self, request: EngineRequest) -> None:
+        """Queue a request that RequestValidator.check made, as it is (no validation, no admission check:
+        the caller did both). KeyError, changing nothing, if its adapter is no longer loaded."""
+        adapter, params = request.adapter, request.params
         if adapter is not None and adapter not in self.lora:
             raise KeyError(adapter)
-        n = 1 if task == "classify" else params.n
-        if not admitted:
-            self.scheduler.check_admission(n, n * len(prompt_token_ids))
         if adapter is not None:
             self.lora.pin(adapter)  # kept until the request ends, even if removed meanwhile
-
         seqs = []
         now = time.monotonic()
-        for i in range(n):
-            seq = Sequence(seq_id=f"{request_id}#{i}", group_id=request_id, index=i,
-                           prompt_token_ids=list(prompt_token_ids), params=params, max_tokens=max_tokens,
-                           priority=priority, adapter=adapter, task=task, arrival_time=now,
-                           cache_salt=self.adapter_salts.get(adapter) if adapter else None)
+        for i in range(request.num_seqs):
+            seq = Sequence(seq_id=f"{request.request_id}#{i}", group_id=request.request_id, index=i,
+                           prompt_token_ids=list(request.prompt_token_ids), params=params,
+                           max_tokens=request.max_tokens, priority=request.priority, adapter=adapter,
+                           adapter_load_id=self.adapter_load_ids.get(adapter) if adapter else None,
+                           task=request.task, arrival_time=now)
             if params.seed is not None and not params.is_greedy:
                 seq.generator = torch.Generator().manual_seed((params.seed + i) % 2**64)
             seqs.append(seq)
-        stops = StopStrings(params.stop) if params.stop and task == "generate" else None
+        generates = request.task == "generate"
+        stops = StopStrings(params.stop) if params.stop and generates else None
         detoks = [IncrementalDetokenizer(self.tokenizer, stops, params.include_stop_str_in_output,
-                                         params.skip_special_tokens) if task == "generate" else None for _ in seqs]
-        self.groups[request_id] = _Group(
-            request_id, seqs, detoks, [[] for _ in seqs], [[] for _ in seqs],
+                                         params.skip_special_tokens) if generates else None for _ in seqs]
+        self.groups[request.request_id] = _Group(
+            request.request_id, seqs, detoks, [[] for _ in seqs], [[] for _ in seqs],
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
         for seq in seqs:
             self.scheduler.add(seq)
@@ -227,6 +197,10 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def has_running(self) -> bool:
+        """Whether any sequence holds KV blocks (a step that scheduled nothing while this is False waits)."""
+        return bool(self.scheduler.running)
+
     # --- the step ---
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
@@ -236,7 +210,8 @@ class Engine:
             result = self.runner.execute(sched, self.lora_hook(sched))
         except Exception as e:  # noqa: BLE001 (one bad batch must not stop the server)
             return self._fail_batch(sched, e)
-        self.step_samples.append((len(sched.scheduled), sched.num_batched_tokens))
+        self.step_samples.append((self.num_steps, len(sched.scheduled), sched.num_batched_tokens))
+        self.num_steps += 1
         return self.update(sched, result)
 
     def lora_hook(self, sched: SchedulerOutput):
@@ -283,7 +258,6 @@ class Engine:
     def _fail_group(self, group: _Group, error: Exception) -> None:
         group.error = f"{type(error).__name__}: {error}"
         for seq in group.seqs:
-            self.scheduler.kv.forget(seq)
             self.scheduler.finish(seq, "error")
 
     def _append_token(self, group: _Group, seq: Sequence, token_id: int, logprob: TokenLogprob | None,
@@ -344,8 +318,8 @@ class Engine:
             group.sent_prompt_logprobs = True
         if finished:
             del self.groups[group.request_id]
-            if first.adapter is not None:
-                self._release_adapter(first.adapter, first.cache_salt)
+            if first.adapter_key is not None:
+                self._release_adapter(first.adapter_key)
         return out
 
     def _fail_batch(self, sched: SchedulerOutput, error: Exception) -> list[RequestOutput]:
@@ -357,13 +331,17 @@ class Engine:
         return [self._collect(g) for g in groups.values()]
 
     def stats(self) -> EngineStats:
-        """Counters now, and the step samples since the last call (safe to call from another thread)."""
-        samples = []
-        while self.step_samples:
-            samples.append(self.step_samples.popleft())
+        """Counters now: plain reads, safe from another thread, changing nothing."""
         return EngineStats(
             num_running=len(self.scheduler.running), num_waiting=self.scheduler.num_waiting,
             num_waiting_tokens=self.scheduler.num_waiting_tokens, num_kv_blocks_total=self.pool.num_blocks,
             num_kv_blocks_used=self.pool.num_used_blocks, prefix_cache_queries=self.pool.num_queries,
             prefix_cache_hits=self.pool.num_hits, num_preemptions=self.scheduler.num_preemptions,
-            step_samples=samples)
+            num_steps=self.num_steps)
+
+    def step_samples_since(self, num_seen: int) -> tuple[list[tuple[int, int]], int]:
+        """(num_seqs, num_tokens) of every kept step (the last 10,000) with index >= num_seen, and the
+        index to pass next time. Nothing is removed: each reader keeps its own cursor."""
+        recent = [sample for sample in list(self.step_samples) if sample[0] >= num_seen]
+        next_seen = recent[-1][0] + 1 if recent else num_seen
+        return [(num_seqs, num_tokens) for _, num_seqs, num_tokens in recent], next_seen

@@ -34,7 +34,7 @@ def kv_cache_bytes_per_block(model: GPT2ForServing, block_size: int, dtype: torc
 class ModelRunner:
     """Owns the model, its KV cache tensors and the sampler."""
 
-    def __init__(self, model: GPT2ForServing, ops: KernelOps, num_blocks: int, block_size: int,
+    def __init__(self, *, model: GPT2ForServing, ops: KernelOps, num_blocks: int, block_size: int,
                  device: torch.device, dtype: torch.dtype, eos_token_id: int | None, seed: int = 0,
                  cuda_graph_max_batch: int = 0) -> None:
         self.model = model
@@ -52,8 +52,8 @@ class ModelRunner:
         if cuda_graph_max_batch > 0 and device.type == "cuda":
             max_blocks = -(-c.n_positions // block_size)
             self.decode_graphs = DecodeGraphs(model, ops, self.kv_caches, cuda_graph_max_batch, max_blocks, device)
-        # classification heads: the base's (key None) and each classification adapter's (key: its cache salt)
-        self.score_heads: dict[str | None, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        # classification heads: the base's (key None) and each loaded classification adapter's (its adapter_key)
+        self.score_heads: dict[tuple[str, int] | None, tuple[torch.Tensor, torch.Tensor | None]] = {}
         if model.score is not None:
             self.score_heads[None] = (model.score.weight, None)
 
@@ -156,7 +156,7 @@ class ModelRunner:
                   out: ModelRunnerOutput) -> None:
         h = hidden[rows]  # (N, C)
         for row, (i, seq) in enumerate(zip(idx, seqs, strict=True)):
-            head = self.score_heads.get(seq.cache_salt)
+            head = self.score_heads.get(seq.adapter_key)
             if head is None:
                 out.errors[i] = f"model {seq.adapter or 'base'} has no classification head"
                 continue

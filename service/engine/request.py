@@ -36,7 +36,7 @@ class Sequence:
     max_tokens: int  # resolved against the context length
     priority: int = 0
     adapter: str | None = None  # LoRA adapter name (None: base)
-    cache_salt: str | None = None  # unique per loaded adapter: its KV differs from the base's and other adapters'
+    adapter_load_id: int | None = None  # which load of `adapter` (a name removed and added again is another)
     task: str = "generate"  # "generate" | "classify"
     arrival_time: float = field(default_factory=time.monotonic)
     arrival_order: int = field(default_factory=lambda: next(_arrival_counter))
@@ -76,9 +76,15 @@ class Sequence:
         return (self.priority, self.arrival_order)
 
     @property
+    def adapter_key(self) -> tuple[str, int | None] | None:
+        """The loaded adapter this sequence runs with (its LoRA weights, its score head); None: the base."""
+        return None if self.adapter is None else (self.adapter, self.adapter_load_id)
+
+    @property
     def prefix_cache_salt(self) -> str | None:
-        """Blocks are keyed by adapter as well as tokens: the same prompt has other KV under another adapter."""
-        return self.cache_salt
+        """Blocks are keyed by adapter as well as tokens: the same prompt has other KV under another adapter,
+        and under another load of the same name (a re-added adapter never reuses the old one's KV)."""
+        return None if self.adapter is None else f"{self.adapter}#{self.adapter_load_id}"
 
     def token_slice(self, start: int, end: int) -> list[int]:
         n = len(self.prompt_token_ids)

@@ -20,13 +20,13 @@ from service.engine.outputs import QueueFullError
 from service.engine.request import Sequence, Status
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SchedulerConfig:
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 128
-    max_waiting_requests: int = 1024
-    max_waiting_tokens: int = 1 << 20
-    max_loras: int = 8
+    max_num_batched_tokens: int = 2048  # token budget of one step (prefill chunks + decodes)
+    max_num_seqs: int = 128  # sequences running in one step
+    max_waiting_requests: int = 1024  # waiting-queue bound, in sequences (429 beyond)
+    max_waiting_tokens: int = 1 << 20  # waiting-queue bound, in prompt tokens (429 beyond)
+    max_loras: int = 8  # distinct adapters in one step (and resident on the device)
 
 
 @dataclass
@@ -155,9 +155,13 @@ class Scheduler:
         return out
 
     def finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
-        """Retire a sequence (done, aborted or failed) and free its blocks at once."""
+        """Retire a sequence (done, aborted or failed) and free its blocks at once. A failed one
+        ("error") first withdraws its blocks from the prefix cache: the failed step may have left
+        them unwritten or holding non-finite values."""
         if seq.status is Status.FINISHED:
             return
+        if reason == "error":
+            self.kv.forget(seq)
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
         else:

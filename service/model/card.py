@@ -52,6 +52,12 @@ class ModelCard(BaseModel):
                 raise ValueError("a translate card needs `languages` (source, target)")
         return self
 
+    @classmethod
+    def default(cls, labels: list[str] | None) -> ModelCard:
+        """The card of an artifact that has none: a classifier when it has a score head (its labels),
+        otherwise a plain `generate` model."""
+        return cls(task="classify", labels=labels) if labels else cls(task="generate")
+
     def render_translation_prompt(self, text: str) -> str:
         assert self.prompt_template is not None
         return self.prompt_template.replace("{text}", text)

@@ -130,10 +130,8 @@ def load_model(model_dir: Path, device: str = "auto", dtype: str = "auto", name:
     model.eval().requires_grad_(False)
 
     tokenizer = load_tokenizer(model_dir)
-    card = ModelCard.load(model_dir) or ModelCard(
-        task="classify" if config.is_classifier else "generate",
-        labels=[config.id2label.get(i, f"LABEL_{i}") for i in range(config.num_labels)] if config.is_classifier else None,
-    )
+    card = ModelCard.load(model_dir) or ModelCard.default(
+        [config.id2label.get(i, f"LABEL_{i}") for i in range(config.num_labels)] if config.is_classifier else None)
     return LoadedModel(name=name or model_dir.name, path=model_dir, model=model, config=config, tokenizer=tokenizer,
                        card=card, dtype=torch_dtype, device=torch_device)
 

@@ -1,142 +1,12 @@
-"""Real servers for the API tests: `lmservice serve` in a subprocess on a free port, over a tiny
-random-weight GPT-2 (tests/helpers.py) with a LoRA translate adapter and a LoRA classify adapter."""
+"""Clients of the shared server (tests/conftest.py's `server`): the official openai client and httpx."""
 
 from __future__ import annotations
-
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import torch
 
-from tests.helpers import make_gpt2_dir
-
-ROOT = Path(__file__).resolve().parents[2]
-API_KEY = "test-key"
-ADMIN_KEY = "admin-key"
-LABELS = ["negative", "positive"]
-TRANSLATE_CARD = {"task": "translate", "prompt_template": "English: {text}\nGerman:",
-                  "languages": {"source": "en", "target": "de"}}
-
-
-def _make_adapter(base_dir: Path, out_dir: Path, classifier: bool, seed: int) -> Path:
-    """A PEFT LoRA adapter with non-zero weights (PEFT starts B at zero) and its model card."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    if classifier:
-        model = GPT2ForSequenceClassification.from_pretrained(base_dir, num_labels=len(LABELS), pad_token_id=0)
-    else:
-        model = GPT2LMHeadModel.from_pretrained(base_dir)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
-                        modules_to_save=["score"] if classifier else None,
-                        task_type="SEQ_CLS" if classifier else "CAUSAL_LM")
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:
-                p.normal_(0.0, 0.3)
-    peft_model.save_pretrained(out_dir)
-    card = {"task": "classify", "labels": LABELS} if classifier else TRANSLATE_CARD
-    (out_dir / "lmservice.json").write_text(json.dumps(card))
-    return out_dir
-
-
-@pytest.fixture(scope="session")
-def model_dirs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("api_models")
-    base = make_gpt2_dir(root / "base", seed=3, vocab_size=1000, n_positions=1024, n_embd=64, n_layer=2, n_head=4)
-    adapters = root / "adapters"
-    _make_adapter(base, adapters / "cls", classifier=True, seed=1)
-    _make_adapter(base, adapters / "tr", classifier=False, seed=2)
-    return {"base": base, "adapters": adapters}
-
-
-@pytest.fixture(scope="session")
-def slow_model_dirs(tmp_path_factory) -> dict[str, Path]:
-    """A wider model (several ms per decode step) for tests that need a request to outlive a few HTTP calls,
-    with the same two adapters as the small one."""
-    root = tmp_path_factory.mktemp("api_slow_model")
-    base = make_gpt2_dir(root / "base", seed=5, vocab_size=1000, n_positions=1024, n_embd=384, n_layer=6, n_head=6)
-    _make_adapter(base, root / "adapters" / "cls", classifier=True, seed=1)
-    _make_adapter(base, root / "adapters" / "tr", classifier=False, seed=2)
-    return {"base": base, "adapters": root / "adapters"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`python -m service.cli serve ...` on a free port; logs go to a file the tests can read."""
-
-    def __init__(self, model_dirs: dict[str, Path], log_path: Path, *flags: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        args = [sys.executable, "-m", "service.cli", "serve", "--model", str(model_dirs["base"]),
-                "--served-model-name", "base", "--adapters-dir", str(model_dirs["adapters"]),
-                "--port", str(self.port), "--device", "cpu", "--num-kv-blocks", "512", *flags]
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout_s: float = 180.0) -> ServerProcess:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not ready after {timeout_s}s:\n{self.log()[-4000:]}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def log_records(self) -> list[dict]:
-        return [json.loads(line) for line in self.log().splitlines() if line.startswith("{")]
-
-    def terminate(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-
-    def stop(self) -> int:
-        self.terminate()
-        try:
-            rc = self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rc = self.proc.wait()
-        self._log.close()
-        return rc
-
-
-def start_server(model_dirs, tmp_path_factory, name: str, *flags: str) -> ServerProcess:
-    return ServerProcess(model_dirs, tmp_path_factory.mktemp(name) / "server.log", *flags).wait_ready()
-
-
-@pytest.fixture(scope="session")
-def server(model_dirs, tmp_path_factory):
-    """The shared server: API keys on, an admin key, default queue bounds."""
-    srv = start_server(model_dirs, tmp_path_factory, "main", "--api-key", API_KEY, "--api-key", "second-key",
-                       "--admin-key", ADMIN_KEY, "--max-body-bytes", "65536")
-    yield srv
-    srv.stop()
+from tests.servers import API_KEY
 
 
 @pytest.fixture
@@ -148,24 +18,3 @@ def client(server) -> openai.OpenAI:
 def http(server):
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as c:
         yield c
-
-
-def metric_samples(url: str, headers: dict | None = None) -> dict[tuple[str, tuple], float]:
-    """/metrics parsed by prometheus_client: (sample name, sorted labels) -> value."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(url + "/metrics", headers=headers or {}, timeout=30).text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def wait_kv_idle(url: str, timeout_s: float = 10.0) -> float:
-    """Poll until the engine's used KV blocks are back to 0 (idle); return the last usage fraction."""
-    deadline = time.monotonic() + timeout_s
-    usage = -1.0
-    while time.monotonic() < deadline:
-        usage = metric_samples(url)[("lmservice_kv_cache_usage_perc", ())]
-        if usage == 0.0:
-            return usage
-        time.sleep(0.05)
-    return usage

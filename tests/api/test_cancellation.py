@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from tests.api.conftest import API_KEY, wait_kv_idle
+from tests.servers import API_KEY, wait_kv_idle
 
 MAX_TOKENS = 1000  # ~all of the 1024 context: far longer than the tests wait
 LONG = {"model": "base", "prompt": "Go", "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
@@ -25,7 +25,7 @@ def access_record(server, request_id: str, timeout_s: float = 10.0) -> dict:
 
 def kv_busy(server) -> None:
     """Wait until the engine holds blocks (the request is running)."""
-    from tests.api.conftest import metric_samples
+    from tests.servers import metric_samples
 
     deadline = time.monotonic() + 30
     while metric_samples(server.url)[("lmservice_kv_cache_usage_perc", ())] == 0.0:

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.api.conftest import ADMIN_KEY, API_KEY, start_server
 from tests.helpers import make_gpt2_dir
+from tests.servers import ADMIN_KEY, API_KEY, start_server
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}", "content-type": "application/json"}
 

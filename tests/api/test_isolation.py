@@ -14,8 +14,7 @@ import time
 import httpx
 import pytest
 
-from tests.api.conftest import ADMIN_KEY, API_KEY, metric_samples, start_server
-from tests.api.test_lifecycle import StreamInBackground
+from tests.servers import ADMIN_KEY, API_KEY, StreamInBackground, metric_samples, start_server
 
 AUTH = {"Authorization": f"Bearer {API_KEY}", "content-type": "application/json"}
 LIMIT_FLAGS = ("--max-n", "4", "--max-logit-bias", "64", "--max-stop", "8", "--max-stop-length", "16",

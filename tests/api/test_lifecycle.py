@@ -3,53 +3,15 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import httpx
 import openai
 import pytest
 
-from tests.api.conftest import API_KEY, metric_samples, start_server
+from tests.servers import API_KEY, AUTH, StreamInBackground, metric_samples, start_server
 
 LONG = {"model": "base", "prompt": "Go", "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-class StreamInBackground:
-    """A streaming completion read to its end in a thread; `started` is set at the first event."""
-
-    def __init__(self, url: str, body: dict) -> None:
-        self.started = threading.Event()
-        self.chunks: list[dict] = []
-        self.status: int | None = None
-        self.done = False  # the stream's closing `data: [DONE]` arrived
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(url, body), daemon=True)
-        self.thread.start()
-
-    def _run(self, url: str, body: dict) -> None:
-        with httpx.Client(timeout=120) as c, c.stream("POST", url + "/v1/completions", headers=AUTH,
-                                                      json={**body, "stream": True,
-                                                            "stream_options": {"include_usage": True}}) as resp:
-            self.status = resp.status_code
-            for line in resp.iter_lines():
-                if line.startswith("data: {"):
-                    self.chunks.append(json.loads(line[6:]))
-                    self.started.set()
-                self.done = self.done or line == "data: [DONE]"
-                if self._stop.is_set():
-                    return  # hang up: the server aborts the request
-
-    def hang_up(self) -> None:
-        self._stop.set()
-        self.thread.join(30)
-
-    def text(self) -> str:
-        return "".join(c["choices"][0]["text"] for c in self.chunks if c["choices"])
-
-    def finish_reason(self) -> str | None:
-        return [c["choices"][0]["finish_reason"] for c in self.chunks if c["choices"]][-1]
 
 
 def _wait_metric(url: str, name: str, value: float, timeout_s: float = 30) -> None:
@@ -148,7 +110,7 @@ def test_unloadable_model_is_one_clear_line_and_exit_1(tmp_path):
     import subprocess
     import sys
 
-    from tests.api.conftest import ROOT
+    from tests.servers import ROOT
 
     proc = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--model", str(tmp_path / "missing")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)

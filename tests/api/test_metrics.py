@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.api.conftest import metric_samples
+from tests.servers import metric_samples
 
 
 def delta(before: dict, after: dict, name: str, **labels) -> float:

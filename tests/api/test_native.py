@@ -9,8 +9,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoTokenizer, GPT2ForSequenceClassification
 
-from tests.api.conftest import LABELS, TRANSLATE_CARD
-from tests.api.test_streaming import sse_events
+from tests.servers import LABELS, TRANSLATE_CARD, sse_events
 
 
 def test_generate_plain_with_logprobs(http):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
-from tests.api.conftest import API_KEY
+from tests.servers import API_KEY
 
 PROMPT = "The quick brown fox"
 

@@ -6,7 +6,7 @@ import uuid
 
 import httpx
 
-from tests.api.conftest import ADMIN_KEY, API_KEY
+from tests.servers import ADMIN_KEY, API_KEY
 
 
 def test_keys_enforced_and_probes_open(server):

@@ -8,17 +8,7 @@ import json
 import httpx
 import openai
 
-from tests.api.conftest import API_KEY
-
-
-def sse_events(raw: bytes) -> list[str]:
-    """Split an event stream by the spec: events end with a blank line; each of ours is one `data:` line."""
-    text = raw.decode()
-    assert text.endswith("\n\n")
-    events = text[:-2].split("\n\n")
-    for event in events:
-        assert event.startswith("data: ") and "\n" not in event, event
-    return [e[len("data: "):] for e in events]
+from tests.servers import API_KEY, sse_events
 
 
 def test_raw_sse_framing(http):

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from deploy_support import (
+
+from service.config import Settings
+from tests.deploy.deploy_support import (
     COMPOSE_FILES,
     COMPOSE_SCHEMA,
     DEPLOY,
@@ -17,8 +19,6 @@ from deploy_support import (
     load_yaml,
     missing,
 )
-
-from service.config import Settings
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ import json
 import re
 
 import pytest
-from deploy_support import REPO, dockerfile_env, run, tool
+
+from tests.deploy.deploy_support import REPO, dockerfile_env, run, tool
 
 DOCKERFILE = REPO / "Dockerfile"
 

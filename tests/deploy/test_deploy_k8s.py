@@ -8,7 +8,9 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from deploy_support import (
+
+from service.metrics import Metrics
+from tests.deploy.deploy_support import (
     K8S,
     K8S_VERSIONS,
     SCRAPE_TARGET_LABELS,
@@ -18,8 +20,6 @@ from deploy_support import (
     kustomize_build,
     load_yaml,
 )
-
-from service.metrics import Metrics
 
 SERVICEMONITOR_SCHEMA = json.loads((Path(__file__).parent / "schemas/servicemonitor-monitoring-v1.json").read_text())
 SERVING = {"cpu": K8S / "overlays/cpu", "gpu": K8S / "overlays/gpu"}

@@ -7,7 +7,9 @@ import re
 from pathlib import Path
 
 import pytest
-from deploy_support import (
+
+from service.config import Settings
+from tests.deploy.deploy_support import (
     COMPOSE_FILES,
     DEPLOY,
     REPO,
@@ -19,8 +21,6 @@ from deploy_support import (
     settings_env_names,
     settings_flags,
 )
-
-from service.config import Settings
 
 DEPLOY_FILES = [REPO / "Dockerfile", *COMPOSE_FILES, *sorted(p for p in DEPLOY.rglob("*") if p.is_file())]
 _ENV_NAME = re.compile(r"\bLMSERVICE_[A-Z0-9_]+\b")

@@ -52,7 +52,7 @@ def test_cached_block_reused_then_evicted_lru():
 
 def _seq(tokens, adapter=None):
     return Sequence("s", "g", 0, list(tokens), SamplingParams(), max_tokens=4, adapter=adapter,
-                    cache_salt=f"{adapter}#1" if adapter else None)
+                    adapter_load_id=1 if adapter else None)
 
 
 def test_prefix_hit_shares_blocks_and_leaves_one_token():

@@ -18,7 +18,7 @@ def run_cli(*args: str) -> str:
 
 def test_generate_greedy_streams_prompt_and_completion(tiny_model_dir, tiny_engine):
     from service.engine.sampling_params import SamplingParams
-    from tests.engine.conftest import run_to_completion
+    from tests.helpers import run_to_completion
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     engine = tiny_engine()

@@ -9,8 +9,7 @@ from transformers import GPT2LMHeadModel
 from service.engine.engine import Engine, EngineConfig
 from service.engine.sampling_params import SamplingParams
 from service.model.loader import load_model
-from tests.engine.conftest import run_to_completion
-from tests.helpers import make_gpt2_dir, prompts
+from tests.helpers import make_gpt2_dir, prompts, run_to_completion
 
 SHAPES = {
     "gpt2-small": dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12),
@@ -63,7 +62,7 @@ def test_greedy_parity(reference, variant):
         pytest.skip("the gpt2-small shape runs the default engine only (time)")
     kwargs = dict(num_kv_blocks=256)
     kwargs.update(ENGINE_VARIANTS[variant])
-    engine = Engine(load_model(model_dir, device="cpu", dtype="float32"), EngineConfig(**kwargs))
+    engine = Engine(load_model(model_dir, device="cpu", dtype="float32"), EngineConfig.from_fields(**kwargs))
     params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW[name], ignore_eos=True, logprobs=2)
     requests = [(f"r{i}", p, params) for i, p in enumerate(ps)]
     results = run_to_completion(engine, requests, stagger=3)
@@ -90,7 +89,7 @@ def test_decode_graph_padding_path_keeps_parity(reference):
     name, model_dir, ps, expected = reference
     if name == "gpt2-small":
         pytest.skip("the padding logic does not depend on the shape")
-    engine = Engine(load_model(model_dir, device="cpu", dtype="float32"), EngineConfig(num_kv_blocks=256))
+    engine = Engine(load_model(model_dir, device="cpu", dtype="float32"), EngineConfig.from_fields(num_kv_blocks=256))
     runner = engine.runner
     max_blocks = -(-engine.max_model_len // engine.config.block_size)
     runner.decode_graphs = DecodeGraphs(runner.model, runner.ops, runner.kv_caches, 12, max_blocks,

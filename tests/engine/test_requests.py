@@ -8,8 +8,7 @@ from transformers import GPT2LMHeadModel
 
 from service.engine.outputs import RequestRejectedError
 from service.engine.sampling_params import SamplingParams
-from tests.engine.conftest import run_to_completion
-from tests.helpers import prompts
+from tests.helpers import prompts, run_to_completion
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -114,111 +113,21 @@ def test_logit_bias_forces_a_token(tiny_engine):
 def test_context_length_and_bad_params_rejected(tiny_engine):
     engine = tiny_engine()
     with pytest.raises(RequestRejectedError, match="context") as e:
-        engine.add_request("a", [1] * 120, SamplingParams(max_tokens=9))
+        engine.submit("a", [1] * 120, SamplingParams(max_tokens=9))
     assert e.value.param == "max_tokens"
     with pytest.raises(RequestRejectedError):
-        engine.add_request("b", [1] * 128, SamplingParams(max_tokens=None))
+        engine.submit("b", [1] * 128, SamplingParams(max_tokens=None))
     with pytest.raises(RequestRejectedError, match="empty"):
-        engine.add_request("c", [], SamplingParams())
+        engine.submit("c", [], SamplingParams())
     with pytest.raises(RequestRejectedError, match="top_p"):
-        engine.add_request("d", [1], SamplingParams(top_p=0.0))
+        engine.submit("d", [1], SamplingParams(top_p=0.0))
     with pytest.raises(RequestRejectedError):
-        engine.add_request("e", [5000], SamplingParams())
+        engine.submit("e", [5000], SamplingParams())
     assert not engine.has_unfinished() and not engine.groups
     # max_tokens None: up to the context
     r = run_to_completion(engine, [("f", [1] * 100, SamplingParams(max_tokens=None, **GREEDY))])["f"]
     assert len(r["tokens"][0]) == 28 and r["finish"][0] == ("length", None)
     assert engine.pool.num_used_blocks == 0
-
-
-def test_abort_mid_generation_frees_blocks(tiny_engine):
-    engine = tiny_engine()
-    engine.add_request("a", list(range(1, 40)), SamplingParams(max_tokens=50, **GREEDY))
-    engine.step()
-    engine.step()
-    assert engine.pool.num_used_blocks > 0
-    out = engine.abort("a")
-    assert out.finished and out.outputs[0].finish_reason == "abort"
-    assert engine.pool.num_used_blocks == 0 and not engine.has_unfinished()
-
-
-def test_failing_request_fails_alone(tiny_engine):
-    engine = tiny_engine()
-    engine.add_request("good", [1, 2, 3], SamplingParams(max_tokens=4, **GREEDY))
-    engine.add_request("bad", [4, 5, 6], SamplingParams(max_tokens=4, **GREEDY))
-    engine.groups["bad"].detoks[0].add_token = lambda token_id, **kw: 1 / 0  # breaks after validation
-    events: dict[str, list] = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            events.setdefault(out.request_id, []).append(out)
-    bad, good = events["bad"][-1], events["good"][-1]
-    assert bad.finished and "ZeroDivisionError" in bad.error and bad.outputs[0].finish_reason == "error"
-    assert good.finished and good.error is None
-    assert sum(len(c.token_ids) for e in events["good"] for c in e.outputs) == 4
-    assert engine.pool.num_used_blocks == 0
-
-
-def test_a_detokenizer_that_raises_while_flushing_text_fails_only_its_request(tiny_engine):
-    """take_delta runs while the step's outputs are collected, after every row was updated: a failure
-    there must end its own request with an error, not the step (which would fail every request)."""
-    alone = run_to_completion(tiny_engine(), [("good", [1, 2, 3], SamplingParams(max_tokens=6, **GREEDY))])
-    engine = tiny_engine()
-    engine.add_request("good", [1, 2, 3], SamplingParams(max_tokens=6, **GREEDY))
-    engine.add_request("bad", [4, 5, 6], SamplingParams(max_tokens=6, n=2, **GREEDY))
-
-    def broken(finished):
-        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "a bad byte")
-
-    engine.groups["bad"].detoks[1].take_delta = broken
-    tokens, last = {"good": [], "bad": []}, {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            tokens[out.request_id] += [t for c in out.outputs for t in c.token_ids]
-            last[out.request_id] = out
-    assert last["bad"].finished and "UnicodeDecodeError" in last["bad"].error
-    assert {c.finish_reason for c in last["bad"].outputs} == {"error"}
-    assert last["good"].error is None and tokens["good"] == alone["good"]["tokens"][0]
-    assert engine.pool.num_used_blocks == 0
-
-
-def test_a_row_the_sampler_cannot_handle_fails_alone_and_its_batch_is_unchanged(tiny_engine):
-    """A value past validation (set after it, as a bug elsewhere could) breaks the batched sampling
-    pass: only its request fails; greedy and seeded neighbours get exactly their tokens alone."""
-    innocent = [("greedy", [1, 2, 3], SamplingParams(max_tokens=8, **GREEDY)),
-                ("seeded", [4, 5], SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True))]
-    alone = {rid: run_to_completion(tiny_engine(), [(rid, ids, p)])[rid]["tokens"][0] for rid, ids, p in innocent}
-    engine = tiny_engine()
-    hostile = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.5, ignore_eos=True)
-    for rid, ids, params in [*innocent, ("hostile", [7, 8, 9], hostile)]:
-        engine.add_request(rid, ids, params)
-    hostile.top_k = 10**20  # torch.tensor(top_k) overflows inside the batched pass
-    tokens: dict[str, list[int]] = {rid: [] for rid in ["greedy", "seeded", "hostile"]}
-    last = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            tokens[out.request_id] += [t for c in out.outputs for t in c.token_ids]
-            last[out.request_id] = out
-    assert "sampling failed" in last["hostile"].error and tokens["hostile"] == []
-    assert {rid: tokens[rid] for rid in alone} == alone
-    assert last["greedy"].error is None and last["seeded"].error is None
-    assert engine.pool.num_used_blocks == 0
-
-
-def test_non_finite_logits_fail_only_their_request(tiny_engine):
-    engine = tiny_engine()
-    runner = engine.runner
-    compute = runner.model.compute_logits
-
-    def poisoned(hidden):
-        logits = compute(hidden)
-        logits[0] = float("nan")  # row 0 of every sampling pass
-        return logits
-
-    runner.model.compute_logits = poisoned
-    engine.add_request("a", [1, 2, 3], SamplingParams(max_tokens=3, **GREEDY))
-    out = [o for _ in range(3) for o in engine.step()]
-    assert out[-1].finished and "non-finite" in out[-1].error
-    assert not engine.has_unfinished() and engine.pool.num_used_blocks == 0
 
 
 def test_text_is_the_tokenizers_decode_even_for_broken_utf8(tiny_engine):
@@ -231,3 +140,47 @@ def test_text_is_the_tokenizers_decode_even_for_broken_utf8(tiny_engine):
     for rid, _, _ in requests:
         r = results[rid]
         assert r["text"][0] == engine.tokenizer.decode(r["tokens"][0], skip_special_tokens=True)
+
+
+def test_prompt_logprobs_reported_once_after_preemption(tiny_engine):
+    engine = tiny_engine(num_kv_blocks=6, block_size=4)
+    prompt = list(range(100, 110))
+    engine.submit("b", list(range(200, 210)), SamplingParams(max_tokens=10, **GREEDY), priority=0)
+    engine.submit("a", prompt, SamplingParams(max_tokens=10, prompt_logprobs=1, **GREEDY), priority=1)
+    events = []
+    while engine.has_unfinished():
+        events += [o for o in engine.step() if o.request_id == "a"]
+    assert engine.scheduler.num_preemptions > 0
+    reported = [e.prompt_logprobs for e in events if e.prompt_logprobs is not None]
+    assert len(reported) == 1
+    assert [lp.token_id if lp else None for lp in reported[0]] == [None, *prompt[1:]]
+
+
+def test_max_tokens_zero_scores_the_prompt_only(tiny_engine):
+    r = run_to_completion(tiny_engine(), [("a", [5, 6, 7, 8], SamplingParams(max_tokens=0, prompt_logprobs=0))])["a"]
+    assert r["tokens"].get(0, []) == [] and r["finish"][0] == ("length", None)
+    assert len(r["events"][-1].prompt_logprobs) == 4 and r["events"][-1].num_generated_tokens == 0
+
+
+def test_request_larger_than_the_kv_cache_is_refused(tiny_engine):
+    engine = tiny_engine(num_kv_blocks=2, block_size=16)
+    with pytest.raises(RequestRejectedError, match="needs 3 KV blocks and the cache has 2"):
+        engine.submit("a", list(range(1, 30)), SamplingParams(max_tokens=10))
+    assert not engine.has_unfinished()
+
+
+def test_stop_strings_wait_for_min_tokens(tiny_engine):
+    engine = tiny_engine()
+    prompt = list(range(10, 50))
+    free = run_to_completion(engine, [("f", prompt, SamplingParams(max_tokens=8, **GREEDY))])["f"]["text"][0]
+    stop = free[:1]
+    r = run_to_completion(engine, [("s", prompt, SamplingParams(max_tokens=8, min_tokens=5, stop=[stop], **GREEDY))])
+    assert len(r["s"]["tokens"][0]) >= 5
+
+
+def test_tiny_temperature_is_greedy(tiny_engine):
+    prompt = [3, 1, 4, 1, 5]
+    greedy = run_to_completion(tiny_engine(), [("g", prompt, SamplingParams(max_tokens=6, **GREEDY))])
+    tiny = run_to_completion(tiny_engine(), [("t", prompt, SamplingParams(max_tokens=6, temperature=1e-30,
+                                                                          ignore_eos=True))])
+    assert tiny["t"]["tokens"][0] == greedy["g"]["tokens"][0]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from paged_batch import make_paged_batch, tolerance
 
 from kernels.attention import decode_attention_torch, prefill_attention_torch
 from kernels.triton_attention import (
@@ -13,6 +12,7 @@ from kernels.triton_attention import (
     decode_attention_triton,
     prefill_attention_triton,
 )
+from tests.kernels.paged_batch import make_paged_batch, tolerance
 
 SCALE = 0.125
 # (block_size, num_heads, dtype): each block size, head count and dtype at least twice

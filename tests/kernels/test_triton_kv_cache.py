@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from paged_batch import qkv_views
 
 from kernels.kv_cache import write_kv_cache_torch
 from kernels.triton_kv_cache import write_kv_cache_triton
+from tests.kernels.paged_batch import qkv_views
 
 
 @pytest.mark.parametrize(("block_size", "num_heads", "dtype"),

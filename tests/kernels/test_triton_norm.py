@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from paged_batch import tolerance
 
 from kernels.norm import add_layer_norm_torch
 from kernels.triton_norm import add_layer_norm_triton
+from tests.kernels.paged_batch import tolerance
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

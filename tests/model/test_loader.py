@@ -13,8 +13,7 @@ from service.engine.engine import Engine, EngineConfig
 from service.engine.sampling_params import SamplingParams
 from service.model.config import ModelConfigError
 from service.model.loader import load_model
-from tests.engine.conftest import run_to_completion
-from tests.helpers import make_gpt2_dir
+from tests.helpers import make_gpt2_dir, run_to_completion
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +27,7 @@ def _hf_logits(model_dir, ids):
 
 
 def _our_logprobs(model_dir, ids, dtype="float32"):
-    engine = Engine(load_model(model_dir, "cpu", dtype), EngineConfig(num_kv_blocks=32))
+    engine = Engine(load_model(model_dir, "cpu", dtype), EngineConfig.from_fields(num_kv_blocks=32))
     r = run_to_completion(engine, [("a", ids, SamplingParams(temperature=0, max_tokens=1, logprobs=5))])["a"]
     return r["logprobs"][0][0]
 
@@ -72,7 +71,7 @@ def test_sequence_classification_checkpoint_classifies(tmp_path):
     d = make_gpt2_dir(tmp_path / "cls", seed=6, classifier_labels=["neg", "pos"])
     loaded = load_model(d, "cpu", "float32")
     assert loaded.card.task == "classify" and loaded.card.labels == ["neg", "pos"]
-    engine = Engine(loaded, EngineConfig(num_kv_blocks=32))
+    engine = Engine(loaded, EngineConfig.from_fields(num_kv_blocks=32))
     ids = [4, 8, 15, 16, 23, 42]
     r = run_to_completion(engine, [("c", ids, SamplingParams(), None, "classify")])["c"]
     with torch.no_grad():

@@ -17,7 +17,7 @@ from service.engine.sampling_params import SamplingParams
 from service.model.card import ModelCard
 from service.model.loader import load_model
 from service.train.cli import main
-from tests.engine.conftest import run_to_completion
+from tests.helpers import run_to_completion
 
 NEW = 8
 FLAGS = ["--batch-size", "8", "--no-progress", "--threads", "1", "--save-steps", "100"]
@@ -58,7 +58,7 @@ def _strip_eos(ids: list[int], eos_id: int) -> list[int]:
 def test_engine_serves_pretrained_base_and_translate_adapter_like_peft(artifacts):
     base, translate, _ = artifacts
     tok = AutoTokenizer.from_pretrained(base)
-    engine = Engine(load_model(base, "cpu", "float32"), EngineConfig(num_kv_blocks=64))
+    engine = Engine(load_model(base, "cpu", "float32"), EngineConfig.from_fields(num_kv_blocks=64))
     _, card = engine.add_adapter("translate", translate)
     assert card == ModelCard.load(translate) and card.task == "translate"
     prompts = [card.render_translation_prompt(s) for s in ["a dog is here.", "two men is here.", "the cat"]]
@@ -77,7 +77,7 @@ def test_engine_serves_pretrained_base_and_translate_adapter_like_peft(artifacts
 def test_engine_classifies_with_the_trained_score_head_like_peft(artifacts):
     base, _, sentiment = artifacts
     tok = AutoTokenizer.from_pretrained(base)
-    engine = Engine(load_model(base, "cpu", "float32"), EngineConfig(num_kv_blocks=64))
+    engine = Engine(load_model(base, "cpu", "float32"), EngineConfig.from_fields(num_kv_blocks=64))
     _, card = engine.add_adapter("sentiment", sentiment)
     assert card.task == "classify" and card.labels == ["negative", "positive"]
     peft_model = PeftModel.from_pretrained(GPT2ForSequenceClassification.from_pretrained(base, num_labels=2),

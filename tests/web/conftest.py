@@ -16,10 +16,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from web_support import API_KEY, CHROMIUM_ARGS, ROOT, ServerProcess, Tab, WebServer, chromium_path, new_tab
 
-from tests.api.conftest import model_dirs  # noqa: F401  (a fixture, reused: the API tests' random model)
 from tests.deploy.deploy_support import missing
+from tests.web.web_support import (
+    API_KEY,
+    CHROMIUM_ARGS,
+    ROOT,
+    ServerProcess,
+    Tab,
+    WebServer,
+    chromium_path,
+    new_tab,
+)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from web_support import Tab, WebServer, expect, http
+from tests.web.web_support import Tab, WebServer, expect, http
 
 # The browser reports every 401 answer in the console; here those are the expected answers to a missing or
 # wrong key, and anything else is still an error.

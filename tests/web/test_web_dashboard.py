@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from web_support import Tab, expect, http
+from tests.web.web_support import Tab, expect, http
 
 LOAD_S = 6.0
 NUM_CLIENTS = 3

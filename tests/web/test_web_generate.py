@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 
-from web_support import Tab, expect, max_model_len
+from tests.web.web_support import Tab, expect, max_model_len
 
 PROMPT = "once upon a time"
 

@@ -4,7 +4,8 @@ at phone width."""
 from __future__ import annotations
 
 import pytest
-from web_support import PHONE, Tab, WebServer, expect
+
+from tests.web.web_support import PHONE, Tab, WebServer, expect
 
 PANELS = ["generate", "chat", "classify", "translate", "dashboard"]
 

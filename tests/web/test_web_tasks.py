@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from web_support import Tab, expect
+from tests.web.web_support import Tab, expect
 
 TEXTS = ["a charming and often affecting journey .", "a dull , lifeless film .", "the acting is fine ."]
 SENTENCES = ["A man is riding a bike.", "Two dogs are playing in the snow."]

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.api.conftest import ROOT, ServerProcess, metric_samples
 from tests.deploy.deploy_support import missing
+from tests.servers import ROOT, ServerProcess, metric_samples
 
 try:
     from playwright.sync_api import expect

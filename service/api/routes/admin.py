@@ -1,7 +1,7 @@
 """Admin endpoints (admin key only): load and unload LoRA adapters while serving.
 
-Adapters load only from inside settings.adapters_dir (the engine refuses any
-path that escapes it). A removed adapter takes no new requests; requests in
+Adapters load only from inside settings.adapters_dir (service/serving/adapters.py
+refuses any path that escapes it). A removed adapter takes no new requests; requests in
 flight on it finish.
 """
 
@@ -12,8 +12,9 @@ from fastapi.responses import JSONResponse
 from pydantic import ConfigDict, Field
 
 from service.api.auth import require_admin_key, server_state
-from service.api.errors import APIError
+from service.api.errors import APIError, model_not_found
 from service.api.schemas.common import ERROR_RESPONSES, RequestBody
+from service.serving.models import UnknownModelError
 
 router = APIRouter(dependencies=[Depends(require_admin_key)], tags=["admin"])
 
@@ -25,18 +26,11 @@ class LoadAdapterRequest(RequestBody):
     path: str = Field(..., description="Adapter directory, relative to the server's --adapters-dir.")
 
 
-def _engine(request: Request):
-    engine = server_state(request).engine
-    if engine is None:
-        raise APIError(503, "server is not ready")
-    return engine
-
-
 @router.post("/v1/adapters", status_code=201, responses={201: {"content": {"application/json": {"example": {
     "id": "sst2", "object": "model", "parent": "base", "tasks": ["classify"]}}}}, **ERROR_RESPONSES})
 async def load_adapter(body: LoadAdapterRequest, request: Request):
     try:
-        entry = await _engine(request).add_adapter(body.name, body.path)
+        entry = await server_state(request).started()[1].add_adapter(body.name, body.path)
     except (ValueError, OSError) as e:  # AdapterPathError, a broken adapter, a missing directory
         raise APIError(400, f"cannot load adapter {body.name!r}: {e}", param="path") from e
     return JSONResponse({"id": entry.name, "object": "model", "parent": entry.parent, "tasks": list(entry.tasks)},
@@ -47,7 +41,7 @@ async def load_adapter(body: LoadAdapterRequest, request: Request):
     "id": "sst2", "object": "model", "deleted": True}}}}, **ERROR_RESPONSES})
 async def unload_adapter(name: str, request: Request):
     try:
-        await _engine(request).remove_adapter(name)
-    except KeyError as e:
-        raise APIError(404, f"adapter {name!r} does not exist", param="name", code="model_not_found") from e
+        await server_state(request).started()[1].remove_adapter(name)
+    except UnknownModelError as e:
+        raise model_not_found(name, param="name") from e
     return {"id": name, "object": "model", "deleted": True}

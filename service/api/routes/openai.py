@@ -10,15 +10,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
 
 from service.api.auth import require_api_key, server_state
 from service.api.chat import render_chat_prompt
-from service.api.engine_client import EngineCall, resolve_model
-from service.api.errors import APIError
+from service.api.engine_client import EngineCall, PromptRun
+from service.api.errors import APIError, model_not_found
 from service.api.logprobs import TokenText, chat_logprobs, completion_logprobs
-from service.api.middleware import record_of
-from service.api.params import check_num_prompts, prompt_token_ids, sampling_params
 from service.api.schemas.common import ERROR_RESPONSES
 from service.api.schemas.openai import (
     ChatCompletionRequest,
@@ -28,9 +25,9 @@ from service.api.schemas.openai import (
     ModelInfo,
     ModelList,
 )
-from service.api.sse import EventStreamResponse
-from service.engine.outputs import CompletionDelta
+from service.engine.outputs import CompletionDelta, TokenLogprob
 from service.engine.sampling_params import MAX_LOGPROBS
+from service.serving.sampling import sampling_params
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["openai"])
 
@@ -66,43 +63,44 @@ def _chunk_head(call: EngineCall, obj: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- completions
 
 
+def _echoed(run: PromptRun, ids: list[int], lps: list[TokenLogprob]) -> tuple[list[int], list]:
+    """echo with logprobs: the prompt's ids and logprobs (None for the first token) lead the output's."""
+    prompt_lps = run.prompt_logprobs or [None] * len(run.prompt_token_ids)
+    return run.prompt_token_ids + ids, list(prompt_lps) + lps
+
+
 @router.post("/v1/completions", responses=_responses(CompletionResponse))
 async def completions(body: CompletionRequest, request: Request):
-    state = server_state(request)
-    entry = resolve_model(state, body.model, "generate")
-    tokenizer = state.engine.tokenizer
-    prompt_list = _prompt_list(body.prompt)
-    check_num_prompts(len(prompt_list), state.settings.max_prompts_per_request, "prompt")
-    prompts = [prompt_token_ids(tokenizer, p) for p in prompt_list]
+    engine, models = server_state(request).started()
+    call = EngineCall.open(request, models.resolve(body.model, "generate"), "cmpl")
+    prompts = call.tokenize(_prompt_list(body.prompt))
     echo_logprobs = body.echo and body.logprobs is not None
-    params = sampling_params(body, default_max_tokens=16, n=body.n, logprobs=body.logprobs,
-                             prompt_logprobs=body.logprobs if echo_logprobs else None)
-    call = EngineCall(state, record_of(request.scope), entry, "cmpl")
-    if state.settings.log_prompts:
-        call.record.prompt = repr(body.prompt)
-    call.submit_all(prompts, params)
-    prompt_texts = [tokenizer.decode(ids) for ids in prompts] if body.echo else None
-    token_text = TokenText(tokenizer)
+    call.submit(prompts, sampling_params(dict(body), default_max_tokens=16, n=body.n, logprobs=body.logprobs,
+                                         prompt_logprobs=body.logprobs if echo_logprobs else None))
+    prompt_texts = [engine.tokenizer.decode(ids) for ids in prompts] if body.echo else None
+    token_text = TokenText(engine.tokenizer)
+
+    def build() -> dict[str, Any]:
+        choices = []
+        for i, run in enumerate(call.runs):
+            for j, seq in enumerate(run.sequences):
+                prefix = prompt_texts[i] if prompt_texts else ""
+                logprobs = None
+                if body.logprobs is not None:
+                    ids, lps = list(seq.token_ids), list(seq.logprobs)
+                    if echo_logprobs:
+                        ids, lps = _echoed(run, ids, lps)
+                    logprobs = completion_logprobs(token_text, ids, lps)
+                choices.append({"index": i * run.params.n + j, "text": prefix + seq.text, "logprobs": logprobs,
+                                "finish_reason": seq.finish_reason})
+        call.log_output([c["text"] for c in choices])
+        return {**_chunk_head(call, "text_completion"), "choices": choices, "usage": call.usage()}
+
+    chunks = None
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStreamResponse(_completion_chunks(call, body, prompt_texts, token_text, include_usage),
-                                   on_close=call.close)
-    await call.finish(request)
-    choices = []
-    for i, run in enumerate(call.runs):
-        for j, seq in enumerate(run.sequences):
-            prefix = prompt_texts[i] if prompt_texts else ""
-            logprobs = None
-            if body.logprobs is not None:
-                ids, lps = list(seq.token_ids), list(seq.logprobs)
-                if echo_logprobs:
-                    ids, lps = run.prompt_token_ids + ids, list(run.prompt_logprobs or [None] * len(ids)) + lps
-                logprobs = completion_logprobs(token_text, ids, lps)
-            choices.append({"index": i * run.params.n + j, "text": prefix + seq.text, "logprobs": logprobs,
-                            "finish_reason": seq.finish_reason})
-    if state.settings.log_prompts:
-        call.record.output = repr([c["text"] for c in choices])
-    return JSONResponse({**_chunk_head(call, "text_completion"), "choices": choices, "usage": call.usage()})
+        chunks = _completion_chunks(call, body, prompt_texts, token_text, include_usage)
+    return await call.respond(request, chunks, build)
 
 
 async def _completion_chunks(call: EngineCall, body: CompletionRequest, prompt_texts: list[str] | None,
@@ -115,7 +113,7 @@ async def _completion_chunks(call: EngineCall, body: CompletionRequest, prompt_t
         if index not in offsets and prompt_texts is not None:  # echo: the prompt leads the first chunk
             text = prompt_texts[i] + text
             if body.logprobs is not None:
-                ids, lps = run.prompt_token_ids + ids, list(run.prompt_logprobs or [None] * len(ids)) + lps
+                ids, lps = _echoed(run, ids, lps)
         if not text and not ids and delta.finish_reason is None:
             continue
         offset = offsets.get(index, 0)
@@ -132,33 +130,30 @@ async def _completion_chunks(call: EngineCall, body: CompletionRequest, prompt_t
 
 @router.post("/v1/chat/completions", responses=_responses(ChatCompletionResponse))
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    state = server_state(request)
-    entry = resolve_model(state, body.model, "generate")
-    tokenizer = state.engine.tokenizer
-    prompt = render_chat_prompt(tokenizer, body.messages)
-    ids = prompt_token_ids(tokenizer, prompt, param="messages")
+    engine, models = server_state(request).started()
+    call = EngineCall.open(request, models.resolve(body.model, "generate"), "chatcmpl")
+    prompts = call.tokenize([render_chat_prompt(engine.tokenizer, body.messages)], param="messages")
     if body.max_completion_tokens is not None:
         body.max_tokens = body.max_completion_tokens
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     if top_logprobs is not None and not 0 <= top_logprobs <= MAX_LOGPROBS:
         raise APIError(400, f"top_logprobs: must be between 0 and {MAX_LOGPROBS}, got {top_logprobs}",
                        param="top_logprobs")
-    params = sampling_params(body, default_max_tokens=None, n=body.n, logprobs=top_logprobs)
-    call = EngineCall(state, record_of(request.scope), entry, "chatcmpl")
-    if state.settings.log_prompts:
-        call.record.prompt = prompt
-    call.submit_all([ids], params)
-    token_text = TokenText(tokenizer)
+    call.submit(prompts, sampling_params(dict(body), default_max_tokens=None, n=body.n, logprobs=top_logprobs))
+    token_text = TokenText(engine.tokenizer)
+
+    def build() -> dict[str, Any]:
+        choices = [{"index": j, "message": {"role": "assistant", "content": seq.text},
+                    "logprobs": chat_logprobs(token_text, seq.logprobs) if body.logprobs else None,
+                    "finish_reason": seq.finish_reason} for j, seq in enumerate(call.runs[0].sequences)]
+        call.log_output([c["message"]["content"] for c in choices])
+        return {**_chunk_head(call, "chat.completion"), "choices": choices, "usage": call.usage()}
+
+    chunks = None
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStreamResponse(_chat_chunks(call, body, token_text, include_usage), on_close=call.close)
-    await call.finish(request)
-    choices = [{"index": j, "message": {"role": "assistant", "content": seq.text},
-                "logprobs": chat_logprobs(token_text, seq.logprobs) if body.logprobs else None,
-                "finish_reason": seq.finish_reason} for j, seq in enumerate(call.runs[0].sequences)]
-    if state.settings.log_prompts:
-        call.record.output = repr([c["message"]["content"] for c in choices])
-    return JSONResponse({**_chunk_head(call, "chat.completion"), "choices": choices, "usage": call.usage()})
+        chunks = _chat_chunks(call, body, token_text, include_usage)
+    return await call.respond(request, chunks, build)
 
 
 async def _chat_chunks(call: EngineCall, body: ChatCompletionRequest, token_text: TokenText,
@@ -182,11 +177,10 @@ async def _chat_chunks(call: EngineCall, body: ChatCompletionRequest, token_text
 
 def _model_info(request: Request) -> list[dict[str, Any]]:
     state = server_state(request)
-    if state.engine is None:
-        raise APIError(503, "server is not ready")
+    engine, models = state.started()
     return [ModelInfo(id=e.name, created=int(state.started_at), parent=e.parent, root=e.parent or e.name,
-                      tasks=list(e.tasks), max_model_len=state.engine.max_model_len).model_dump()
-            for e in state.engine.models()]
+                      tasks=list(e.tasks), max_model_len=engine.max_model_len).model_dump()
+            for e in models.models()]
 
 
 @router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
@@ -199,4 +193,4 @@ async def get_model(model: str, request: Request):
     for info in _model_info(request):
         if info["id"] == model:
             return info
-    raise APIError(404, f"model {model!r} does not exist", param="model", code="model_not_found")
+    raise model_not_found(model)

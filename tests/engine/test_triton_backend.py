@@ -9,8 +9,7 @@ from transformers import GPT2LMHeadModel
 from service.engine.engine import Engine, EngineConfig
 from service.engine.sampling_params import SamplingParams
 from service.model.loader import load_model
-from tests.engine.conftest import run_to_completion
-from tests.helpers import make_gpt2_dir, prompts
+from tests.helpers import make_gpt2_dir, prompts, run_to_completion
 
 NUM_NEW = 5
 
@@ -35,7 +34,7 @@ def tiny_reference(tmp_path_factory):
 @pytest.mark.parametrize("variant", [{}, {"max_num_batched_tokens": 7}], ids=["default", "chunked"])
 def test_greedy_parity_on_triton_kernels(tiny_reference, variant):
     model_dir, ps, expected = tiny_reference
-    config = EngineConfig(num_kv_blocks=64, block_size=8, attention_backend="triton", **variant)
+    config = EngineConfig.from_fields(num_kv_blocks=64, block_size=8, attention_backend="triton", **variant)
     engine = Engine(load_model(model_dir, device="cpu", dtype="float32"), config)
     assert engine.runner.ops.name == "triton"
     params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True)

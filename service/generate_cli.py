@@ -6,23 +6,19 @@ import argparse
 import sys
 
 from service.config import Settings
-from service.engine.async_engine import engine_config
-from service.engine.engine import Engine
-from service.engine.sampling_params import SamplingParams
-from service.model.loader import load_model
+from service.serving.bootstrap import build_engine
+from service.serving.sampling import sampling_params
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
-    loaded = load_model(settings.model, settings.device, settings.dtype)
-    engine = Engine(loaded, engine_config(settings))
-    params = SamplingParams(
-        n=args.n, max_tokens=args.max_tokens, min_tokens=args.min_tokens, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, seed=args.sample_seed,
-        stop=args.stop, ignore_eos=args.ignore_eos, logprobs=args.logprobs)
-    tok = loaded.tokenizer
+    engine = build_engine(settings)
+    # The same mapping as the API's: the flags carry the request fields' names (--sample-seed is `seed`;
+    # --seed is the server's own).
+    params = sampling_params({**vars(args), "seed": args.sample_seed}, default_max_tokens=args.max_tokens,
+                             n=args.n, logprobs=args.logprobs)
+    tok = engine.tokenizer
     for i, prompt in enumerate(args.prompt):
-        engine.add_request(str(i), tok.encode(prompt), params)
+        engine.submit(str(i), tok.encode(prompt), params)
     stream = args.stream and len(args.prompt) == 1 and args.n == 1
     texts: dict[tuple[str, int], str] = {}
     logprobs: dict[tuple[str, int], list] = {}

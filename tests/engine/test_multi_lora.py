@@ -11,12 +11,12 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
-from service.engine.async_engine import AdapterPathError, AsyncEngine
 from service.engine.engine import Engine, EngineConfig
 from service.engine.sampling_params import SamplingParams
 from service.model.loader import load_model
-from tests.engine.conftest import run_to_completion
-from tests.helpers import make_gpt2_dir, prompts
+from service.serving.adapters import AdapterPathError
+from service.serving.bootstrap import serving_for
+from tests.helpers import make_gpt2_dir, prompts, run_to_completion, submit
 
 ADAPTERS = {  # name: (rank, alpha, targets, rslora)
     "attn-r4": (4, 8, ["c_attn"], False),
@@ -66,7 +66,7 @@ def reference(base, adapter_dir, prompt):
 
 
 def engine_with(base, dirs, **kwargs):
-    engine = Engine(load_model(base, "cpu", "float32"), EngineConfig(num_kv_blocks=256, **kwargs))
+    engine = Engine(load_model(base, "cpu", "float32"), EngineConfig.from_fields(num_kv_blocks=256, **kwargs))
     for name, path in dirs.items():
         engine.add_adapter(name, path)
     return engine
@@ -121,7 +121,7 @@ def test_classify_through_adapter_matches_peft(tmp_path):
     cfg = json.loads((lm_base / "config.json").read_text())
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (lm_base / "config.json").write_text(json.dumps(cfg))
-    engine = Engine(load_model(lm_base, "cpu", "float32"), EngineConfig(num_kv_blocks=64))
+    engine = Engine(load_model(lm_base, "cpu", "float32"), EngineConfig.from_fields(num_kv_blocks=64))
     _, card = engine.add_adapter("sentiment", adapter)
     assert card.labels == ["neg", "pos", "mixed"]
     peft_model = PeftModel.from_pretrained(GPT2ForSequenceClassification.from_pretrained(base), adapter).eval()
@@ -143,34 +143,35 @@ def test_adapters_added_and_removed_while_serving(lora_setup):
     (broken / "adapter_config.json").write_text("{not json")
 
     async def scenario():
-        engine = AsyncEngine.from_loaded(load_model(base, "cpu", "float32"), EngineConfig(num_kv_blocks=128),
-                                         {"attn-r4": dirs["attn-r4"]}, adapters_dir)
+        serving = serving_for(Engine(load_model(base, "cpu", "float32"), EngineConfig.from_fields(num_kv_blocks=128)),
+                              {"attn-r4": dirs["attn-r4"]}, adapters_dir)
+        engine, models = serving.engine, serving.models
         engine.start()
         try:
             slow = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
-            stream = engine.add_request("inflight", [1, 2, 3], slow, model="attn-r4")
-            await engine.remove_adapter("attn-r4")  # in flight: keeps its adapter until it ends
-            assert "attn-r4" not in [m.name for m in engine.models()]
+            stream = submit(serving, "inflight", [1, 2, 3], slow, model="attn-r4")
+            await models.remove_adapter("attn-r4")  # in flight: keeps its adapter until it ends
+            assert "attn-r4" not in [m.name for m in models.models()]
             with pytest.raises(KeyError):
-                engine.add_request("late", [1, 2, 3], GREEDY, model="attn-r4")
+                submit(serving, "late", [1, 2, 3], GREEDY, model="attn-r4")
             tokens = [t async for out in stream for c in out.outputs for t in c.token_ids]
             ref = reference(base, dirs["attn-r4"], [1, 2, 3])
             assert tokens[:NEW] == ref
 
-            entry = await engine.add_adapter("published", "all-r8")
-            assert entry.parent == "base" and entry.tasks == ["generate"]
-            stream = engine.add_request("new", [4, 5, 6], GREEDY, model="published")
+            entry = await models.add_adapter("published", "all-r8")
+            assert entry.parent == "base" and list(entry.tasks) == ["generate"]
+            stream = submit(serving, "new", [4, 5, 6], GREEDY, model="published")
             tokens = [t async for out in stream for c in out.outputs for t in c.token_ids]
             assert tokens == reference(base, dirs["all-r8"], [4, 5, 6])
 
             for bad in ("../base", "/etc", "all-r8/../../base"):
                 with pytest.raises(AdapterPathError):
-                    await engine.add_adapter("x", bad)
+                    await models.add_adapter("x", bad)
             with pytest.raises(AdapterPathError):
-                await engine.add_adapter("../evil", "all-r8")
+                await models.add_adapter("../evil", "all-r8")
             with pytest.raises(ValueError, match="adapter_config.json"):
-                await engine.add_adapter("broken", "broken")
-            assert [m.name for m in engine.models()] == ["base", "published"]
+                await models.add_adapter("broken", "broken")
+            assert [m.name for m in models.models()] == ["base", "published"]
             assert engine.stats().num_kv_blocks_used == 0
         finally:
             await engine.shutdown()

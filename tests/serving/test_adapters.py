@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from service.engine.async_engine import find_adapters
+from service.serving.adapters import find_adapters
 
 
 def _adapter(path):

@@ -1,0 +1,59 @@
+"""Everything a server or the CLI runs on, built from Settings: the one place settings meet the engine.
+
+`engine_config` maps settings to the engine's config by field name (the engine's
+configs hold every default; Settings takes them from there), so a new engine
+field is one line in its config and one in Settings, and tests/engine check
+that the two agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.config import DEFAULT_ADAPTERS_DIR, DEFAULT_MODEL_DIR, Settings
+from service.engine.async_engine import AsyncEngine
+from service.engine.engine import Engine, EngineConfig
+from service.model.loader import load_model
+from service.serving.adapters import find_adapters
+from service.serving.models import ModelRegistry, base_entry
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What the API serves: the engine (its thread not yet started) and the names it answers to."""
+
+    engine: AsyncEngine
+    models: ModelRegistry
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    return EngineConfig.from_fields(**{name: getattr(settings, name) for name in EngineConfig.field_names()})
+
+
+def build_engine(settings: Settings) -> Engine:
+    """The synchronous engine on the base model (`lmservice generate`)."""
+    loaded = load_model(settings.model, settings.device, settings.dtype, settings.served_model_name)
+    return Engine(loaded, engine_config(settings))
+
+
+def build_serving(settings: Settings) -> Serving:
+    """The base model and its adapters: every --adapter NAME=DIR, and every PEFT directory under
+    --adapters-dir (with no --model given, the shipped models/ directory). Raises ValueError/OSError
+    for a model or adapter that cannot be loaded."""
+    adapters_dir = settings.adapters_dir
+    if adapters_dir is None and Path(settings.model).resolve() == DEFAULT_MODEL_DIR.resolve():
+        adapters_dir = DEFAULT_ADAPTERS_DIR
+    adapters = find_adapters(adapters_dir) if adapters_dir is not None else {}
+    adapters.update(settings.adapter_dirs())
+    return serving_for(build_engine(settings), adapters, adapters_dir)
+
+
+def serving_for(engine: Engine, adapters: dict[str, Path] | None = None,
+                adapters_dir: Path | None = None) -> Serving:
+    """An engine with these adapters loaded, and its registry (tests build engines this way too)."""
+    async_engine = AsyncEngine(engine)
+    models = ModelRegistry(async_engine, base_entry(engine), adapters_dir)
+    for name, path in (adapters or {}).items():
+        models.add_adapter_now(name, path)
+    return Serving(async_engine, models)
