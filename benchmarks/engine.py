@@ -8,6 +8,9 @@ a time, and transformers' generate on one static batch of the same size.
     python benchmarks/engine.py                       # the table in docs/benchmarks.md
     python benchmarks/engine.py --concurrency 1 8 --dtypes float32 --new-tokens 32   # quicker
     python benchmarks/engine.py --decode-steps 16 --repeats 3   # decode step alone, best of 3, alternating
+    python benchmarks/engine.py --decode-steps 12 --dtypes float32 int8 bfloat16 --concurrency 1 32
+
+`--dtypes int8` is lmservice with --quantization int8 (fp32 activations); transformers runs fp32 beside it.
 """
 
 from __future__ import annotations
@@ -34,8 +37,19 @@ def make_model(path: Path, shape: str) -> None:
     make_gpt2_dir(path, seed=0, **SHAPES[shape])
 
 
+def load(model_dir: Path, dtype: str):
+    """lmservice's model for a --dtypes entry ("int8": float32 with --quantization int8)."""
+    if dtype == "int8":
+        return load_model(model_dir, "cpu", "float32", quantization="int8")
+    return load_model(model_dir, "cpu", dtype)
+
+
+def hf_dtype(dtype: str) -> torch.dtype:
+    return torch.float32 if dtype == "int8" else getattr(torch, dtype)
+
+
 def run_engine(model_dir: Path, dtype: str, prompts: list[list[int]], new_tokens: int) -> float:
-    loaded = load_model(model_dir, "cpu", dtype)
+    loaded = load(model_dir, dtype)
     engine = Engine(loaded, EngineConfig.from_fields(kv_cache_memory_mb=2048, max_num_seqs=256, max_num_batched_tokens=4096,
                                          enable_prefix_caching=False))
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
@@ -57,7 +71,7 @@ def run_engine(model_dir: Path, dtype: str, prompts: list[list[int]], new_tokens
 def run_hf(model_dir: Path, dtype: str, prompts: list[list[int]], new_tokens: int, static_batch: bool) -> float:
     from transformers import GPT2LMHeadModel
 
-    model = GPT2LMHeadModel.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    model = GPT2LMHeadModel.from_pretrained(model_dir, dtype=hf_dtype(dtype)).eval()
     batches = [prompts] if static_batch else [[p] for p in prompts]
     with torch.inference_mode():
         model.generate(torch.tensor([prompts[0][:8]]), max_new_tokens=2, do_sample=False, pad_token_id=0)
@@ -76,9 +90,9 @@ def decode_step_ms(model_dir: Path, dtype: str, prompts: list[list[int]], steps:
     load. transformers' steps are timed from inside its loop (a logits processor); prefill is excluded."""
     from transformers import GPT2LMHeadModel
 
-    hf = GPT2LMHeadModel.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    hf = GPT2LMHeadModel.from_pretrained(model_dir, dtype=hf_dtype(dtype)).eval()
     ids = torch.tensor(prompts)
-    loaded = load_model(model_dir, "cpu", dtype)
+    loaded = load(model_dir, dtype)
     params = SamplingParams(temperature=0.0, max_tokens=steps + 2, ignore_eos=True)
     ours, theirs = [], []
     stamps: list[float] = []

@@ -235,7 +235,11 @@ def _random_gpt2(setup: Setup, n_embd: int, n_layer: int, n_head: int, vocab_siz
     config = GPT2Config.from_dict({"model_type": "gpt2", "n_embd": n_embd, "n_layer": n_layer, "n_head": n_head,
                                    "vocab_size": vocab_size, "n_positions": 1024})
     torch.manual_seed(0)
-    return GPT2ForServing(config).to(device=setup.device, dtype=setup.dtype).eval()
+    model = GPT2ForServing(config)
+    with torch.no_grad():  # the serving model skips random init (the loader assigns every weight)
+        model.transformer.wte.weight.normal_(0.0, 0.02)
+        model.transformer.wpe.weight.normal_(0.0, 0.01)
+    return model.to(device=setup.device, dtype=setup.dtype).eval()
 
 
 def bench_decode_step(setup: Setup, model_name: str, dims: tuple[int, int, int, int]) -> list[Row]:

@@ -66,7 +66,7 @@ class ServerProcess:
         self.log_path = log_path
         args = [sys.executable, "-m", "service.cli", "serve", "--model", str(model_dirs["base"]),
                 "--served-model-name", "base", "--adapters-dir", str(model_dirs["adapters"]),
-                "--port", str(self.port), "--device", "cpu", "--num-kv-blocks", "512", *flags]
+                "--port", str(self.port), "--device", "cpu", "--dtype", "float32", "--num-kv-blocks", "512", *flags]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)

@@ -48,8 +48,11 @@ class LoRAHook(Protocol):
     def apply(self, module_key: str, x: torch.Tensor, y: torch.Tensor) -> None: ...
 
 
-def _linear(module: nn.Linear, key: str, x: torch.Tensor, lora: LoRAHook | None, bias: bool = True) -> torch.Tensor:
-    y = F.linear(x, module.weight, module.bias if bias else None)
+def _linear(module: nn.Module, key: str, x: torch.Tensor, lora: LoRAHook | None, bias: bool = True) -> torch.Tensor:
+    if isinstance(module, nn.Linear):
+        y = F.linear(x, module.weight, module.bias if bias else None)
+    else:  # a quantized projection (service/model/quantize.py)
+        y = module(x, with_bias=bias)
     if lora is not None:
         lora.apply(key, x, y)
     return y
@@ -122,8 +125,12 @@ class GPT2Block(nn.Module):
 class GPT2Transformer(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        # NOTE: `_weight` skips reset_parameters: the checkpoint assigns every weight (service/model/loader.py),
+        # and a random init on the meta device makes torch 2.13 import torch._dynamo (2 s of start-up).
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd,
+                                _weight=torch.empty(config.vocab_size, config.n_embd))
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd,
+                                _weight=torch.empty(config.n_positions, config.n_embd))
         self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
@@ -157,4 +164,4 @@ class GPT2ForServing(nn.Module):
         return out
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head.weight)  # (N, vocab)
+        return _linear(self.lm_head, "lm_head", hidden, None)  # (N, vocab)

@@ -17,7 +17,10 @@ from safetensors.torch import load_file
 
 from service.model.card import ModelCard
 from service.model.config import GPT2Config, ModelConfigError
+from service.model.cpu import has_bf16_matmul
 from service.model.gpt2 import GPT2ForServing
+from service.model.quantize import QUANTIZATIONS, quantize_int8
+from service.model.tokenizer import Tokenizer
 
 _CONV1D_SUFFIXES = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # HF's causal-mask buffers
@@ -34,7 +37,7 @@ class LoadedModel:
     path: Path
     model: GPT2ForServing
     config: GPT2Config
-    tokenizer: object  # transformers.PreTrainedTokenizerFast
+    tokenizer: Tokenizer
     card: ModelCard
     dtype: torch.dtype
     device: torch.device
@@ -49,8 +52,13 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto: bfloat16 on CUDA; on a CPU, bfloat16 only where it has bf16 matmul tiles (AMX: on a 2-core Xeon
+    a decode step was 1.3-1.7x faster than fp32 at batch 8-32 and within +-10% at batch 1,
+    docs/benchmarks.md), float32 elsewhere (on AVX2-only CPUs bf16 ran 3-25x slower)."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda" or has_bf16_matmul():
+            return torch.bfloat16
+        return torch.float32
     return DTYPES[dtype]
 
 
@@ -85,14 +93,25 @@ def read_checkpoint(model_dir: Path) -> dict[str, tuple[torch.Tensor, Path]]:
     return tensors
 
 
-def load_model(model_dir: Path, device: str = "auto", dtype: str = "auto", name: str | None = None) -> LoadedModel:
-    """Load a checkpoint directory; any mismatch fails here, naming the file and the field."""
+def load_model(model_dir: Path, device: str = "auto", dtype: str = "auto", name: str | None = None,
+               quantization: str = "none") -> LoadedModel:
+    """Load a checkpoint directory; any mismatch fails here, naming the file and the field.
+    quantization "int8": 8-bit weights (service/model/quantize.py), fp32 activations, CPU only."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelConfigError(f"{model_dir}: model directory not found")
+    if quantization not in QUANTIZATIONS:
+        raise ModelConfigError(f"quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
     config = GPT2Config.from_dir(model_dir)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    if quantization == "int8":
+        if torch_device.type != "cpu":
+            raise ModelConfigError("--quantization int8 runs on the CPU only (torch's int8 GEMMs have no CUDA "
+                                   "kernels); on a GPU serve bfloat16")
+        if dtype not in ("auto", "float32"):
+            raise ModelConfigError(f"--quantization int8 computes in float32; --dtype {dtype} cannot go with it")
+        torch_dtype = torch.float32
     tensors = read_checkpoint(model_dir)
 
     with torch.device("meta"):
@@ -128,6 +147,8 @@ def load_model(model_dir: Path, device: str = "auto", dtype: str = "auto", name:
     if tie:
         model.lm_head.weight = model.transformer.wte.weight
     model.eval().requires_grad_(False)
+    if quantization == "int8":
+        quantize_int8(model)
 
     tokenizer = load_tokenizer(model_dir)
     card = ModelCard.load(model_dir) or ModelCard.default(
@@ -136,9 +157,5 @@ def load_model(model_dir: Path, device: str = "auto", dtype: str = "auto", name:
                        card=card, dtype=torch_dtype, device=torch_device)
 
 
-def load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer  # noqa: PLC0415 (import cost paid only when loading)
-
-    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "vocab.json")):
-        raise ModelConfigError(f"{model_dir}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt)")
-    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+def load_tokenizer(model_dir: Path) -> Tokenizer:
+    return Tokenizer.from_dir(model_dir)

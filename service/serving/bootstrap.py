@@ -33,7 +33,8 @@ def engine_config(settings: Settings) -> EngineConfig:
 
 def build_engine(settings: Settings) -> Engine:
     """The synchronous engine on the base model (`lmservice generate`)."""
-    loaded = load_model(settings.model, settings.device, settings.dtype, settings.served_model_name)
+    loaded = load_model(settings.model, settings.device, settings.dtype, settings.served_model_name,
+                        quantization=settings.quantization)
     return Engine(loaded, engine_config(settings))
 
 

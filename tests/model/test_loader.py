@@ -121,3 +121,14 @@ def test_missing_pieces(tmp_path, model_dir):
     (d / "model.safetensors").unlink()
     with pytest.raises(ModelConfigError, match="no weights found"):
         load_model(d, "cpu")
+
+
+@pytest.mark.parametrize("flags, expected", [({"avx2", "fma"}, torch.float32), ({"avx512f", "amx_bf16"}, torch.bfloat16),
+                                             ({"avx512_bf16"}, torch.float32), (set(), torch.float32)])
+def test_auto_dtype_on_a_cpu_follows_its_bf16_hardware(monkeypatch, flags, expected):
+    import service.model.cpu as cpu
+    from service.model.loader import resolve_dtype
+
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
+    assert resolve_dtype("auto", torch.device("cpu")) == expected
+    assert resolve_dtype("float32", torch.device("cpu")) == torch.float32  # an explicit dtype is never changed

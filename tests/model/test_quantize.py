@@ -1,0 +1,75 @@
+"""--quantization int8 (service/model/quantize.py): the kernel against its own dequantized reference, the
+quantized model against fp32, and what load_model refuses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from service.engine.engine import Engine, EngineConfig
+from service.engine.sampling_params import SamplingParams
+from service.model.config import ModelConfigError
+from service.model.loader import load_model
+from service.model.quantize import Int8Linear
+from tests.helpers import make_gpt2_dir, prompts, run_to_completion
+
+
+@pytest.mark.parametrize("rows, in_features, out_features", [(1, 64, 192), (7, 256, 64), (32, 96, 1000)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_int8_linear_matches_its_dequantized_reference(rows, in_features, out_features, with_bias):
+    g = torch.Generator().manual_seed(rows + in_features)
+    weight = torch.randn(out_features, in_features, generator=g) * 0.05
+    weight[3] *= 20  # per-channel scales: one loud row must not cost the others their precision
+    bias = torch.randn(out_features, generator=g)
+    layer = Int8Linear(weight, bias)
+    x = torch.randn(rows, in_features, generator=g)
+    out, ref = layer(x, with_bias=with_bias), layer.reference(x, with_bias=with_bias)
+    assert out.shape == (rows, out_features) and out.dtype == torch.float32
+    # The kernel's own activation rounding may differ from the reference's by one level on a few inputs.
+    step = (max(x.max().item(), 0) - min(x.min().item(), 0)) / (127 if layer.reduce_range else 255)
+    bound = 2 * step * (layer.weight_int8.float().abs() * layer.scales[:, None]).sum(dim=1).max().item()
+    assert (out - ref).abs().max().item() <= bound
+    # and both are close to the fp32 layer: the weights' error is at most half a level per channel
+    exact = F.linear(x, weight, bias if with_bias else None)
+    assert torch.nn.functional.cosine_similarity(out.flatten(), exact.flatten(), dim=0) > 0.999
+    quantized = layer.weight_int8.float() * layer.scales[:, None]
+    assert ((quantized - weight).abs() <= layer.scales[:, None] / 2 + 1e-7).all()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_gpt2_dir(tmp_path_factory.mktemp("quant") / "model", seed=7, vocab_size=1000, n_embd=128,
+                         n_layer=2, n_head=4)
+
+
+def test_quantized_model_is_close_to_fp32_and_every_projection_is_int8(model_dir):
+    fp32 = load_model(model_dir, "cpu", "float32")
+    int8 = load_model(model_dir, "cpu", "auto", quantization="int8")
+    blocks = int8.model.transformer.h
+    assert all(isinstance(m, Int8Linear) for b in blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj))
+    assert isinstance(int8.model.lm_head, Int8Linear) and int8.dtype == torch.float32
+    batch = prompts(6, 1000, 4, 40, seed=3)
+    params = SamplingParams(temperature=0.0, max_tokens=0, prompt_logprobs=0)
+    results = {}
+    for name, loaded in (("fp32", fp32), ("int8", int8)):
+        engine = Engine(loaded, EngineConfig.from_fields(num_kv_blocks=128))
+        out = run_to_completion(engine, [(str(i), p, params) for i, p in enumerate(batch)])
+        results[name] = torch.tensor([lp.logprob for i in range(len(batch))
+                                      for lp in out[str(i)]["events"][-1].prompt_logprobs if lp])
+    # the log-likelihood of every prompt token under int8 stays within a few hundredths of fp32's
+    assert (results["int8"] - results["fp32"]).abs().max() < 0.05
+    assert abs(results["int8"].mean() - results["fp32"].mean()) < 0.005
+
+
+def test_int8_serves_greedy_requests_to_their_end(model_dir):
+    engine = Engine(load_model(model_dir, "cpu", "float32", quantization="int8"), EngineConfig.from_fields(num_kv_blocks=64))
+    out = run_to_completion(engine, [("a", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))])
+    assert len(out["a"]["tokens"][0]) == 8 and engine.pool.num_used_blocks == 0
+
+
+def test_what_int8_cannot_go_with_is_refused(model_dir):
+    with pytest.raises(ModelConfigError, match="float32"):
+        load_model(model_dir, "cpu", "bfloat16", quantization="int8")
+    with pytest.raises(ModelConfigError, match="not one of"):
+        load_model(model_dir, "cpu", "float32", quantization="int4")
