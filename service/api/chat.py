@@ -35,15 +35,15 @@ def message_text(message: ChatMessage) -> str:
     return "".join(texts)
 
 
-def render_plain(messages: list[dict[str, str]]) -> str:
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+def render_plain(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + ("assistant:" if add_generation_prompt else "")
 
 
-def render_chat_prompt(tokenizer: Any, messages: list[ChatMessage]) -> str:
+def render_chat_prompt(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
     plain = [{"role": m.role, "content": message_text(m)} for m in messages]
     if getattr(tokenizer, "chat_template", None):
         try:
-            return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
+            return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt)
         except Exception as e:  # a template may reject roles or orders it does not know
             raise APIError(400, f"messages: the model's chat template rejected them: {e}", param="messages") from e
-    return render_plain(plain)
+    return render_plain(plain, add_generation_prompt)

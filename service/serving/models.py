@@ -77,6 +77,15 @@ class ModelRegistry:
         return sum(1 for e in self._entries.values() if e.parent is not None)
 
     # --- resolving a request's model ---
+    def get(self, name: str | None) -> ModelEntry:
+        """The entry named `name` whatever it can do (None: the base model); UnknownModelError if unknown."""
+        if name is None:
+            return next(e for e in self._entries.values() if e.parent is None)
+        entry = self._entries.get(name)
+        if entry is None:
+            raise UnknownModelError(name)
+        return entry
+
     def resolve(self, name: str | None, task: Task) -> ModelEntry:
         """The entry named `name`, or the first able to do `task`. UnknownModelError for an unknown name,
         RequestRejectedError (param "model") when it cannot do `task`."""
