@@ -13,7 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from service.api.errors import install_handlers
 from service.api.middleware import RequestContextMiddleware
 from service.api.playground import router as playground_router
-from service.api.routes import admin, native, openai, probes, tokenize
+from service.api.routes import admin, embeddings, native, openai, probes, tokenize
 from service.api.state import ServerState
 from service.config import Settings
 from service.metrics import Metrics
@@ -58,7 +58,7 @@ def create_app(settings: Settings, serving: Serving | None = None, metrics: Metr
     )
     app.state.server = state
     install_handlers(app)
-    for module in (probes, native, openai, tokenize, admin):
+    for module in (probes, native, openai, embeddings, tokenize, admin):
         app.include_router(module.router)
     if settings.playground:
         app.include_router(playground_router)

@@ -66,6 +66,7 @@ class PromptRun:
     num_generated_tokens: int = 0
     prompt_logprobs: list[TokenLogprob | None] | None = None
     scores: list[float] | None = None
+    embedding: list[float] | None = None
     is_finished: bool = False
     last_token_time: float | None = None
 
@@ -211,6 +212,8 @@ class EngineCall:
             run.prompt_logprobs = out.prompt_logprobs
         if out.scores is not None:
             run.scores = out.scores
+        if out.embedding is not None:
+            run.embedding = out.embedding
         run.num_prompt_tokens = out.num_prompt_tokens or run.num_prompt_tokens
         run.num_generated_tokens = max(run.num_generated_tokens, out.num_generated_tokens)
         self._observe_latency(run, out, now, new_tokens)

@@ -58,6 +58,7 @@ class _Group:
     pending_logprobs: list[list[TokenLogprob]]
     prompt_logprobs: list[TokenLogprob | None] | None
     scores: list[float] | None = None
+    embedding: list[float] | None = None
     sent_prompt_logprobs: bool = False
     error: str | None = None
 
@@ -245,6 +246,9 @@ class Engine:
                 if i in result.scores:
                     group.scores = result.scores[i]
                     self.scheduler.finish(seq, "stop")
+                elif i in result.embeddings:
+                    group.embedding = result.embeddings[i]
+                    self.scheduler.finish(seq, "stop")
                 elif seq.max_tokens == 0 and seq.num_computed_tokens >= seq.num_tokens:
                     self.scheduler.finish(seq, "length")  # prompt only (echo + logprobs scoring)
                 elif i in result.sampled:
@@ -309,7 +313,7 @@ class Engine:
             num_prompt_tokens=first.num_prompt_tokens,
             num_generated_tokens=sum(s.num_output_tokens for s in group.seqs),
             num_cached_tokens=first.num_cached_tokens,
-            scores=group.scores, error=group.error, arrival_time=first.arrival_time,
+            scores=group.scores, embedding=group.embedding, error=group.error, arrival_time=first.arrival_time,
             first_scheduled_time=first.first_scheduled_time,
             first_token_time=min((s.first_token_time for s in group.seqs if s.first_token_time), default=None))
         if group.prompt_logprobs is not None and not group.sent_prompt_logprobs and (

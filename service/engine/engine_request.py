@@ -16,7 +16,10 @@ from typing import Literal
 from service.engine.outputs import RequestRejectedError
 from service.engine.sampling_params import RequestLimits, SamplingParams
 
-EngineTask = Literal["generate", "classify"]  # classify: one prefill, then the score head; nothing sampled
+# classify: one prefill, then the score head; embed: one prefill, the final hidden states mean-pooled.
+# Neither samples anything.
+EngineTask = Literal["generate", "classify", "embed"]
+PREFILL_ONLY = ("classify", "embed")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,7 +37,7 @@ class EngineRequest:
 
     @property
     def num_seqs(self) -> int:
-        return 1 if self.task == "classify" else self.params.n
+        return 1 if self.task in PREFILL_ONLY else self.params.n
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -66,7 +69,7 @@ class RequestValidator:
             params.validate(self.vocab_size, self.limits)
         except ValueError as e:
             raise RequestRejectedError(str(e), getattr(e, "param", None)) from e
-        if task == "classify":
+        if task in PREFILL_ONLY:
             max_tokens = 0
             if num_prompt > self.max_model_len:
                 raise RequestRejectedError(

@@ -35,8 +35,9 @@ class KVCacheManager:
     def find_cached_prefix(self, seq: Sequence) -> list[int]:
         """Blocks holding a leading run of seq's tokens. At least one token is left to
         compute, since the step must produce its logits. Prompt logprobs need every
-        prompt position computed, so those sequences skip the cache."""
-        if seq.params.prompt_logprobs is not None:
+        prompt position computed, so those sequences skip the cache, and so do embeddings
+        (they pool the hidden state of every prompt token)."""
+        if seq.params.prompt_logprobs is not None or seq.task == "embed":
             return []
         max_blocks = (seq.num_tokens - 1) // self.block_size
         self._extend_hashes(seq, max_blocks)

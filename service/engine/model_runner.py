@@ -22,6 +22,7 @@ class ModelRunnerOutput:
 
     sampled: dict[int, tuple[int, TokenLogprob | None]] = field(default_factory=dict)
     scores: dict[int, list[float]] = field(default_factory=dict)
+    embeddings: dict[int, list[float]] = field(default_factory=dict)
     prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
     errors: dict[int, str] = field(default_factory=dict)  # a row that failed alone (e.g. NaN logits)
 
@@ -120,7 +121,9 @@ class ModelRunner:
         for i, (seq, start, n) in enumerate(zip(seqs, starts, num_new, strict=True)):
             if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
                 out.prompt_logprobs[i] = self._prompt_logprobs(hidden[cu[i]:cu[i + 1]], seq, start)
-            if start + n == seq.num_tokens:
+            if seq.task == "embed":
+                self._pool(hidden[cu[i]:cu[i + 1]], seq, start, n, i, out)
+            elif start + n == seq.num_tokens:
                 if seq.task == "classify":
                     classify_idx.append(i)
                 elif seq.max_tokens > 0:
@@ -153,6 +156,20 @@ class ModelRunner:
                     lp = TokenLogprob(sampled.token_ids[row], sampled.logprobs[row], sampled.top_logprobs[row])
                 out.sampled[i] = (sampled.token_ids[row], lp)
         return out
+
+    def _pool(self, hidden: torch.Tensor, seq: Sequence, start: int, n: int, i: int, out: ModelRunnerOutput) -> None:
+        """Mean pooling across prefill chunks: the chunk's sum joins the sequence's (restarted when the
+        sequence restarts from position 0, as after a preemption); the last chunk emits the mean, L2-normalised."""
+        chunk = hidden.float().sum(dim=0)  # (C,)
+        seq.pooled_sum = chunk if start == 0 or seq.pooled_sum is None else seq.pooled_sum + chunk
+        if start + n < seq.num_tokens:
+            return
+        mean = seq.pooled_sum / seq.num_tokens
+        seq.pooled_sum = None
+        if not bool(torch.isfinite(mean).all()):
+            out.errors[i] = "the model produced non-finite hidden states"
+            return
+        out.embeddings[i] = F.normalize(mean, dim=0).tolist()
 
     def _classify(self, hidden: torch.Tensor, rows: list[int], seqs: list[Sequence], idx: list[int],
                   out: ModelRunnerOutput) -> None:

@@ -62,6 +62,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first event only; position 0 is None
     scores: list[float] | None = None  # classify: label probabilities
+    embedding: list[float] | None = None  # embed: the L2-normalised mean of the final hidden states
     error: str | None = None
     # timings (time.monotonic()): for TTFT / queue-time metrics
     arrival_time: float = 0.0

@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # torch: only where an engine is built
 
 log = logging.getLogger("lmservice.serving")
 
-Task = str  # "generate" | "classify" | "translate"
+Task = str  # "generate" | "classify" | "translate" | "embed"
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,13 @@ class ModelEntry:
 
 
 def tasks_of(card: ModelCard, has_score_head: bool) -> tuple[Task, ...]:
+    """What a model can serve. Every language model also embeds (mean-pooled final hidden states);
+    a classifier serves its head only."""
     if card.task == "classify" or has_score_head:
         return ("classify",)
     if card.task == "translate":
-        return ("translate", "generate")
-    return ("generate",)
+        return ("translate", "generate", "embed")
+    return ("generate", "embed")
 
 
 class UnknownModelError(KeyError):

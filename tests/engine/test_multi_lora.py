@@ -159,7 +159,7 @@ def test_adapters_added_and_removed_while_serving(lora_setup):
             assert tokens[:NEW] == ref
 
             entry = await models.add_adapter("published", "all-r8")
-            assert entry.parent == "base" and list(entry.tasks) == ["generate"]
+            assert entry.parent == "base" and list(entry.tasks) == ["generate", "embed"]
             stream = submit(serving, "new", [4, 5, 6], GREEDY, model="published")
             tokens = [t async for out in stream for c in out.outputs for t in c.token_ids]
             assert tokens == reference(base, dirs["all-r8"], [4, 5, 6])
