@@ -61,6 +61,7 @@ class Settings(BaseSettings):
     max_logit_bias: int = Field(RequestLimits.max_logit_bias, ge=0, description="Most logit_bias entries in one request.")
     max_stop: int = Field(RequestLimits.max_stop, ge=0, description="Most stop strings (and, separately, stop token ids) in one request.")
     max_stop_length: int = Field(RequestLimits.max_stop_length, ge=1, description="Most characters in one stop string.")
+    max_structured_spec_bytes: int = Field(65536, ge=1, description="Largest JSON schema, regex, choice list or grammar one request may constrain its output with (compiling is bounded by its size).")
     max_prompts_per_request: int = Field(256, ge=1, description="Most prompts (or texts) in one completions, classify or translate request.")
 
     # --- http ---

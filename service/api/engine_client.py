@@ -31,6 +31,7 @@ from service.api.state import ServerState
 from service.engine.engine_request import EngineTask
 from service.engine.outputs import RequestOutput, TokenLogprob
 from service.engine.sampling_params import SamplingParams
+from service.serving.structured import structured_spec
 
 if TYPE_CHECKING:
     from service.serving.models import ModelEntry
@@ -83,6 +84,7 @@ class EngineCall:
         self.created = int(time.time())
         self._arrival = time.monotonic()
         self._closed = False
+        self.grammar = None  # structured output: the compiled template every prompt's sequences copy
         record.model = entry.name
 
     @classmethod
@@ -105,6 +107,13 @@ class EngineCall:
             raise APIError(400, f"{param}: the prompt is empty", param=param)
         return ids
 
+    async def constrain(self, fields: dict[str, Any]) -> None:
+        """Compile the request's response_format / structured_outputs, if any (400 when invalid), in a
+        worker thread: compiling never blocks the event loop. The template is cached per spec."""
+        spec = structured_spec(fields)
+        if spec is not None:
+            self.grammar = await asyncio.to_thread(self.state.grammars.compile, spec)
+
     def submit(self, prompts: list[list[int]], params: SamplingParams, task: EngineTask = "generate") -> None:
         """Check every prompt against the engine, then admit them all or none (one admission for the
         whole HTTP request). Raises (rendered by the error handlers) 400 for a rejected request,
@@ -112,8 +121,8 @@ class EngineCall:
         engine, _ = self.state.started()
         if not self.state.is_ready():
             raise APIError(503, "server is draining" if self.state.is_draining else "server is not ready")
-        requests = [engine.validator.check(f"{self.id}-{i}", ids, params, task=task, adapter=self.entry.adapter)
-                    for i, ids in enumerate(prompts)]
+        requests = [engine.validator.check(f"{self.id}-{i}", ids, params, task=task, adapter=self.entry.adapter,
+                                           grammar=self.grammar) for i, ids in enumerate(prompts)]
         streams = engine.add_requests(requests)
         for request, stream in zip(requests, streams, strict=True):
             self.runs.append(PromptRun(request.request_id, list(request.prompt_token_ids), params, stream,

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from service.engine.async_engine import AsyncEngine
     from service.serving.bootstrap import Serving
     from service.serving.models import ModelRegistry
+    from service.serving.structured import GrammarCompiler
 
 
 @dataclass
@@ -37,13 +38,14 @@ class ServerState:
     metrics: Metrics
     engine: AsyncEngine | None = None
     models: ModelRegistry | None = None
+    grammars: GrammarCompiler | None = None
     is_draining: bool = False
     in_flight: set[str] = field(default_factory=set)
     started_at: float = field(default_factory=time.time)
     _seen: _Cumulative = field(default_factory=_Cumulative)
 
     def serve(self, serving: Serving) -> None:
-        self.engine, self.models = serving.engine, serving.models
+        self.engine, self.models, self.grammars = serving.engine, serving.models, serving.grammars
 
     def started(self) -> tuple[AsyncEngine, ModelRegistry]:
         """The engine and its models, or 503 before they are loaded."""

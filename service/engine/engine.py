@@ -142,13 +142,14 @@ class Engine:
 
     # --- requests ---
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
-               task: EngineTask = "generate", adapter: str | None = None, priority: int = 0) -> EngineRequest:
+               task: EngineTask = "generate", adapter: str | None = None, priority: int = 0,
+               grammar: object | None = None) -> EngineRequest:
         """The synchronous entry (the CLI, benchmarks, tests): validate, check the waiting-queue bounds and
         queue; raises RequestRejectedError or QueueFullError, changing nothing."""
         if request_id in self.groups:
             raise RequestRejectedError(f"request id {request_id!r} is already in use", "request_id")
         request = self.validator.check(request_id, prompt_token_ids, params, task=task, adapter=adapter,
-                                       priority=priority)
+                                       priority=priority, grammar=grammar)
         self.check_admission(request.num_seqs, request.num_prompt_tokens)
         self.add_request(request)
         return request
@@ -175,6 +176,8 @@ class Engine:
                            task=request.task, arrival_time=now)
             if params.seed is not None and not params.is_greedy:
                 seq.generator = torch.Generator().manual_seed((params.seed + i) % 2**64)
+            if request.grammar is not None:
+                seq.grammar = request.grammar.deep_copy()
             seqs.append(seq)
         generates = request.task == "generate"
         stops = StopStrings(params.stop) if params.stop and generates else None
@@ -274,6 +277,8 @@ class Engine:
         if logprob is not None:
             group.pending_logprobs[seq.index].append(logprob)
         num_out = seq.num_output_tokens
+        if seq.grammar is not None and not seq.grammar.consume_token(token_id):
+            raise RuntimeError(f"the grammar refused token {token_id}: {seq.grammar.get_error()[:200]}")
         if num_out >= params.min_tokens:
             if token_id == self.eos_token_id and not params.ignore_eos:
                 return self.scheduler.finish(seq, "stop", None)
@@ -282,6 +287,8 @@ class Engine:
         stop = group.detoks[seq.index].add_token(token_id, check_stop=num_out >= params.min_tokens)
         if stop is not None:
             return self.scheduler.finish(seq, "stop", stop)
+        if seq.grammar is not None and seq.grammar.is_stopped():  # complete: only EOS could follow
+            return self.scheduler.finish(seq, "stop")
         if num_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             self.scheduler.finish(seq, "length")
 

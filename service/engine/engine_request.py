@@ -34,6 +34,7 @@ class EngineRequest:
     task: EngineTask = "generate"
     adapter: str | None = None
     priority: int = 0
+    grammar: object | None = None  # structured output: a compiled template; each sequence gets its own copy
 
     @property
     def num_seqs(self) -> int:
@@ -57,9 +58,12 @@ class RequestValidator:
     limits: RequestLimits
 
     def check(self, request_id: str, prompt_token_ids: list[int] | tuple[int, ...], params: SamplingParams, *,
-              task: EngineTask = "generate", adapter: str | None = None, priority: int = 0) -> EngineRequest:
+              task: EngineTask = "generate", adapter: str | None = None, priority: int = 0,
+              grammar: object | None = None) -> EngineRequest:
         """The request, validated; raises RequestRejectedError naming the parameter and its limit."""
         prompt = tuple(prompt_token_ids)
+        if grammar is not None and task != "generate":
+            raise RequestRejectedError("structured output applies to generation only", "structured_outputs")
         num_prompt = len(prompt)
         if num_prompt == 0:
             raise RequestRejectedError("the prompt is empty", "prompt")
@@ -88,4 +92,4 @@ class RequestValidator:
                 f"the request needs {num_blocks_needed} KV blocks and the cache has {self.num_kv_blocks} "
                 "(raise --kv-cache-memory-mb)", "max_tokens")
         return EngineRequest(request_id=request_id, prompt_token_ids=prompt, params=params, max_tokens=max_tokens,
-                             task=task, adapter=adapter, priority=priority)
+                             task=task, adapter=adapter, priority=priority, grammar=grammar)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from kernels import KernelOps
 from service.engine.cuda_graphs import DecodeGraphs
+from service.engine.grammar import GrammarMasks
 from service.engine.outputs import TokenLogprob
 from service.engine.request import Sequence
 from service.engine.sampler import Sampler, SamplingBatch
@@ -51,6 +52,7 @@ class ModelRunner:
                                      dtype=dtype, device=device)
         self.kv_caches = [(self.kv_buffer[i, 0], self.kv_buffer[i, 1]) for i in range(c.n_layer)]
         self.sampler = Sampler(c.vocab_size, seed)
+        self.grammar_masks = GrammarMasks(c.vocab_size)
         self.decode_graphs: DecodeGraphs | None = None
         if cuda_graph_max_batch > 0 and device.type == "cuda":
             max_blocks = -(-c.n_positions // block_size)
@@ -144,6 +146,8 @@ class ModelRunner:
                 output_token_ids=[seqs[i].output_token_ids for i in sample_idx],
                 prompt_token_ids=[seqs[i].prompt_token_ids for i in sample_idx],
                 eos_token_id=self.eos_token_id,
+                bitmask=self.grammar_masks.fill([seqs[i].grammar for i in sample_idx]),
+                masks=self.grammar_masks,
             )
             sampled = self.sampler(logits, batch)
             for row, message in sampled.errors.items():

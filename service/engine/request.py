@@ -53,6 +53,7 @@ class Sequence:
     first_token_time: float | None = None
     num_preemptions: int = 0
     generator: object | None = None  # a seeded sequence's own torch.Generator (opaque here)
+    grammar: object | None = None  # structured output: this sequence's own matcher (llguidance LLMatcher)
     pooled_sum: object | None = None  # embed: sum of the final hidden states computed so far (a tensor)
 
     @property

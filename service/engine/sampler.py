@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from service.engine.grammar import GrammarMasks
 from service.engine.sampling_params import SamplingParams
 
 log = logging.getLogger("lmservice.engine")
@@ -34,6 +35,9 @@ class SamplingBatch:
     output_token_ids: list[list[int]]  # tokens generated so far (penalties, min_tokens)
     prompt_token_ids: list[list[int]]  # for the repetition penalty
     eos_token_id: int | None
+    # structured output: a row's allowed tokens (service/engine/grammar.py); None: no row is constrained
+    bitmask: torch.Tensor | None = None
+    masks: GrammarMasks | None = None
 
 
 @dataclass
@@ -87,7 +91,8 @@ class Sampler:
             out.logprobs, out.top_logprobs = [0.0] * num_rows, [[] for _ in range(num_rows)]
         for i in range(num_rows):
             row = SamplingBatch([batch.params[i]], [batch.generators[i]], [batch.output_token_ids[i]],
-                                [batch.prompt_token_ids[i]], batch.eos_token_id)
+                                [batch.prompt_token_ids[i]], batch.eos_token_id,
+                                None if batch.bitmask is None else batch.bitmask[i:i + 1], batch.masks)
             try:
                 one = self._sample_batch(logits[i:i + 1], row)
             except Exception as e:  # noqa: BLE001 (this row fails alone)
@@ -103,6 +108,9 @@ class Sampler:
         params = batch.params
         num_rows, vocab = logits.shape
 
+        if batch.bitmask is not None:
+            # first: logprobs are then those of the masked (renormalised) distribution, as vLLM reports them
+            logits = batch.masks.apply(logits, batch.bitmask)
         want_logprobs = [p.logprobs for p in params]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(n is not None for n in want_logprobs) else None
 
@@ -162,7 +170,9 @@ class Sampler:
             logits = logits.clone()
             for i, p in banned:
                 stop_ids = list(p.stop_token_ids)
-                if batch.eos_token_id is not None and not p.ignore_eos:
+                # a constrained row keeps EOS: its grammar decides when it may end
+                constrained = batch.bitmask is not None and not bool((batch.bitmask[i] == -1).all())
+                if batch.eos_token_id is not None and not p.ignore_eos and not constrained:
                     stop_ids.append(batch.eos_token_id)
                 if stop_ids:
                     logits[i, stop_ids] = float("-inf")

@@ -17,6 +17,7 @@ from service.engine.engine import Engine, EngineConfig
 from service.model.loader import load_model
 from service.serving.adapters import find_adapters
 from service.serving.models import ModelRegistry, base_entry
+from service.serving.structured import GrammarCompiler
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class Serving:
 
     engine: AsyncEngine
     models: ModelRegistry
+    grammars: GrammarCompiler
 
 
 def engine_config(settings: Settings) -> EngineConfig:
@@ -47,14 +49,16 @@ def build_serving(settings: Settings) -> Serving:
         adapters_dir = DEFAULT_ADAPTERS_DIR
     adapters = find_adapters(adapters_dir) if adapters_dir is not None else {}
     adapters.update(settings.adapter_dirs())
-    return serving_for(build_engine(settings), adapters, adapters_dir)
+    return serving_for(build_engine(settings), adapters, adapters_dir,
+                       max_structured_spec_bytes=settings.max_structured_spec_bytes)
 
 
 def serving_for(engine: Engine, adapters: dict[str, Path] | None = None,
-                adapters_dir: Path | None = None) -> Serving:
+                adapters_dir: Path | None = None, max_structured_spec_bytes: int = 65536) -> Serving:
     """An engine with these adapters loaded, and its registry (tests build engines this way too)."""
     async_engine = AsyncEngine(engine)
     models = ModelRegistry(async_engine, base_entry(engine), adapters_dir)
     for name, path in (adapters or {}).items():
         models.add_adapter_now(name, path)
-    return Serving(async_engine, models)
+    grammars = GrammarCompiler(engine.tokenizer, engine.vocab_size, max_spec_bytes=max_structured_spec_bytes)
+    return Serving(async_engine, models, grammars)

@@ -73,6 +73,7 @@ async def _text_chunks(call: EngineCall, with_logprobs: bool, token_text: TokenT
 async def generate(body: GenerateRequest, request: Request):
     engine, models = server_state(request).started()
     call = EngineCall.open(request, models.resolve(body.model, "generate"), "gen")
+    await call.constrain(dict(body))
     call.submit(call.tokenize([body.prompt]), sampling_params(dict(body), default_max_tokens=64,
                                                               logprobs=body.logprobs))
     token_text = TokenText(engine.tokenizer)

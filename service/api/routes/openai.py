@@ -75,6 +75,7 @@ async def completions(body: CompletionRequest, request: Request):
     call = EngineCall.open(request, models.resolve(body.model, "generate"), "cmpl")
     prompts = call.tokenize(_prompt_list(body.prompt))
     echo_logprobs = body.echo and body.logprobs is not None
+    await call.constrain(dict(body))
     call.submit(prompts, sampling_params(dict(body), default_max_tokens=16, n=body.n, logprobs=body.logprobs,
                                          prompt_logprobs=body.logprobs if echo_logprobs else None))
     prompt_texts = [engine.tokenizer.decode(ids) for ids in prompts] if body.echo else None
@@ -139,6 +140,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if top_logprobs is not None and not 0 <= top_logprobs <= MAX_LOGPROBS:
         raise APIError(400, f"top_logprobs: must be between 0 and {MAX_LOGPROBS}, got {top_logprobs}",
                        param="top_logprobs")
+    await call.constrain(dict(body))
     call.submit(prompts, sampling_params(dict(body), default_max_tokens=None, n=body.n, logprobs=top_logprobs))
     token_text = TokenText(engine.tokenizer)
 

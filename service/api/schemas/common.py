@@ -66,6 +66,12 @@ class SamplingFields(RequestBody):
     stop_token_ids: list[int] | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
+    response_format: dict[str, Any] | None = Field(
+        None, description='OpenAI\'s: {"type": "json_object"} or {"type": "json_schema", "json_schema": '
+                          '{"name", "schema", "strict"}} (docs/api.md#structured-output).')
+    structured_outputs: dict[str, Any] | None = Field(
+        None, description="vLLM's: exactly one of json (a JSON Schema), regex, choice (a list of strings), "
+                          "grammar (Lark, or GBNF).")
 
 
 class Usage(BaseModel):
