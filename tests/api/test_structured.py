@@ -14,8 +14,12 @@ import pytest
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
                                            "temp": {"type": "integer", "minimum": -50, "maximum": 50},
                                            "tags": {"type": "array", "items": {"enum": ["sun", "rain"]},
-                                                    "maxItems": 2}},
-          "required": ["city", "temp", "tags"], "additionalProperties": False}
+                                                    "maxItems": 2},
+                                           "wind": {"type": "object", "properties": {
+                                               "dir": {"enum": ["N", "S", "E", "W"]},
+                                               "kmh": {"type": "integer", "minimum": 0, "maximum": 200}},
+                                               "required": ["dir"], "additionalProperties": False}},
+          "required": ["city", "temp", "tags", "wind"], "additionalProperties": False}
 RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "weather", "schema": SCHEMA, "strict": True}}
 
 
@@ -42,7 +46,7 @@ def test_completions_structured_outputs_choice_and_streamed_regex(client):
 
 
 def test_native_generate_takes_structured_outputs_and_json_object(http):
-    body = http.post("/v1/generate", json={"prompt": "x", "max_tokens": 60, "temperature": 0,
+    body = http.post("/v1/generate", json={"prompt": "x", "max_tokens": 100, "temperature": 0,
                                            "structured_outputs": {"json": SCHEMA}}).json()
     jsonschema.validate(json.loads(body["text"]), SCHEMA)
     cut = http.post("/v1/completions", json={"model": "base", "prompt": "x", "max_tokens": 3,

@@ -7,7 +7,7 @@ import pytest
 
 from tests.web.web_support import PHONE, Tab, WebServer, expect
 
-PANELS = ["generate", "chat", "classify", "translate", "dashboard"]
+PANELS = ["generate", "chat", "classify", "translate", "structured", "dashboard"]
 
 # WCAG 2 contrast of every visible element that has text of its own, against the first opaque background
 # behind it: 4.5:1, or 3:1 for large text. Disabled controls are exempt (as in WCAG).

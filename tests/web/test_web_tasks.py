@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 from tests.web.web_support import Tab, expect
@@ -57,3 +58,24 @@ def test_translate_offers_the_adapters_pair(tab: Tab) -> None:
         assert not set(lines) & set(SENTENCES)
     tab.screenshot("translate")
     tab.assert_no_console_errors()
+
+
+def test_structured_output_is_shown_validated(tab: Tab) -> None:
+    tab.open("structured")
+    page = tab.page
+    page.click("#st-run")
+    expect(page.locator("#st-check")).to_contain_text("valid JSON, matches the schema", timeout=60_000)
+    output = json.loads(page.locator("#st-output").inner_text())
+    assert set(output) == {"name", "age", "pets"} and 0 <= output["age"] <= 120
+    tab.screenshot("structured-valid")
+    # a schema that is not JSON is the page's own error; one the server refuses shows the server's
+    page.fill("#st-schema", "{not json")
+    page.click("#st-run")
+    expect(page.locator("#st-error")).to_contain_text("not JSON")
+    tab.assert_no_console_errors()
+    page.fill("#st-schema", '{"type": "string", "minLength": 5, "maxLength": 2}')
+    page.click("#st-run")
+    expect(page.locator("#st-error")).to_contain_text("response_format")
+    # the browser itself logs the refused request (400); nothing else may have been logged
+    assert all("400 (Bad Request)" in e for e in tab.console_errors), tab.console_errors
+    tab.screenshot("structured")

@@ -6,6 +6,7 @@ import { setupClassify, updateClassifyModels } from "./classify.js";
 import { setupDashboard } from "./dashboard.js";
 import { $, showError } from "./dom.js";
 import { setupGenerate, updateGenerateModels } from "./generate.js";
+import { setupStructured, updateStructuredModels } from "./structured.js";
 import { setupTranslate, showTranslate, updateTranslateModels } from "./translate.js";
 
 let models = [];
@@ -79,6 +80,7 @@ async function connect() {
   updateChatModels(models);
   updateClassifyModels(models);
   updateTranslateModels(models);
+  updateStructuredModels(models);
   $("server-info").textContent = `${models.length} models: ${models.map((m) => m.id).join(", ")}`;
   showApp(true);
   selectTab(initialTab());
@@ -106,5 +108,6 @@ setupGenerate();
 setupChat();
 setupClassify();
 setupTranslate();
+setupStructured();
 dashboard = setupDashboard();
 connect();
