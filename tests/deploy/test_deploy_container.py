@@ -55,6 +55,20 @@ def image() -> dict[str, str]:
     return facts
 
 
+def wait_ready(url: str, check=lambda: None, timeout_s: float = 180) -> None:
+    """Poll /ready until it answers 200; `check()` between tries may fail the test early."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        check()
+        assert time.monotonic() < deadline, f"not ready in {timeout_s:.0f} s"
+        time.sleep(0.2)
+
+
 def podman(facts: dict[str, str], *args: str, timeout: float = 120, check: bool = True) -> str:
     env = {**os.environ, "CONTAINERS_CONF": facts["CONTAINERS_CONF"]}
     done = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout, env=env)
@@ -77,17 +91,11 @@ def container(image):
            "-e", "LMSERVICE_DRAIN_TIMEOUT_S=20", image["IMAGE"])
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+        def still_running() -> None:
             state = podman(image, "inspect", "--format", "{{.State.Status}}", name)
             assert state == "running", f"container {state}:\n{podman(image, 'logs', name, check=False)[-3000:]}"
-            assert time.monotonic() < deadline, "not ready in 180 s"
-            time.sleep(0.2)
+
+        wait_ready(url, still_running)
         print(f"\ncontainer ready in {time.monotonic() - start:.1f} s (podman run to /ready 200)")
         yield {"name": name, "url": url, "facts": image}
     finally:
@@ -176,15 +184,7 @@ def test_podman_compose_serves_the_compose_files_lmservice(image):
     try:
         assert up.returncode == 0, up.stderr[-3000:]
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "not ready in 180 s"
-            time.sleep(0.3)
+        wait_ready(url)
         cls = httpx.post(url + "/v1/classify", json={"text": "a charming film ."}, timeout=60)
         assert cls.status_code == 200 and cls.json()["model"] == "sentiment"
     finally:
