@@ -26,7 +26,7 @@ class _Cumulative:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
-    num_steps: int = 0  # step samples before this one are in the histograms
+    num_steps: int = 0  # cursor: step samples before this index are in the histograms
 
 
 @dataclass

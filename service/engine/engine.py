@@ -44,7 +44,6 @@ class EngineStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
-    num_steps: int  # engine steps that ran a batch, since start
 
 
 @dataclass(eq=False)
@@ -347,8 +346,7 @@ class Engine:
             num_running=len(self.scheduler.running), num_waiting=self.scheduler.num_waiting,
             num_waiting_tokens=self.scheduler.num_waiting_tokens, num_kv_blocks_total=self.pool.num_blocks,
             num_kv_blocks_used=self.pool.num_used_blocks, prefix_cache_queries=self.pool.num_queries,
-            prefix_cache_hits=self.pool.num_hits, num_preemptions=self.scheduler.num_preemptions,
-            num_steps=self.num_steps)
+            prefix_cache_hits=self.pool.num_hits, num_preemptions=self.scheduler.num_preemptions)
 
     def step_samples_since(self, num_seen: int) -> tuple[list[tuple[int, int]], int]:
         """(num_seqs, num_tokens) of every kept step (the last 10,000) with index >= num_seen, and the

@@ -43,7 +43,7 @@ class SamplingBatch:
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
-    logprobs: list[float] | None  # logprob of each sampled token (raw model distribution)
+    logprobs: list[float] | None  # of each sampled token: the model's distribution (masked by a grammar, if any)
     top_logprobs: list[list[tuple[int, float]]] | None  # top-n per row (n from the row's params)
     errors: dict[int, str] = field(default_factory=dict)  # row -> why it could not be sampled
 

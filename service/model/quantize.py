@@ -4,9 +4,10 @@ Every projection (c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj) and the LM head bec
 the weight stored as int8 with one fp32 scale per output channel (symmetric, scale = max|w| / 127),
 and each call quantizing its input dynamically (per tensor, uint8) before an int8 x int8 GEMM with
 int32 accumulation: torch's x86 quantized engine (FBGEMM / oneDNN, VNNI or AMX where the CPU has them).
-Measured on the layer shapes of GPT-2 small (docs/benchmarks.md) this is 3-4x faster than fp32 at
-1 and at 32 rows, where weight-only int8 (`torch._weight_int8pack_mm`) was 4-40x slower: at decode
-batch sizes the step is bound by reading weights, and int8 reads a quarter of the bytes.
+Measured on GPT-2 small's projections (`python benchmarks/linear.py`, docs/benchmarks.md, an AMX Xeon)
+this is 2.6-4.5x faster than fp32 at 1 and at 32 rows (only the small 768 x 768 one loses at 1 row,
+0.75x), while weight-only int8 (`torch._weight_int8pack_mm`, bf16 activations) was 4-6x slower than it
+at 32 rows: at decode batch sizes the step is bound by reading weights, and int8 reads a quarter of them.
 
 Embeddings, LayerNorms, the KV cache and classification score heads stay in fp32; LoRA adapters add
 their fp32 delta to the quantized projection's output, unchanged. The scheduler never sees any of it.
