@@ -10,6 +10,8 @@ against and the CPU path of the engine.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -60,6 +62,28 @@ def prefill_attention_torch(
     return out
 
 
+@dataclass(frozen=True)
+class DecodePlan:
+    """How the torch decode path reads one step's contexts, built once per step and shared by every layer.
+
+    Each sequence's first `num_blocks` table entries are gathered as whole blocks (one contiguous copy
+    per block, not one per token), so every sequence's context is padded to num_blocks * block_size rows.
+    """
+
+    block_ids: torch.Tensor  # (num_seqs * num_blocks,) int64; table padding (-1) reads block 0, then is masked
+    stale_rows: torch.Tensor  # (num_stale,) int64: rows of the gathered context at or past their sequence's end
+    mask: torch.Tensor  # (num_seqs, 1, 1, num_blocks * block_size) bool, True inside the context
+
+
+def plan_decode_torch(seq_lens: torch.Tensor, block_tables: torch.Tensor, block_size: int) -> DecodePlan:
+    device = block_tables.device
+    num_blocks = -(-int(seq_lens.max()) // block_size)
+    block_ids = block_tables[:, :num_blocks].clamp(min=0).long().flatten()
+    valid = torch.arange(num_blocks * block_size, device=device)[None, :] < seq_lens.to(device)[:, None]  # (B, L)
+    stale_rows = (~valid).flatten().nonzero().squeeze(1)
+    return DecodePlan(block_ids, stale_rows, valid[:, None, None, :])
+
+
 def decode_attention_torch(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -67,28 +91,26 @@ def decode_attention_torch(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    plan: DecodePlan | None = None,
 ) -> torch.Tensor:
     """One query token per sequence against its paged context.
 
     q: (num_seqs, num_heads, head_dim); seq_lens: (num_seqs,) context lengths
-    including the query token (whose K/V is already in the cache). Returns
-    (num_seqs, num_heads, head_dim).
+    including the query token (whose K/V is already in the cache). `plan` is
+    plan_decode_torch(seq_lens, block_tables, block_size), made here when not
+    given. Returns (num_seqs, num_heads, head_dim).
     """
     num_seqs, num_heads, head_dim = q.shape
-    num_blocks, block_size = k_cache.shape[:2]
-    max_len = int(seq_lens.max())
-    seq_lens = seq_lens.to(q.device)
-    pos = torch.arange(max_len, device=q.device)[None, :]  # (1, L)
-    mask = pos < seq_lens[:, None]  # (B, L)
-    # NOTE: positions past a sequence's end read its position 0 instead: that row was
-    # written, so it is finite (stale or NaN-poisoned slots are never read), and the
-    # mask gives it zero weight.
-    pos = torch.where(mask, pos, 0)
-    slots = block_tables.long().gather(1, pos // block_size) * block_size + pos % block_size  # (B, L)
-    k = k_cache.view(num_blocks * block_size, num_heads, head_dim)[slots]  # (B, L, nh, hd)
-    v = v_cache.view(num_blocks * block_size, num_heads, head_dim)[slots]  # (B, L, nh, hd)
-    # (B, nh, 1, hd) x (B, nh, L, hd) -> (B, nh, 1, hd)
-    o = F.scaled_dot_product_attention(
-        q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :], scale=scale
-    )
+    if plan is None:
+        plan = plan_decode_torch(seq_lens, block_tables, k_cache.shape[1])
+    ctx_len = plan.mask.shape[-1]
+    k = k_cache.index_select(0, plan.block_ids).view(num_seqs, ctx_len, num_heads, head_dim)
+    v = v_cache.index_select(0, plan.block_ids).view(num_seqs, ctx_len, num_heads, head_dim)
+    # NOTE: rows past a sequence's end hold whatever their block held before (NaN after a failed request).
+    # The mask gives them no weight, but NaN + -inf and 0 * NaN are NaN: they are zeroed in the copies.
+    k.view(-1, num_heads * head_dim).index_fill_(0, plan.stale_rows, 0.0)
+    v.view(-1, num_heads * head_dim).index_fill_(0, plan.stale_rows, 0.0)
+    # (B, nh, 1, hd) x (B, nh, L, hd) -> (B, nh, 1, hd); K and V are strided views, which SDPA reads in place
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=plan.mask,
+                                       scale=scale)
     return o.squeeze(2)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kernels.activation import bias_gelu_torch
-from kernels.attention import decode_attention_torch, prefill_attention_torch
+from kernels.attention import decode_attention_torch, plan_decode_torch, prefill_attention_torch
 from kernels.kv_cache import write_kv_cache_torch
 from kernels.lora import add_lora_torch
 from kernels.norm import add_layer_norm_torch
@@ -20,6 +20,9 @@ class KernelOps:
     write_kv_cache: Callable
     prefill_attention: Callable
     decode_attention: Callable
+    # Once per step, before the layers: what decode_attention needs beyond seq_lens and block tables
+    # (torch: the gather indices and mask; Triton: nothing, its kernel reads the tables in place).
+    plan_decode: Callable
     add_layer_norm: Callable
     bias_gelu: Callable
     add_lora: Callable = add_lora_torch  # y += per-token LoRA delta (kernels/lora.py)
@@ -33,6 +36,7 @@ TORCH_OPS = KernelOps(
     write_kv_cache=write_kv_cache_torch,
     prefill_attention=prefill_attention_torch,
     decode_attention=decode_attention_torch,
+    plan_decode=plan_decode_torch,
     add_layer_norm=add_layer_norm_torch,
     bias_gelu=bias_gelu_torch,
     add_lora=add_lora_torch,

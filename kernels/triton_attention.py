@@ -283,6 +283,11 @@ def _decode_merge_kernel(
     tl.store(OUT + seq.to(tl.int64) * stride_os + head * stride_oh + offs_d, out.to(OUT.dtype.element_ty))
 
 
+def plan_decode_triton(seq_lens: torch.Tensor, block_tables: torch.Tensor, block_size: int) -> None:
+    """Nothing to prepare: the decode kernel reads the block tables in place."""
+    return None
+
+
 def decode_attention_triton(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -290,13 +295,14 @@ def decode_attention_triton(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    plan: None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
     """One query token per sequence against its paged context; see decode_attention_torch.
 
     num_splits=None picks the split from batch, heads, the block-table width (the
     longest context the table can address) and the SM count. No host sync and a grid
-    that depends only on shapes: CUDA-graph capturable. A padding row with seq_len 0
+    that depends only on shapes: CUDA-graph capturable. `plan` is plan_decode_triton's (None). A padding row with seq_len 0
     (a graph's unused batch slot) gives zeros, where the reference gives NaN.
     """
     _check_paged_inputs(q, k_cache, v_cache, block_tables)

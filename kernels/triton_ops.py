@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from kernels.ops import KernelOps
 from kernels.triton_activation import bias_gelu_triton
-from kernels.triton_attention import decode_attention_triton, prefill_attention_triton
+from kernels.triton_attention import decode_attention_triton, plan_decode_triton, prefill_attention_triton
 from kernels.triton_kv_cache import write_kv_cache_triton
 from kernels.triton_lora import add_lora_triton
 from kernels.triton_norm import add_layer_norm_triton
@@ -18,6 +18,7 @@ TRITON_OPS = KernelOps(
     write_kv_cache=write_kv_cache_triton,
     prefill_attention=prefill_attention_triton,
     decode_attention=decode_attention_triton,
+    plan_decode=plan_decode_triton,
     add_layer_norm=add_layer_norm_triton,
     bias_gelu=bias_gelu_triton,
     add_lora=add_lora_triton,
