@@ -83,8 +83,13 @@ class AsyncEngine:
     """Owns the engine thread. Invariant: every request in `_streams` is queued in an AddRequests
     command or held by the engine, and its stream gets exactly one finished output."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, handoff_timeout_s: float | None = None) -> None:
         self.engine = engine
+        # NOTE: on a CPU the model's OpenMP threads take every core, and a parallel region stalls whenever the
+        # event loop (SSE, detokenizing) holds one of them. With a hand-off the engine thread waits after each
+        # step until the loop has handed that step's outputs to the streams' consumers (at most this long),
+        # so the two take turns instead of colliding. None: no waiting (a GPU step leaves the cores free).
+        self._handoff_timeout_s = handoff_timeout_s
         self._streams: dict[str, RequestStream] = {}
         self._commands: queue.SimpleQueue[AddRequests | Abort | CallOnEngine] = queue.SimpleQueue()
         self._wakeup = threading.Event()
@@ -190,7 +195,7 @@ class AsyncEngine:
                 self._drain_commands()
                 if self.engine.has_unfinished():
                     outputs = self.engine.step()
-                    self._dispatch(outputs)
+                    self._dispatch(outputs, handoff=self._handoff_timeout_s is not None)
                     if not outputs and not self.engine.has_running():
                         self._wakeup.wait(0.01)  # nothing could be scheduled: don't spin
                         self._wakeup.clear()
@@ -232,11 +237,15 @@ class AsyncEngine:
         if outputs:
             self._dispatch(outputs)
 
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        if outputs and self._loop is not None:
-            self._loop.call_soon_threadsafe(self._deliver, outputs)
+    def _dispatch(self, outputs: list[RequestOutput], handoff: bool = False) -> None:
+        if not outputs or self._loop is None:
+            return
+        delivered = threading.Event() if handoff else None
+        self._loop.call_soon_threadsafe(self._deliver, outputs, delivered)
+        if delivered is not None:
+            delivered.wait(self._handoff_timeout_s)
 
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
+    def _deliver(self, outputs: list[RequestOutput], delivered: threading.Event | None = None) -> None:
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
@@ -244,6 +253,9 @@ class AsyncEngine:
             if out.finished:
                 del self._streams[out.request_id]
             stream.put(out)
+        if delivered is not None:
+            # The puts woke the consumers: they run in the loop's next pass, this event's setter in the one after.
+            self._loop.call_soon(self._loop.call_soon, delivered.set)
 
     def _fail_all(self, message: str) -> None:
         failed = [RequestOutput(request_id=rid, outputs=[], finished=True, error=message) for rid in list(self._streams)]

@@ -102,14 +102,16 @@ class ModelRunner:
                        lora: LoRAHook | None) -> torch.Tensor:
         dev = self.device
         prefill_cu = (cu[nd:] - cu[nd]).to(torch.int32)
+        decode_seq_lens, decode_block_tables = seq_lens[:nd].to(dev), block_tables[:nd].to(dev)
         meta = AttentionMetadata(
             slot_mapping=slot_mapping.to(dev),
             num_decode_tokens=nd,
-            decode_seq_lens=seq_lens[:nd].to(dev),
-            decode_block_tables=block_tables[:nd].to(dev),
+            decode_seq_lens=decode_seq_lens,
+            decode_block_tables=decode_block_tables,
             prefill_cu_seqlens_q=prefill_cu.to(dev),
             prefill_seq_lens=seq_lens[nd:].to(dev),
             prefill_block_tables=block_tables[nd:].to(dev),
+            decode_plan=self.ops.plan_decode(decode_seq_lens, decode_block_tables, self.block_size) if nd else None,
         )
         return self.model(torch.tensor(input_ids, device=dev), positions.to(dev), meta, self.kv_caches,
                           self.ops, lora)  # (T, C)

@@ -13,15 +13,24 @@ BF16_FLAGS = frozenset({"amx_bf16"})
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
+def _cpuinfo_field(name: str) -> str:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return frozenset()
+        return ""
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+        if line.split(":", 1)[0].strip() == name:
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def cpu_flags() -> frozenset[str]:
+    return frozenset(_cpuinfo_field("flags").split())
+
+
+def cpu_vendor() -> str:
+    """GenuineIntel, AuthenticAMD, ... ("" where unknown)."""
+    return _cpuinfo_field("vendor_id")
 
 
 def has_bf16_matmul() -> bool:

@@ -9,6 +9,7 @@ as Conv1D with (in, out) weights; the loader transposes them into nn.Linear's
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,6 +37,7 @@ class AttentionMetadata:
     prefill_cu_seqlens_q: torch.Tensor  # (num_prefills + 1,) int32, offsets from the first prefill token
     prefill_seq_lens: torch.Tensor  # (num_prefills,) int32
     prefill_block_tables: torch.Tensor  # (num_prefills, max_blocks) int32
+    decode_plan: object = None  # ops.plan_decode(decode_seq_lens, decode_block_tables, block_size), once per step
 
     @property
     def num_prefill_seqs(self) -> int:
@@ -81,14 +83,15 @@ class GPT2Attention(nn.Module):
         ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         nd = meta.num_decode_tokens
         if nd == num_tokens:
-            out = ops.decode_attention(q, k_cache, v_cache, meta.decode_seq_lens, meta.decode_block_tables, self.scale)
+            out = ops.decode_attention(q, k_cache, v_cache, meta.decode_seq_lens, meta.decode_block_tables, self.scale,
+                                       meta.decode_plan)
         elif nd == 0:
             out = ops.prefill_attention(q, k_cache, v_cache, meta.prefill_cu_seqlens_q, meta.prefill_seq_lens,
                                         meta.prefill_block_tables, self.scale)
         else:
             out = torch.empty_like(q)
             out[:nd] = ops.decode_attention(q[:nd], k_cache, v_cache, meta.decode_seq_lens,
-                                            meta.decode_block_tables, self.scale)
+                                            meta.decode_block_tables, self.scale, meta.decode_plan)
             out[nd:] = ops.prefill_attention(q[nd:], k_cache, v_cache, meta.prefill_cu_seqlens_q,
                                              meta.prefill_seq_lens, meta.prefill_block_tables, self.scale)
         return _linear(self.c_proj, self.prefix + "attn.c_proj", out.reshape(num_tokens, self.n_embd), lora)
@@ -162,6 +165,16 @@ class GPT2ForServing(nn.Module):
             h = block.mlp(x, ops, lora)
         out, _ = ops.add_layer_norm(h, residual, t.ln_f.weight, t.ln_f.bias, t.ln_f.eps)
         return out
+
+    def swap_linears(self, make: Callable[[nn.Module], nn.Module]) -> int:
+        """Replace every projection and the LM head by make(module) (int8, oneDNN); returns how many."""
+        count = 0
+        for block in self.transformer.h:
+            for owner, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")):
+                setattr(owner, name, make(getattr(owner, name)))
+                count += 1
+        self.lm_head = make(self.lm_head)
+        return count + 1
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return _linear(self.lm_head, "lm_head", hidden, None)  # (N, vocab)

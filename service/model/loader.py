@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from service.model.card import ModelCard
 from service.model.config import GPT2Config, ModelConfigError
 from service.model.cpu import has_bf16_matmul
+from service.model.cpu_linear import resolve_linear_backend, use_onednn
 from service.model.gpt2 import GPT2ForServing
 from service.model.quantize import QUANTIZATIONS, quantize_int8
 from service.model.tokenizer import Tokenizer
@@ -94,9 +95,10 @@ def read_checkpoint(model_dir: Path) -> dict[str, tuple[torch.Tensor, Path]]:
 
 
 def load_model(model_dir: Path, device: str = "auto", dtype: str = "auto", name: str | None = None,
-               quantization: str = "none") -> LoadedModel:
+               quantization: str = "none", linear_backend: str = "auto") -> LoadedModel:
     """Load a checkpoint directory; any mismatch fails here, naming the file and the field.
-    quantization "int8": 8-bit weights (service/model/quantize.py), fp32 activations, CPU only."""
+    quantization "int8": 8-bit weights (service/model/quantize.py), fp32 activations, CPU only.
+    linear_backend: how fp32 projections run on a CPU (service/model/cpu_linear.py)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelConfigError(f"{model_dir}: model directory not found")
@@ -149,6 +151,12 @@ def load_model(model_dir: Path, device: str = "auto", dtype: str = "auto", name:
     model.eval().requires_grad_(False)
     if quantization == "int8":
         quantize_int8(model)
+    try:
+        linears = resolve_linear_backend(linear_backend, torch_device, torch_dtype, quantization)
+    except ValueError as e:
+        raise ModelConfigError(str(e)) from None
+    if linears == "onednn":
+        use_onednn(model)
 
     tokenizer = load_tokenizer(model_dir)
     card = ModelCard.load(model_dir) or ModelCard.default(

@@ -75,11 +75,4 @@ class Int8Linear(nn.Module):
 def quantize_int8(model: nn.Module) -> int:
     """Swap every projection and the LM head of a GPT2ForServing for Int8Linear; returns how many.
     CPU only: torch's quantized GEMMs have no CUDA kernels."""
-    count = 0
-    for block in model.transformer.h:
-        for owner, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")):
-            linear = getattr(owner, name)
-            setattr(owner, name, Int8Linear(linear.weight, linear.bias))
-            count += 1
-    model.lm_head = Int8Linear(model.lm_head.weight, None)
-    return count + 1
+    return model.swap_linears(lambda linear: Int8Linear(linear.weight, linear.bias))

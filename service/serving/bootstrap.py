@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from service.config import DEFAULT_ADAPTERS_DIR, DEFAULT_MODEL_DIR, Settings
 from service.engine.async_engine import AsyncEngine
 from service.engine.engine import Engine, EngineConfig
@@ -18,6 +20,10 @@ from service.model.loader import load_model
 from service.serving.adapters import find_adapters
 from service.serving.models import ModelRegistry, base_entry
 from service.serving.structured import GrammarCompiler
+
+# On a CPU the engine thread waits after each step, at most this long, for the event loop to take the step's
+# outputs (AsyncEngine): 1.4x the int8 throughput at 32 concurrent streams on 2 cores (docs/benchmarks.md).
+HANDOFF_TIMEOUT_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -35,8 +41,10 @@ def engine_config(settings: Settings) -> EngineConfig:
 
 def build_engine(settings: Settings) -> Engine:
     """The synchronous engine on the base model (`lmservice generate`)."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     loaded = load_model(settings.model, settings.device, settings.dtype, settings.served_model_name,
-                        quantization=settings.quantization)
+                        quantization=settings.quantization, linear_backend=settings.linear_backend)
     return Engine(loaded, engine_config(settings))
 
 
@@ -56,7 +64,7 @@ def build_serving(settings: Settings) -> Serving:
 def serving_for(engine: Engine, adapters: dict[str, Path] | None = None,
                 adapters_dir: Path | None = None, max_structured_spec_bytes: int = 65536) -> Serving:
     """An engine with these adapters loaded, and its registry (tests build engines this way too)."""
-    async_engine = AsyncEngine(engine)
+    async_engine = AsyncEngine(engine, handoff_timeout_s=HANDOFF_TIMEOUT_S if engine.loaded.device.type == "cpu" else None)
     models = ModelRegistry(async_engine, base_entry(engine), adapters_dir)
     for name, path in (adapters or {}).items():
         models.add_adapter_now(name, path)

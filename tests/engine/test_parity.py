@@ -52,17 +52,24 @@ ENGINE_VARIANTS = {
     "preempting": dict(num_kv_blocks=10, block_size=8),
     "block-size-1": dict(block_size=1, num_kv_blocks=1200),
     "block-size-32": dict(block_size=32, num_kv_blocks=40),
+    # fp32 projections on each CPU matmul path, whatever `auto` picks on this machine (service/model/cpu_linear.py)
+    "linears-torch": dict(linear_backend="torch"),
+    "linears-onednn": dict(linear_backend="onednn"),
 }
 
 
 @pytest.mark.parametrize("variant", list(ENGINE_VARIANTS))
 def test_greedy_parity(reference, variant):
     name, model_dir, ps, expected = reference
-    if name == "gpt2-small" and variant != "default":
+    if name == "gpt2-small" and not variant.startswith(("default", "linears")):
         pytest.skip("the gpt2-small shape runs the default engine only (time)")
     kwargs = dict(num_kv_blocks=256)
     kwargs.update(ENGINE_VARIANTS[variant])
-    engine = Engine(load_model(model_dir, device="cpu", dtype="float32"), EngineConfig.from_fields(**kwargs))
+    linear_backend = kwargs.pop("linear_backend", "auto")
+    loaded = load_model(model_dir, device="cpu", dtype="float32", linear_backend=linear_backend)
+    if linear_backend != "auto":
+        assert (type(loaded.model.lm_head).__name__ == "OneDNNLinear") == (linear_backend == "onednn")
+    engine = Engine(loaded, EngineConfig.from_fields(**kwargs))
     params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW[name], ignore_eos=True, logprobs=2)
     requests = [(f"r{i}", p, params) for i, p in enumerate(ps)]
     results = run_to_completion(engine, requests, stagger=3)
