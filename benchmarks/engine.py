@@ -9,6 +9,7 @@ a time, and transformers' generate on one static batch of the same size.
     python benchmarks/engine.py --concurrency 1 8 --dtypes float32 --new-tokens 32   # quicker
     python benchmarks/engine.py --decode-steps 16 --repeats 3   # decode step alone, best of 3, alternating
     python benchmarks/engine.py --decode-steps 12 --dtypes float32 int8 bfloat16 --concurrency 1 32
+    python benchmarks/engine.py --closed-loop --force-token 64 --concurrency 1 8 32   # serve.py's workload, no HTTP
 
 `--dtypes int8` is lmservice with --quantization int8 (fp32 activations); transformers runs fp32 beside it.
 """
@@ -66,6 +67,34 @@ def run_engine(model_dir: Path, dtype: str, prompts: list[list[int]], new_tokens
     elapsed = time.perf_counter() - start
     assert generated == len(prompts) * new_tokens
     return generated / elapsed
+
+
+def run_engine_closed_loop(model_dir: Path, dtype: str, concurrency: int, num_requests: int, prompt_len: int,
+                           new_tokens: int, vocab: int, force_token: int | None) -> float:
+    """benchmarks/serve.py's workload without HTTP: `num_requests` requests, at most `concurrency` in flight,
+    each replaced as soon as it finishes (same prompts, same logit_bias); returns generated tokens/s."""
+    import random  # noqa: PLC0415
+
+    rng = random.Random(concurrency)
+    prompts = [[rng.randrange(vocab) for _ in range(prompt_len)] for _ in range(num_requests)]
+    engine = Engine(load(model_dir, dtype), EngineConfig.from_fields())  # the server's defaults
+    bias = {force_token: 100.0} if force_token is not None else None
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True, logit_bias=bias)
+    engine.submit("warmup", prompts[0][:8], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    start = time.perf_counter()
+    queue = list(enumerate(prompts))
+    in_flight = generated = 0
+    while queue or engine.has_unfinished():
+        while queue and in_flight < concurrency:
+            i, p = queue.pop(0)
+            engine.submit(str(i), p, params)
+            in_flight += 1
+        for out in engine.step():
+            generated += sum(len(c.token_ids) for c in out.outputs)
+            in_flight -= out.finished
+    return generated / (time.perf_counter() - start)
 
 
 def run_hf(model_dir: Path, dtype: str, prompts: list[list[int]], new_tokens: int, static_batch: bool) -> float:
@@ -135,6 +164,10 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=0,
                     help="instead: time N decode steps (prefill excluded), lmservice and transformers alternately")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--closed-loop", action="store_true",
+                    help="instead: benchmarks/serve.py's workload in process (2 x concurrency requests, at most "
+                         "concurrency in flight): the HTTP + SSE overhead is serve.py's figure against this one")
+    ap.add_argument("--force-token", type=int, default=None, help="as in benchmarks/serve.py (--closed-loop)")
     add_threads_flag(ap)
     args = ap.parse_args()
     apply_threads(args)
@@ -144,6 +177,15 @@ def main() -> None:
         model_dir = Path(tmp) / "model"
         make_model(model_dir, args.shape)
         vocab = SHAPES[args.shape]["vocab_size"]
+        if args.closed_loop:
+            print("| dtype | concurrency | in-process tok/s |")
+            print("| --- | ---: | ---: |")
+            for dtype in args.dtypes:
+                for c in args.concurrency:
+                    rate = run_engine_closed_loop(model_dir, dtype, c, max(4, 2 * c), args.prompt_len, args.new_tokens,
+                                                  min(vocab, 50000), args.force_token)
+                    print(f"| {dtype} | {c} | {rate:.1f} |", flush=True)
+            return
         if args.decode_steps:
             print("| dtype | batch | lmservice ms/step | transformers static batch ms/step | speed-up |")
             print("| --- | ---: | ---: | ---: | ---: |")
