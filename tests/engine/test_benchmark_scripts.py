@@ -1,0 +1,35 @@
+"""The engine benchmarks run end to end on a tiny model (their figures are measured elsewhere, never here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _table_rows(args: list[str]) -> list[list[str]]:
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [line.strip("|").split("|") for line in proc.stdout.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in row] for row in rows[2:]]  # past the header and the --- line
+
+
+def test_profile_step_accounts_for_every_step():
+    rows = _table_rows(["benchmarks/profile_step.py", "--shape", "tiny", "--batch", "1", "3", "--steps", "2",
+                        "--prompt-len", "8", "--threads", "1"])
+    assert [(r[0], r[1]) for r in rows] == [("float32", "1"), ("float32", "3"), ("int8", "1"), ("int8", "3")]
+    for row in rows:
+        wall = float(row[2])
+        shares = [float(cell.split()[0]) for cell in row[3:]]
+        assert wall > 0 and all(s >= 0 for s in shares)
+        # the groups plus "Python and scheduling" cover the step (each cell is rounded to 0.1 ms)
+        assert sum(shares) >= wall - 0.05 * len(shares)
+
+
+def test_closed_loop_reports_throughput():
+    rows = _table_rows(["benchmarks/engine.py", "--shape", "tiny", "--closed-loop", "--concurrency", "1", "2",
+                        "--new-tokens", "4", "--prompt-len", "8", "--dtypes", "float32", "--force-token", "7"])
+    assert [(r[0], r[1]) for r in rows] == [("float32", "1"), ("float32", "2")]
+    assert all(float(r[2]) > 0 for r in rows)
