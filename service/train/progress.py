@@ -12,8 +12,9 @@ class ProgressCallback(TrainerCallback):
     """tqdm over optimizer steps; postfix: last logged loss, learning rate, input tokens/s.
 
     Throughput counts every input token of every process (Trainer's
-    `num_input_tokens_seen` is gathered across ranks), measured since this
-    process started or resumed, so a resumed run does not report a burst.
+    `num_input_tokens_seen` is gathered across ranks) over the steps since the
+    previous loss log, so neither the first steps' warm-up nor a resume (whose
+    token count starts where the checkpoint left it) skews the figure.
     """
 
     def __init__(self, enabled: bool = True) -> None:
@@ -35,9 +36,10 @@ class ProgressCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
-        elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        tok_s = (state.num_input_tokens_seen - self.tokens0) / elapsed
         if "loss" in logs:
+            now = time.perf_counter()
+            tok_s = (state.num_input_tokens_seen - self.tokens0) / max(now - self.t0, 1e-9)
+            self.t0, self.tokens0 = now, state.num_input_tokens_seen
             self.postfix.update(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}",
                                 tok_s=f"{tok_s:.0f}")
         if "eval_loss" in logs:
