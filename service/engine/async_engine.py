@@ -86,9 +86,10 @@ class AsyncEngine:
     def __init__(self, engine: Engine, handoff_timeout_s: float | None = None) -> None:
         self.engine = engine
         # NOTE: on a CPU the model's OpenMP threads take every core, and a parallel region stalls whenever the
-        # event loop (SSE, detokenizing) holds one of them. With a hand-off the engine thread waits after each
-        # step until the loop has handed that step's outputs to the streams' consumers (at most this long),
-        # so the two take turns instead of colliding. None: no waiting (a GPU step leaves the cores free).
+        # event loop (HTTP, SSE) holds one of them. With a hand-off the engine thread waits after each step
+        # until the loop has handed that step's outputs to the streams' consumers (at most this long), so the
+        # two take turns instead of colliding (int8 at 32 streams on 2 cores: 1.4x, docs/benchmarks.md).
+        # None: no waiting (a GPU step leaves the cores free).
         self._handoff_timeout_s = handoff_timeout_s
         self._streams: dict[str, RequestStream] = {}
         self._commands: queue.SimpleQueue[AddRequests | Abort | CallOnEngine] = queue.SimpleQueue()
