@@ -88,7 +88,8 @@ class AsyncEngine:
         # NOTE: on a CPU the model's OpenMP threads take every core, and a parallel region stalls whenever the
         # event loop (HTTP, SSE) holds one of them. With a hand-off the engine thread waits after each step
         # until the loop has handed that step's outputs to the streams' consumers (at most this long), so the
-        # two take turns instead of colliding (int8 at 32 streams on 2 cores: 1.4x, docs/benchmarks.md).
+        # two take turns instead of colliding (int8 at 32 streams on 2 cores: 1.4x in one A/B; fp32 runs too
+        # noisy to show an effect, docs/benchmarks.md).
         # None: no waiting (a GPU step leaves the cores free).
         self._handoff_timeout_s = handoff_timeout_s
         self._streams: dict[str, RequestStream] = {}

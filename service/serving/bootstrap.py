@@ -22,7 +22,7 @@ from service.serving.models import ModelRegistry, base_entry
 from service.serving.structured import GrammarCompiler
 
 # On a CPU the engine thread waits after each step, at most this long, for the event loop to take the step's
-# outputs (AsyncEngine): 1.4x the int8 throughput at 32 concurrent streams on 2 cores (docs/benchmarks.md).
+# outputs (AsyncEngine): 1.4x the int8 throughput at 32 concurrent streams on 2 cores in one A/B (docs/benchmarks.md).
 HANDOFF_TIMEOUT_S = 0.02
 
 

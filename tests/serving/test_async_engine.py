@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
+from service.engine.async_engine import AsyncEngine
 from service.engine.engine import Engine, EngineConfig
 from service.engine.outputs import QueueFullError
 from service.engine.sampling_params import SamplingParams
@@ -35,8 +37,6 @@ def test_async_admission_counts_queued_requests_and_answers_queue_full(tiny_mode
 
 def _steps_while_streaming(tiny_model_dir, handoff_timeout_s, block_loop_s: float) -> tuple[int, int]:
     """Engine steps taken while the event loop is blocked for `block_loop_s`, and the tokens streamed."""
-    from service.engine.async_engine import AsyncEngine  # noqa: PLC0415
-
     async def scenario():
         engine = Engine(load_model(tiny_model_dir, "cpu", "float32"), EngineConfig.from_fields(num_kv_blocks=64))
         async_engine = AsyncEngine(engine, handoff_timeout_s=handoff_timeout_s)
@@ -45,8 +45,6 @@ def _steps_while_streaming(tiny_model_dir, handoff_timeout_s, block_loop_s: floa
                                                                    SamplingParams(max_tokens=120, **GREEDY))])[0]
         first = await anext(aiter(stream))
         before = engine.num_steps
-        import time  # noqa: PLC0415
-
         time.sleep(block_loop_s)  # the loop is busy: nothing takes the outputs
         during = engine.num_steps - before
         tokens = len(first.outputs[0].token_ids) + sum([len(o.outputs[0].token_ids) async for o in stream])
