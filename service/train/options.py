@@ -15,8 +15,8 @@ from transformers import TrainingArguments
 # Flags recorded in the card's `hyperparameters` (everything that changes the weights).
 _HYPERPARAMETERS = (
     "epochs", "max_steps", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_steps",
-    "weight_decay", "max_grad_norm", "seed", "sampling", "bf16", "max_length",
-    "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
+    "weight_decay", "max_grad_norm", "label_smoothing", "seed", "sampling", "bf16", "max_length",
+    "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_extract",
 )
 
 
@@ -39,6 +39,8 @@ def add_training_arguments(p: argparse.ArgumentParser, lr: float, lora: bool = T
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="Label smoothing of the training loss (0.1 is usual for translation); eval loss is smoothed too.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampling", choices=["random", "sequential", "group_by_length"], default="random",
                    help="Training order: random, file order, or batches of similar length (less padding).")
@@ -62,6 +64,10 @@ def add_training_arguments(p: argparse.ArgumentParser, lr: float, lora: bool = T
         p.add_argument("--lora-dropout", type=float, default=0.0)
         p.add_argument("--lora-targets", nargs="+", default=["c_attn"],
                        help="Module names (suffixes) that get LoRA, e.g. c_attn c_proj c_fc.")
+        p.add_argument("--lora-extract", action="store_true",
+                       help="With --lora: train the weights of the --lora-targets projections in full (embeddings, "
+                            "norms and biases frozen), then save their change as a rank --lora-r adapter "
+                            "(truncated SVD); the figures are measured on that adapter.")
 
 
 def hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
@@ -83,6 +89,7 @@ def training_arguments(args: argparse.Namespace, work_dir: Path, has_eval: bool)
         warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm,
+        label_smoothing_factor=args.label_smoothing,
         seed=args.seed,
         data_seed=args.seed,
         train_sampling_strategy=args.sampling,

@@ -140,3 +140,34 @@ def test_artifact_is_readable_by_other_users(train, tokenizer_dir, data_dir, tmp
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
     for path in out.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+
+
+def test_label_smoothing_reaches_the_trainer_loss_with_shifted_labels(base_dir, tmp_path):
+    """--label-smoothing on a LoRA causal LM: Trainer's loss == torch's smoothed cross-entropy of the
+    next-token predictions (labels shifted by one, prompt positions ignored)."""
+    import argparse
+
+    import torch.nn.functional as F
+    from transformers import Trainer
+
+    from service.train.examples import IGNORE_INDEX
+    from service.train.modeling import apply_lora
+    from service.train.options import add_base_arguments, add_training_arguments, training_arguments
+
+    p = argparse.ArgumentParser()
+    add_base_arguments(p)
+    add_training_arguments(p, lr=1e-3)
+    args = p.parse_args(["--base", str(base_dir), "--output", str(tmp_path / "o"), "--label-smoothing", "0.1"])
+    torch.manual_seed(0)
+    model = apply_lora(GPT2LMHeadModel.from_pretrained(base_dir), 4, 8.0, 0.0, ["c_attn"], task_type="CAUSAL_LM")
+    trainer = Trainer(model=model, args=training_arguments(args, tmp_path / "w", has_eval=False))
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    labels = ids.clone()
+    labels[:, :5] = IGNORE_INDEX
+    loss = trainer.compute_loss(model, {"input_ids": ids, "labels": labels.clone()})
+    logits = model(input_ids=ids).logits
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+    expected = F.cross_entropy(flat, labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, label_smoothing=0.1)
+    unsmoothed = F.cross_entropy(flat, labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+    assert torch.allclose(loss, expected, atol=1e-5), (loss, expected)
+    assert not torch.allclose(loss, unsmoothed, atol=1e-3)
