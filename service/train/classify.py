@@ -25,7 +25,7 @@ from service.model.card import ModelCard
 from service.train.data import DataError, limit, load_table, split_heldout
 from service.train.evaluate import classification_metrics, predict_labels
 from service.train.examples import PadCollator, encode_texts
-from service.train.modeling import load_for_training
+from service.train.modeling import load_for_training, lora_finalizer
 from service.train.options import add_base_arguments, add_training_arguments
 from service.train.runner import Job, run_job, setup
 
@@ -111,5 +111,6 @@ def run(args: argparse.Namespace) -> int:
         "label_column": args.label_column, "label_values": labels, "num_train_examples": len(train_ds),
         "num_eval_examples": len(eval_ds), "preprocessing": "text stripped of surrounding whitespace"})
     job = Job(name="classify", model=model, tokenizer=tokenizer, train_dataset=train_ds, eval_dataset=eval_ds,
-              collator=collator, card=card, base_model=str(args.base), extra_metrics=extra_metrics)
+              collator=collator, card=card, base_model=str(args.base), extra_metrics=extra_metrics,
+              finalize=lora_finalizer(args, "SEQ_CLS", ["score"]))
     return run_job(job, args)

@@ -17,7 +17,7 @@ from transformers import GPT2LMHeadModel, PreTrainedTokenizerBase, default_data_
 from service.model.card import ModelCard
 from service.train.data import DataError, limit, load_table, load_text, split_heldout
 from service.train.examples import PadCollator, encode_prompt_completion, pack
-from service.train.modeling import load_for_training
+from service.train.modeling import load_for_training, lora_finalizer
 from service.train.options import add_base_arguments, add_training_arguments
 from service.train.runner import Job, run_job, setup
 
@@ -75,5 +75,6 @@ def run(args: argparse.Namespace) -> int:
     card = ModelCard(task="generate", data={"train": str(args.train), "eval": eval_name, "format": fmt,
                                             "num_train_examples": len(train_ds)})
     job = Job(name="lm", model=model, tokenizer=tokenizer, train_dataset=train_ds, eval_dataset=eval_ds,
-              collator=collator, card=card, base_model=str(args.base), report_perplexity=True)
+              collator=collator, card=card, base_model=str(args.base), report_perplexity=True,
+              finalize=lora_finalizer(args, "CAUSAL_LM"))
     return run_job(job, args)

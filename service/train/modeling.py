@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,10 +87,72 @@ def load_for_training(args: argparse.Namespace, model_cls: type, task_type: str,
     model = model_cls.from_pretrained(str(args.base), dtype=torch.float32, **from_pretrained_kwargs)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    if args.lora:
+    if args.lora and getattr(args, "lora_extract", False):
+        freeze_for_extraction(model, args.lora_targets, modules_to_save or ())
+    elif args.lora:
         model = apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets,
                            modules_to_save=modules_to_save, task_type=task_type)
     return model, tokenizer
+
+
+def freeze_for_extraction(model: torch.nn.Module, targets: Sequence[str], modules_to_save: Sequence[str]) -> None:
+    """Leave trainable only what a LoRA adapter can carry: the weights of the `targets` projections
+    and the whole of `modules_to_save` (embeddings, norms and biases stay the base's)."""
+    unknown = [t for t in targets if t not in lora_target_names(model)]
+    if unknown:
+        raise ModelError(f"LoRA target(s) {unknown} do not exist in the model; choose from {lora_target_names(model)}")
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        param.requires_grad = (parts[-1] == "weight" and len(parts) > 1 and parts[-2] in targets) or any(
+            m in parts for m in modules_to_save)
+
+
+def lora_finalizer(args: argparse.Namespace, task_type: str,
+                   modules_to_save: Sequence[str] | None = None) -> Callable[[torch.nn.Module], PeftModel] | None:
+    """With --lora-extract: the function that turns the trained model into the adapter a job saves."""
+    if not (getattr(args, "lora", False) and getattr(args, "lora_extract", False)):
+        return None
+
+    def finalize(trained: torch.nn.Module) -> PeftModel:
+        base = type(trained).from_pretrained(str(args.base), config=trained.config, dtype=torch.float32)
+        return extract_lora(trained, base, args.lora_r, args.lora_alpha, args.lora_targets,
+                            modules_to_save or (), task_type)
+
+    return finalize
+
+
+@torch.no_grad()
+def extract_lora(trained: torch.nn.Module, base: torch.nn.Module, r: int, alpha: float, targets: Sequence[str],
+                 modules_to_save: Sequence[str], task_type: str | None) -> PeftModel:
+    """`base` + a rank-`r` LoRA adapter holding `trained - base` on the `targets` projections.
+
+    Each change is cut to its best rank-r approximation (SVD; exact when r >= its rank), split evenly
+    between the factors: B A * scaling == U_r S_r V_r^T. `modules_to_save` are copied whole.
+    """
+    trained_params = dict(trained.named_parameters())
+    model = apply_lora(base, r, alpha, 0.0, targets, modules_to_save=modules_to_save, task_type=task_type)
+    scaling = alpha / r
+    prefix = "base_model.model."
+    for name, module in model.named_modules():
+        if not (hasattr(module, "lora_A") and "default" in module.lora_A):
+            continue
+        base_weight = module.base_layer.weight
+        delta = trained_params[name.removeprefix(prefix) + ".weight"].float() - base_weight.float()
+        if module.fan_in_fan_out:  # GPT-2's Conv1D stores (in, out); LoRA's B A is (out, in)
+            delta = delta.T
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        k = min(r, s.numel())
+        root = s[:k].sqrt()
+        a = torch.zeros_like(module.lora_A["default"].weight)
+        b = torch.zeros_like(module.lora_B["default"].weight)
+        a[:k] = root[:, None] * vh[:k]
+        b[:, :k] = u[:, :k] * root / scaling
+        module.lora_A["default"].weight.copy_(a)
+        module.lora_B["default"].weight.copy_(b)
+    inner = model.get_base_model()
+    for name in modules_to_save:
+        inner.get_submodule(name).modules_to_save["default"].load_state_dict(trained.get_submodule(name).state_dict())
+    return model
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -47,6 +47,8 @@ class Job:
     card: ModelCard
     base_model: str | None = None  # dir path as given, for adapters' base_model_name_or_path
     extra_metrics: Callable[[torch.nn.Module], dict[str, Any]] | None = None
+    # Turns the trained model into the one saved and measured (--lora-extract); None keeps it.
+    finalize: Callable[[torch.nn.Module], torch.nn.Module] | None = None
     report_perplexity: bool = False
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -90,6 +92,8 @@ def run_job(job: Job, args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     train_out = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - t0
+    if job.finalize is not None:
+        trainer.model = trainer.model_wrapped = job.finalize(trainer.model)
 
     metrics: dict[str, Any] = {}
     if job.eval_dataset is not None:

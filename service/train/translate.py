@@ -18,7 +18,7 @@ from service.model.card import Languages, ModelCard
 from service.train.data import DataError, limit, load_parallel, load_table, split_heldout
 from service.train.evaluate import greedy_generate, translation_metrics
 from service.train.examples import PadCollator, encode_prompt_completion
-from service.train.modeling import load_for_training
+from service.train.modeling import load_for_training, lora_finalizer
 from service.train.options import add_base_arguments, add_training_arguments
 from service.train.runner import Job, run_job, setup
 
@@ -101,5 +101,5 @@ def run(args: argparse.Namespace) -> int:
                            "format": 'prompt_template.replace("{text}", src) + " " + tgt + eos'})
     job = Job(name="translate", model=model, tokenizer=tokenizer, train_dataset=train_ds, eval_dataset=eval_ds,
               collator=PadCollator(tokenizer.pad_token_id), card=card, base_model=str(args.base),
-              extra_metrics=extra_metrics)
+              extra_metrics=extra_metrics, finalize=lora_finalizer(args, "CAUSAL_LM"))
     return run_job(job, args)
