@@ -54,13 +54,17 @@ def lora_target_names(model: torch.nn.Module) -> list[str]:
     return sorted(names)
 
 
-def apply_lora(model: torch.nn.Module, r: int, alpha: float, dropout: float, targets: Sequence[str],
-               modules_to_save: Sequence[str] | None = None, task_type: str | None = None) -> PeftModel:
-    """`model` with frozen weights and trainable LoRA factors on `targets` (+ `modules_to_save`)."""
+def check_lora_targets(model: torch.nn.Module, targets: Sequence[str]) -> None:
     available = lora_target_names(model)
     unknown = [t for t in targets if t not in available]
     if unknown:
         raise ModelError(f"LoRA target(s) {unknown} do not exist in the model; choose from {available}")
+
+
+def apply_lora(model: torch.nn.Module, r: int, alpha: float, dropout: float, targets: Sequence[str],
+               modules_to_save: Sequence[str] | None = None, task_type: str | None = None) -> PeftModel:
+    """`model` with frozen weights and trainable LoRA factors on `targets` (+ `modules_to_save`)."""
+    check_lora_targets(model, targets)
     if r <= 0:
         raise ModelError(f"--lora-r must be positive, got {r}")
     config = LoraConfig(
@@ -82,6 +86,8 @@ def load_for_training(args: argparse.Namespace, model_cls: type, task_type: str,
     fp32 weights whatever the checkpoint's dtype: optimizer updates in half
     precision lose small LoRA steps (--bf16 autocasts the compute instead).
     """
+    if getattr(args, "lora_extract", False) and not args.lora:
+        raise ModelError("--lora-extract saves a LoRA adapter: give --lora (and --lora-r) with it")
     check_gpt2_family(args.base)
     tokenizer = load_tokenizer(args.base)
     model = model_cls.from_pretrained(str(args.base), dtype=torch.float32, **from_pretrained_kwargs)
@@ -98,9 +104,7 @@ def load_for_training(args: argparse.Namespace, model_cls: type, task_type: str,
 def freeze_for_extraction(model: torch.nn.Module, targets: Sequence[str], modules_to_save: Sequence[str]) -> None:
     """Leave trainable only what a LoRA adapter can carry: the weights of the `targets` projections
     and the whole of `modules_to_save` (embeddings, norms and biases stay the base's)."""
-    unknown = [t for t in targets if t not in lora_target_names(model)]
-    if unknown:
-        raise ModelError(f"LoRA target(s) {unknown} do not exist in the model; choose from {lora_target_names(model)}")
+    check_lora_targets(model, targets)
     for name, param in model.named_parameters():
         parts = name.split(".")
         param.requires_grad = (parts[-1] == "weight" and len(parts) > 1 and parts[-2] in targets) or any(

@@ -88,6 +88,12 @@ def test_lora_target_that_does_not_exist(fails, base_dir, data_dir, tmp_path):
     assert "LoRA target(s) ['q_proj'] do not exist" in err and "c_attn" in err
 
 
+def test_lora_extract_without_lora(fails, base_dir, data_dir, tmp_path):
+    err = fails("lm", "--base", base_dir, "--train", data_dir / "text.txt", "--lora-extract", "--output", tmp_path / "o")
+    assert "--lora-extract" in err and "--lora" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_output_exists(fails, base_dir, data_dir, tmp_path):
     (tmp_path / "out").mkdir()
     err = fails("lm", "--base", base_dir, "--train", data_dir / "text.txt", "--output", tmp_path / "out")
