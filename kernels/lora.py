@@ -155,3 +155,25 @@ def add_lora_torch(
         else:
             shrunk = x.index_select(0, rows) @ lora_a[slot].T  # (n, r)
             y.index_add_(0, rows, shrunk @ lora_b[slot].T)  # (n, out)
+
+
+def add_lora_embedding_torch(
+    y: torch.Tensor, indices: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, mapping: LoRAMapping
+) -> None:
+    """y[t] += lora_a[s][:, indices[t]] @ lora_b[s].T in place, s = mapping.token_slots[t] >= 0: the delta of
+    an adapted embedding (PEFT's lora.Embedding), row indices[t] of it for token t.
+
+    y: (num_tokens, dim), indices: (num_tokens,) int64 (token ids for `wte`, positions for `wpe`);
+    lora_a: (num_slots, max_rank, num_embeddings), lora_b: (num_slots, dim, max_rank), the layout of the
+    projections with the one-hot row as input. A gather replaces the first matmul; any device.
+    """
+    assert indices.shape == (y.shape[0],), f"indices {tuple(indices.shape)} != ({y.shape[0]},)"
+    assert lora_b.shape[:1] == lora_a.shape[:1] and lora_b.shape[1:] == (y.shape[1], lora_a.shape[1]), (
+        f"lora_a {tuple(lora_a.shape)} / lora_b {tuple(lora_b.shape)} do not fit y {tuple(y.shape)}"
+    )
+    for slot, rows in mapping.groups:
+        shrunk = lora_a[slot].index_select(1, indices[rows]).T  # (n, r)
+        if isinstance(rows, slice):
+            y[rows].addmm_(shrunk, lora_b[slot].T)  # (n, r) @ (r, dim)
+        else:
+            y.index_add_(0, rows, shrunk @ lora_b[slot].T)

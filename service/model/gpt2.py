@@ -45,9 +45,11 @@ class AttentionMetadata:
 
 
 class LoRAHook(Protocol):
-    """Adds each token's adapter delta to a projection's output (service/model/lora.py)."""
+    """Adds each token's adapter delta to a projection's or an embedding's output (service/model/lora.py)."""
 
     def apply(self, module_key: str, x: torch.Tensor, y: torch.Tensor) -> None: ...
+
+    def apply_embedding(self, module_key: str, indices: torch.Tensor, y: torch.Tensor) -> None: ...
 
 
 def _linear(module: nn.Module, key: str, x: torch.Tensor, lora: LoRAHook | None, bias: bool = True) -> torch.Tensor:
@@ -157,6 +159,9 @@ class GPT2ForServing(nn.Module):
                 lora: LoRAHook | None = None) -> torch.Tensor:
         t = self.transformer
         h = t.wte(input_ids) + t.wpe(positions)  # (T, C)
+        if lora is not None:
+            lora.apply_embedding("wte", input_ids, h)
+            lora.apply_embedding("wpe", positions, h)
         residual = None
         for block, kv_cache in zip(t.h, kv_caches, strict=True):
             x, residual = ops.add_layer_norm(h, residual, block.ln_1.weight, block.ln_1.bias, block.ln_1.eps)

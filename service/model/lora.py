@@ -7,6 +7,11 @@ A (r, in_features) and B (out_features, r) whatever `fan_in_fan_out` says (that 
 merged delta), and the forward adds `lora_B(lora_A(x)) * scaling` to the base output. We fold `scaling`
 into B, so an adapter here is exactly the per-module pair kernels/lora.py computes with.
 
+An adapter may also target the embeddings `wte` and `wpe` (PEFT's lora.Embedding: lora_embedding_A
+(r, num_embeddings), lora_embedding_B (embedding_dim, r)). They are kept in the same (A, B) layout, the row
+index standing in for a one-hot input, and only the input embedding changes: GPT-2's LM head, tied to
+`wte`, keeps the base's weights, as under PEFT.
+
 Loading is a pure function of the directory and the base's shapes: a broken directory raises
 `LoRAAdapterError` (a ValueError naming the file and the field) and nothing else happens.
 """
@@ -29,6 +34,8 @@ ADAPTER_WEIGHTS_BIN_FILE = "adapter_model.bin"  # older PEFT default; read with 
 
 # The GPT-2 projections an adapter may target, as named inside a block (`h.{i}.`).
 LORA_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+# The embeddings an adapter may target (PEFT's lora.Embedding): keyed by their own name.
+EMBEDDING_MODULES = ("wte", "wpe")
 SCORE_MODULE = "score"  # the classification head of GPT2ForSequenceClassification
 # modules_to_save entries we can serve: PEFT adds "classifier" and "score" for task_type SEQ_CLS
 SERVABLE_MODULES_TO_SAVE = {"score", "classifier"}
@@ -45,6 +52,11 @@ _LORA_KEY = re.compile(
     + "|".join(re.escape(m) for m in LORA_MODULES)
     + r"))\.lora_(?P<ab>[AB])\.weight"
 )
+# PEFT stores an embedding's factors as bare parameters: lora_embedding_A (r, num_embeddings) and
+# lora_embedding_B (embedding_dim, r); the delta of row i is B @ A[:, i] * scaling.
+_EMBEDDING_KEY = re.compile(
+    r"base_model\.model\.(?P<module>(?:transformer\.)?(?P<kind>wte|wpe))\.lora_embedding_(?P<ab>[AB])"
+)
 _SCORE_KEY = re.compile(r"base_model\.model\.score\.(?:modules_to_save\.)?(?P<param>weight|bias)")
 
 
@@ -55,21 +67,26 @@ def lora_module_key(layer: int, module: str) -> str:
 
 @dataclass(frozen=True)
 class LoRATargets:
-    """The projections of a GPT-2 base that an adapter may target, read from its config."""
+    """The modules of a GPT-2 base that an adapter may target, read from its config: the projections, and
+    the embeddings when vocab_size / n_positions are known."""
 
     n_layer: int
     n_embd: int
     n_inner: int
+    vocab_size: int | None = None
+    n_positions: int | None = None
 
     @classmethod
     def from_config(cls, config: Any) -> LoRATargets:
         """Any object with GPT-2's config attributes (transformers' GPT2Config, or ours); n_inner None
         means 4 * n_embd as in GPT-2."""
         n_inner = getattr(config, "n_inner", None)
-        return cls(config.n_layer, config.n_embd, n_inner if n_inner is not None else 4 * config.n_embd)
+        return cls(config.n_layer, config.n_embd, n_inner if n_inner is not None else 4 * config.n_embd,
+                   getattr(config, "vocab_size", None), getattr(config, "n_positions", None))
 
     def shapes(self) -> dict[str, tuple[int, int]]:
-        """module key -> (in_features, out_features)."""
+        """module key -> (in_features, out_features); an embedding's in_features is its number of rows
+        (its input is a one-hot row index: the delta of index i is B @ A[:, i])."""
         e, inner = self.n_embd, self.n_inner
         per_module = {
             "attn.c_attn": (e, 3 * e),
@@ -77,7 +94,11 @@ class LoRATargets:
             "mlp.c_fc": (e, inner),
             "mlp.c_proj": (inner, e),
         }
-        return {lora_module_key(i, m): per_module[m] for i in range(self.n_layer) for m in LORA_MODULES}
+        shapes = {lora_module_key(i, m): per_module[m] for i in range(self.n_layer) for m in LORA_MODULES}
+        for key, rows in (("wte", self.vocab_size), ("wpe", self.n_positions)):
+            if rows is not None:
+                shapes[key] = (rows, e)
+        return shapes
 
 
 class LoRAAdapterError(ValueError):
@@ -215,15 +236,15 @@ class _AdapterParser:
             raise self._fail_config("modules_to_save", f"{sorted(unknown)}: only a `score` head is served")
 
     def _check_target_modules(self, target_modules: Any) -> None:
-        """List entries must name GPT-2 projections (PEFT matches a name or a dotted suffix); a regex string
-        or "all-linear" is left to the tensor checks."""
+        """List entries must name GPT-2 projections or embeddings (PEFT matches a name or a dotted suffix);
+        a regex string or "all-linear" is left to the tensor checks."""
         if target_modules is None or isinstance(target_modules, str):
             return
         names = [f"transformer.{key}" for key in self.shapes]
         for entry in target_modules:
             if not any(name == entry or name.endswith(f".{entry}") for name in names):
                 raise self._fail_config(
-                    "target_modules", f"{entry!r} is not a projection lmservice adapts (c_attn, c_proj, c_fc)"
+                    "target_modules", f"{entry!r} is not a module lmservice adapts (c_attn, c_proj, c_fc, wte, wpe)"
                 )
 
     def parse(self, tensors: dict[str, torch.Tensor]):
@@ -240,12 +261,16 @@ class _AdapterParser:
                 key = lora_module_key(layer, match["kind"])
                 pairs.setdefault(key, {})[match["ab"]] = tensor
                 peft_names[key] = match["module"]
+            elif (match := _EMBEDDING_KEY.fullmatch(tensor_key)) and match["kind"] in self.shapes:
+                key = match["kind"]
+                pairs.setdefault(key, {})[match["ab"]] = tensor
+                peft_names[key] = match["module"]
             elif match := _SCORE_KEY.fullmatch(tensor_key):
                 score[match["param"]] = tensor
             else:
                 raise self._fail_weights(
                     tensor_key,
-                    "unexpected tensor (lmservice serves LoRA on c_attn, c_proj, c_fc and a score head)",
+                    "unexpected tensor (lmservice serves LoRA on c_attn, c_proj, c_fc, wte, wpe and a score head)",
                 )
         if not pairs:
             raise self._fail_weights("tensors", "no LoRA weights (lora_A/lora_B) found")
@@ -256,7 +281,10 @@ class _AdapterParser:
         return weights, score_weight, score_bias
 
     def _module_weights(self, key: str, peft_name: str, pair: dict[str, torch.Tensor]):
-        tensor_key = f"base_model.model.{peft_name}.lora_{{}}.weight"
+        if key in EMBEDDING_MODULES:
+            tensor_key = f"base_model.model.{peft_name}.lora_embedding_{{}}"
+        else:
+            tensor_key = f"base_model.model.{peft_name}.lora_{{}}.weight"
         for ab in "AB":
             if ab not in pair:
                 raise self._fail_weights(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.lora import NO_SLOT, LoRAMapping
+from kernels.lora import NO_SLOT, LoRAMapping, add_lora_embedding_torch
 from service.model.lora import LoRAAdapter, LoRATargets, load_lora_adapter
 from service.model.lora_slots import LoRASlotTable
 
@@ -181,7 +181,8 @@ class LoRAStore:
 
 @dataclass(frozen=True)
 class LoRAStepHook:
-    """service.model.gpt2's LoRAHook for one step: each projection adds the deltas of its tokens' adapters.
+    """service.model.gpt2's LoRAHook for one step: each projection (and embedding) adds the deltas of its
+    tokens' adapters.
 
     Holds the store's buffers as they are when the step starts (adding an adapter may replace them, never
     during a step) and the step's LoRAMapping; `add_lora` is kernels.lora.add_lora_torch or
@@ -196,3 +197,8 @@ class LoRAStepHook:
         stacks = self.buffers.get(module_key)
         if stacks is not None:  # no registered adapter targets this projection
             self.add_lora(y, x, stacks[0], stacks[1], self.mapping)
+
+    def apply_embedding(self, module_key: str, indices: torch.Tensor, y: torch.Tensor) -> None:
+        stacks = self.buffers.get(module_key)
+        if stacks is not None:  # no registered adapter targets this embedding
+            add_lora_embedding_torch(y, indices, stacks[0], stacks[1], self.mapping)

@@ -46,11 +46,11 @@ def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
 
 
 def lora_target_names(model: torch.nn.Module) -> list[str]:
-    """Leaf names of the modules LoRA can wrap (Linear and GPT-2's Conv1D)."""
+    """Leaf names of the modules LoRA can wrap: Linear, GPT-2's Conv1D and the embeddings (`wte`, `wpe`)."""
     from transformers.pytorch_utils import Conv1D  # noqa: PLC0415
 
     names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear | Conv1D)}
+             if isinstance(m, torch.nn.Linear | Conv1D | torch.nn.Embedding)}
     return sorted(names)
 
 
@@ -138,21 +138,26 @@ def extract_lora(trained: torch.nn.Module, base: torch.nn.Module, r: int, alpha:
     scaling = alpha / r
     prefix = "base_model.model."
     for name, module in model.named_modules():
-        if not (hasattr(module, "lora_A") and "default" in module.lora_A):
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            lora_a, lora_b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            transposed = module.fan_in_fan_out  # GPT-2's Conv1D stores (in, out); LoRA's B A is (out, in)
+        elif hasattr(module, "lora_embedding_A") and "default" in module.lora_embedding_A:
+            lora_a, lora_b = module.lora_embedding_A["default"], module.lora_embedding_B["default"]
+            transposed = True  # an embedding stores (vocab, dim); its B A is (dim, vocab)
+        else:
             continue
         base_weight = module.base_layer.weight
         delta = trained_params[name.removeprefix(prefix) + ".weight"].float() - base_weight.float()
-        if module.fan_in_fan_out:  # GPT-2's Conv1D stores (in, out); LoRA's B A is (out, in)
+        if transposed:
             delta = delta.T
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         k = min(r, s.numel())
         root = s[:k].sqrt()
-        a = torch.zeros_like(module.lora_A["default"].weight)
-        b = torch.zeros_like(module.lora_B["default"].weight)
+        a, b = torch.zeros_like(lora_a), torch.zeros_like(lora_b)
         a[:k] = root[:, None] * vh[:k]
         b[:, :k] = u[:, :k] * root / scaling
-        module.lora_A["default"].weight.copy_(a)
-        module.lora_B["default"].weight.copy_(b)
+        lora_a.copy_(a)
+        lora_b.copy_(b)
     inner = model.get_base_model()
     for name in modules_to_save:
         inner.get_submodule(name).modules_to_save["default"].load_state_dict(trained.get_submodule(name).state_dict())

@@ -63,7 +63,8 @@ def add_training_arguments(p: argparse.ArgumentParser, lr: float, lora: bool = T
         p.add_argument("--lora-alpha", type=float, default=16.0)
         p.add_argument("--lora-dropout", type=float, default=0.0)
         p.add_argument("--lora-targets", nargs="+", default=["c_attn"],
-                       help="Module names (suffixes) that get LoRA, e.g. c_attn c_proj c_fc.")
+                       help="Module names (suffixes) that get LoRA, e.g. c_attn c_proj c_fc, and wte (token "
+                            "embeddings: a classifier may need to move words the base never saw labelled).")
         p.add_argument("--lora-extract", action="store_true",
                        help="With --lora: train the weights of the --lora-targets projections in full (embeddings, "
                             "norms and biases frozen), then save their change as a rank --lora-r adapter "

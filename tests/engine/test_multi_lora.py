@@ -20,8 +20,8 @@ from tests.helpers import make_gpt2_dir, prompts, run_to_completion, submit
 
 ADAPTERS = {  # name: (rank, alpha, targets, rslora)
     "attn-r4": (4, 8, ["c_attn"], False),
-    "all-r8": (8, 16, ["c_attn", "c_proj", "c_fc"], False),
-    "mlp-r2-rslora": (2, 4, ["c_fc", "mlp.c_proj"], True),
+    "all-r8": (8, 16, ["c_attn", "c_proj", "c_fc", "wte"], False),  # token embeddings adapted too
+    "mlp-r2-rslora": (2, 4, ["c_fc", "mlp.c_proj", "wpe"], True),  # and position embeddings
 }
 NEW = 8
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True)
@@ -37,7 +37,7 @@ def make_adapter(base_dir, out_dir, rank, alpha, targets, rslora, seed, classifi
     peft_model = get_peft_model(cls.from_pretrained(base_dir), cfg)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
+            if "lora_A" in name or "lora_B" in name or "lora_embedding" in name:
                 p.normal_(0.0, 0.3)  # PEFT starts B at zero: make the adapter change the output
             elif "modules_to_save" in name:
                 p.normal_(0.0, 0.5)
@@ -114,7 +114,7 @@ def test_same_prompt_under_two_adapters_keeps_own_kv(lora_setup):
 
 def test_classify_through_adapter_matches_peft(tmp_path):
     base = make_gpt2_dir(tmp_path / "cls-base", seed=4, classifier_labels=["neg", "pos", "mixed"])
-    adapter = make_adapter(base, tmp_path / "sentiment", 4, 8, ["c_attn", "c_fc"], False, 9, classifier=True)
+    adapter = make_adapter(base, tmp_path / "sentiment", 4, 8, ["c_attn", "c_fc", "wte"], False, 9, classifier=True)
     (adapter / "lmservice.json").write_text(json.dumps({"task": "classify", "labels": ["neg", "pos", "mixed"]}))
     lm_base = tmp_path / "lm-base"  # serve it on the LM checkpoint of the same transformer weights
     shutil.copytree(base, lm_base)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kernels.lora import LoRAMapping, add_lora_torch
+from kernels.lora import LoRAMapping, add_lora_embedding_torch, add_lora_torch
 from service.model.lora import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
@@ -32,9 +32,9 @@ CONFIG = dict(
 # Different ranks and targets; "rslora" also has per-module rank and alpha (PEFT's rank_pattern/alpha_pattern).
 SPECS = {
     "attn": dict(r=4, lora_alpha=8, target_modules=["c_attn"]),
-    "all": dict(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"]),
+    "all": dict(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc", "wte"]),
     "rslora": dict(
-        r=2, lora_alpha=4, use_rslora=True, target_modules=["c_fc", "mlp.c_proj"],
+        r=2, lora_alpha=4, use_rslora=True, target_modules=["c_fc", "mlp.c_proj", "wpe"],
         rank_pattern={"h.1.mlp.c_fc": 3}, alpha_pattern={"c_proj": 5},
     ),
 }  # fmt: skip
@@ -93,7 +93,8 @@ def peft_module(peft_model, key):
 
 def test_targets_follow_the_gpt2_config():
     shapes = targets().shapes()
-    assert len(shapes) == 4 * CONFIG["n_layer"]
+    assert len(shapes) == 4 * CONFIG["n_layer"] + 2
+    assert shapes["wte"] == (100, 32) and shapes["wpe"] == (64, 32)  # (rows, n_embd)
     assert shapes["h.1.attn.c_attn"] == (32, 96)
     assert shapes["h.0.attn.c_proj"] == (32, 32)
     assert shapes["h.0.mlp.c_fc"] == (32, 128)  # n_inner None -> 4 * n_embd
@@ -107,14 +108,15 @@ def test_loaded_ranks_and_targets(lm_adapters):
     _, root, _ = lm_adapters
     adapter = load_lora_adapter(root / "rslora", targets(), MAX_LORA_RANK)
     assert adapter.name == "rslora" and adapter.score_weight is None
-    assert sorted(adapter.weights) == ["h.0.mlp.c_fc", "h.0.mlp.c_proj", "h.1.mlp.c_fc", "h.1.mlp.c_proj"]
+    assert sorted(adapter.weights) == ["h.0.mlp.c_fc", "h.0.mlp.c_proj", "h.1.mlp.c_fc", "h.1.mlp.c_proj", "wpe"]
+    assert adapter.weights["wpe"][0].shape == (2, 64) and adapter.weights["wpe"][1].shape == (32, 2)
     assert adapter.weights["h.1.mlp.c_fc"][0].shape == (3, 32) and adapter.rank == 3
     assert adapter.weights["h.0.mlp.c_proj"][1].shape == (32, 2)
 
 
 def test_mixed_batch_matches_peft_module_by_module(lm_adapters):
-    """Tokens of three adapters (ranks 4, 8, 2-3) and of the base in one batch: each projection's
-    base output + add_lora equals the PEFT module's output under that token's adapter (fp32, 1e-5)."""
+    """Tokens of three adapters (ranks 4, 8, 2-3) and of the base in one batch: each projection's (and
+    embedding's) base output + add_lora equals the PEFT module's output under that token's adapter."""
     _, root, reference = lm_adapters
     store = LoRAStore(targets(), max_loras=3, max_lora_rank=MAX_LORA_RANK)
     for name in SPECS:
@@ -129,15 +131,20 @@ def test_mixed_batch_matches_peft_module_by_module(lm_adapters):
         for key, (in_features, _) in targets().shapes().items():
             module = peft_module(reference, key)
             base_layer = module.get_base_layer()
-            x = torch.randn(len(token_names), in_features, generator=gen)
+            embedding = isinstance(base_layer, torch.nn.Embedding)
+            if embedding:  # in_features is its number of rows: the input is row indices
+                x = torch.randint(0, in_features, (len(token_names),), generator=gen)
+            else:
+                x = torch.randn(len(token_names), in_features, generator=gen)
             expected = base_layer(x)
             for name in SPECS:
                 reference.set_adapter(name)
                 rows = [t for t, n in enumerate(token_names) if n == name]
                 expected[rows] = module(x)[rows]
             y = base_layer(x)
+            add = add_lora_embedding_torch if embedding else add_lora_torch
             if store.lora_weights(key) is not None:
-                add_lora_torch(y, x, *store.lora_weights(key), mapping)
+                add(y, x, *store.lora_weights(key), mapping)
             torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5, msg=f"{key}")
             assert not torch.equal(expected, base_layer(x)), "every module is targeted by some adapter"
 
@@ -226,7 +233,7 @@ BROKEN = {
     "not_lora": (lambda p: edit_config(p, peft_type="IA3"), ADAPTER_CONFIG_FILE, "peft_type"),
     "bias_all": (lambda p: edit_config(p, bias="all"), ADAPTER_CONFIG_FILE, "bias"),
     "dora": (lambda p: edit_config(p, use_dora=True), ADAPTER_CONFIG_FILE, "use_dora"),
-    "unknown_target": (lambda p: edit_config(p, target_modules=["c_attn", "wte"]), ADAPTER_CONFIG_FILE, "target_modules"),
+    "unknown_target": (lambda p: edit_config(p, target_modules=["c_attn", "ln_f"]), ADAPTER_CONFIG_FILE, "target_modules"),
     "unservable_module_to_save": (lambda p: edit_config(p, modules_to_save=["ln_f"]), ADAPTER_CONFIG_FILE, "modules_to_save"),
     "rank_over_max": (lambda p: edit_config(p, r=16), ADAPTER_WEIGHTS_FILE, KEY.format("A")),
     "config_rank_disagrees": (lambda p: edit_config(p, r=6), ADAPTER_WEIGHTS_FILE, KEY.format("A")),
@@ -244,7 +251,11 @@ BROKEN = {
         ADAPTER_WEIGHTS_FILE, "h.5",
     ),
     "unknown_tensor": (
-        lambda p: edit_tensors(p, lambda t: t.update({"base_model.model.transformer.wte.lora_embedding_A": torch.zeros(8, 100)})),
+        lambda p: edit_tensors(p, lambda t: t.update({"base_model.model.transformer.ln_f.lora_A.weight": torch.zeros(8, 32)})),
+        ADAPTER_WEIGHTS_FILE, "ln_f.lora_A",
+    ),
+    "embedding_rows_not_the_vocab": (
+        lambda p: edit_tensors(p, lambda t: t.update({"base_model.model.transformer.wte.lora_embedding_A": torch.zeros(8, 99)})),
         ADAPTER_WEIGHTS_FILE, "wte.lora_embedding_A",
     ),
     "nan_weights": (

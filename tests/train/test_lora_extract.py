@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from peft import PeftModel
 from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
@@ -19,22 +20,23 @@ from tests.train.test_lora_parity import fold_lora
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 
 
-def _perturbed(base_dir, cls=GPT2LMHeadModel, **kwargs):
-    """A model whose target projection weights (and score head) moved away from the base's."""
+def _perturbed(base_dir, cls=GPT2LMHeadModel, targets=TARGETS, **kwargs):
+    """A model whose target projection (or embedding) weights and score head moved away from the base's."""
     torch.manual_seed(1)
     model = cls.from_pretrained(base_dir, **kwargs)
     with torch.no_grad():
         for name, p in model.named_parameters():
             parts = name.split(".")
-            if (parts[-2] in TARGETS and parts[-1] == "weight") or parts[0] == "score":
+            if (parts[-2] in targets and parts[-1] == "weight") or parts[0] == "score":
                 p.add_(0.05 * torch.randn_like(p))
     return model
 
 
-def test_full_rank_extraction_reproduces_the_trained_model(base_dir):
-    trained = _perturbed(base_dir, GPT2ForSequenceClassification, num_labels=3, pad_token_id=0)
+@pytest.mark.parametrize("targets", [TARGETS, [*TARGETS, "wte"]], ids=["projections", "with-embeddings"])
+def test_full_rank_extraction_reproduces_the_trained_model(base_dir, targets):
+    trained = _perturbed(base_dir, GPT2ForSequenceClassification, targets, num_labels=3, pad_token_id=0)
     base = GPT2ForSequenceClassification.from_pretrained(base_dir, config=trained.config)
-    adapter = extract_lora(trained, base, r=32, alpha=16.0, targets=TARGETS, modules_to_save=["score"],
+    adapter = extract_lora(trained, base, r=32, alpha=16.0, targets=targets, modules_to_save=["score"],
                            task_type="SEQ_CLS")  # n_embd 32: every change has rank <= 32
     plain = GPT2ForSequenceClassification.from_pretrained(base_dir, config=trained.config)
     plain.score.load_state_dict(trained.score.state_dict())  # the same head on the base's own projections
