@@ -5,7 +5,7 @@ prefilled first, then --steps decode steps profiled. Printed per dtype and batch
 time per step and the share of each group (self CPU time of its ops); "Python and
 scheduling" is the wall time no op accounts for (the engine's own bookkeeping).
 
-    python benchmarks/profile_step.py --threads 2 --dtypes float32 int8 --batch 1 32
+    python benchmarks/profile_step.py --threads 2 --dtypes float32 int8 --batch 1 32 [--attention-backends torch native]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ GROUPS = [
     ("linears", ("addmm", "aten::mm", "aten::linear", "quantized::", "_weight_int8pack_mm", "aten::bmm", "_linear_pointwise",
                  "quantize_per_tensor", "aten::_linear")),
     ("KV gather + write", ("index_select", "aten::index", "index_fill", "index_put", "index_copy", "aten::copy_")),
-    ("attention (SDPA)", ("scaled_dot_product", "_flash_attention", "_scaled_dot")),
+    ("attention (SDPA or native)", ("scaled_dot_product", "_flash_attention", "_scaled_dot", "paged_decode_attention")),
     ("layer norm, GELU, residual", ("layer_norm", "gelu", "aten::add", "aten::tanh", "aten::mul")),
     ("sampling", ("argmax", "softmax", "topk", "sort", "exponential", "aten::where", "isfinite", "aten::all")),
 ]
@@ -45,10 +45,11 @@ def group_of(name: str) -> str:
     return "other ops (tensor building, embeddings)"
 
 
-def profile_steps(model_dir: Path, dtype: str, batch: int, prompt_len: int, steps: int, vocab: int) -> tuple[float, dict]:
+def profile_steps(model_dir: Path, dtype: str, batch: int, prompt_len: int, steps: int, vocab: int,
+                  backend: str = "auto") -> tuple[float, dict]:
     loaded = load(model_dir, dtype)
     engine = Engine(loaded, EngineConfig.from_fields(kv_cache_memory_mb=1024, max_num_batched_tokens=8192,
-                                                     enable_prefix_caching=False))
+                                                     enable_prefix_caching=False, attention_backend=backend))
     g = torch.Generator().manual_seed(batch)
     params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
     for i, p in enumerate(torch.randint(0, vocab - 1, (batch, prompt_len), generator=g).tolist()):
@@ -76,21 +77,24 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "int8"])
+    ap.add_argument("--attention-backends", nargs="+", default=["auto"],
+                    help="engine attention_backend(s), side by side: auto, torch, native")
     add_threads_flag(ap)
     args = ap.parse_args()
     apply_threads(args)
     names = [g for g, _ in GROUPS] + ["other ops (tensor building, embeddings)", "Python and scheduling"]
-    print("| dtype | batch | ms/step | " + " | ".join(names) + " |")
-    print("| --- | ---: | ---: |" + " ---: |" * len(names))
+    print("| dtype | batch | attention | ms/step | " + " | ".join(names) + " |")
+    print("| --- | --- | ---: | ---: |" + " ---: |" * len(names))
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
         make_model(model_dir, args.shape)
         for dtype in args.dtypes:
             for batch in args.batch:
-                wall, shares = profile_steps(model_dir, dtype, batch, args.prompt_len, args.steps,
-                                             SHAPES[args.shape]["vocab_size"])
-                cells = " | ".join(f"{shares.get(n, 0.0):.1f} ({shares.get(n, 0.0) / wall:.0%})" for n in names)
-                print(f"| {dtype} | {batch} | {wall:.1f} | {cells} |", flush=True)
+                for backend in args.attention_backends:
+                    wall, shares = profile_steps(model_dir, dtype, batch, args.prompt_len, args.steps,
+                                                 SHAPES[args.shape]["vocab_size"], backend)
+                    cells = " | ".join(f"{shares.get(n, 0.0):.1f} ({shares.get(n, 0.0) / wall:.0%})" for n in names)
+                    print(f"| {dtype} | {batch} | {backend} | {wall:.1f} | {cells} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import torch
 
 from kernels.activation import bias_gelu_torch
 from kernels.attention import decode_attention_torch, plan_decode_torch, prefill_attention_torch
@@ -44,12 +46,29 @@ TORCH_OPS = KernelOps(
 )
 
 
+def auto_cpu_backend(dtype: torch.dtype) -> str:
+    """The CPU kernel set for a model of `dtype`: native for float32 where the C library builds, else torch."""
+    if dtype != torch.float32:
+        return "torch"
+    from kernels.cpu_native import native_library  # noqa: PLC0415 (builds it on first use)
+
+    return "native" if native_library() is not None else "torch"
+
+
 def load_ops(backend: str) -> KernelOps:
-    """`torch` or `triton`; the Triton set is imported only when asked for."""
+    """`torch`, `native` (torch's set with the C decode attention of kernels/cpu_native.py: CPU, fp32) or
+    `triton`; the Triton set and the native library are loaded only when asked for."""
     if backend == "torch":
         return TORCH_OPS
+    if backend == "native":
+        from kernels.cpu_native import decode_attention_native, native_library, plan_decode_native  # noqa: PLC0415
+
+        if native_library() is None:
+            raise RuntimeError("the native CPU kernels could not be built (no C compiler?): use attention_backend torch")
+        return replace(TORCH_OPS, name="native", decode_attention=decode_attention_native,
+                       plan_decode=plan_decode_native)
     if backend == "triton":
         from kernels.triton_ops import TRITON_OPS  # noqa: PLC0415 (triton is optional)
 
         return TRITON_OPS
-    raise ValueError(f"unknown attention backend {backend!r} (expected torch or triton)")
+    raise ValueError(f"unknown attention backend {backend!r} (expected torch, native or triton)")

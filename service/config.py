@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     quantization: Literal["none", "int8"] = Field("none", description="int8: 8-bit weights with per-channel scales and dynamically quantized activations, quantized at start-up from any checkpoint (CPU only; float32 activations).")
     threads: int = Field(0, ge=0, description="CPU threads of the model's matmuls and attention (torch/OpenMP); 0: torch's default, one per core. On a 2-core machine --quantization int8 served faster with 1 (docs/benchmarks.md).")
     linear_backend: Literal["auto", "torch", "onednn"] = Field("auto", description="How float32 projections run on a CPU: torch (its BLAS, MKL on x86) or onednn (oneDNN's matmul; 1.5-2.7x faster than MKL on AMD CPUs). auto: onednn on non-Intel x86 CPUs, torch elsewhere.")
-    attention_backend: Literal["auto", "torch", "triton"] = Field(EngineConfig.attention_backend, description="Kernels: triton on CUDA, torch on CPU unless overridden.")
+    attention_backend: Literal["auto", "torch", "native", "triton"] = Field(EngineConfig.attention_backend, description="Kernels: triton on CUDA; on CPUs native (torch ops + a C decode attention that reads the paged KV cache in place, compiled on first use; float32) where a C compiler is found, else torch.")
     enable_cuda_graphs: bool = Field(EngineConfig.enable_cuda_graphs, description="Capture decode steps as CUDA graphs (CUDA only).")
     seed: int = Field(EngineConfig.seed, description="Seed of the sampler for requests that carry none.")
 

@@ -25,7 +25,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # overrides kv_cache_memory_mb
     enable_prefix_caching: bool = True
     max_lora_rank: int = 64
-    attention_backend: str = "auto"  # auto | torch | triton
+    attention_backend: str = "auto"  # auto | torch | native | triton
     enable_cuda_graphs: bool = True  # decode steps as CUDA graphs (CUDA only)
     seed: int = 0  # of the sampler, for requests that carry none
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import load_ops
+from kernels import auto_cpu_backend, load_ops
 from kernels.lora import LoRAMapping
 from service.engine.block_pool import BlockPool
 from service.engine.config import EngineConfig
@@ -80,7 +80,7 @@ class Engine:
             self.eos_token_id = loaded.config.eos_token_id
         backend = config.attention_backend
         if backend == "auto":
-            backend = "triton" if loaded.device.type == "cuda" else "torch"
+            backend = "triton" if loaded.device.type == "cuda" else auto_cpu_backend(loaded.dtype)
         num_blocks = config.num_kv_blocks or max(
             1, config.kv_cache_memory_mb * 2**20 // kv_cache_bytes_per_block(loaded.model, config.block_size, loaded.dtype))
         self.pool = BlockPool(num_blocks, config.block_size)

@@ -18,11 +18,12 @@ def _table_rows(args: list[str]) -> list[list[str]]:
 
 def test_profile_step_accounts_for_every_step():
     rows = _table_rows(["benchmarks/profile_step.py", "--shape", "tiny", "--batch", "1", "3", "--steps", "2",
-                        "--prompt-len", "8", "--threads", "1"])
-    assert [(r[0], r[1]) for r in rows] == [("float32", "1"), ("float32", "3"), ("int8", "1"), ("int8", "3")]
+                        "--prompt-len", "8", "--threads", "1", "--attention-backends", "torch", "native"])
+    assert [tuple(r[:3]) for r in rows] == [(dtype, batch, backend) for dtype in ("float32", "int8")
+                                            for batch in ("1", "3") for backend in ("torch", "native")]
     for row in rows:
-        wall = float(row[2])
-        shares = [float(cell.split()[0]) for cell in row[3:]]
+        wall = float(row[3])
+        shares = [float(cell.split()[0]) for cell in row[4:]]
         assert wall > 0 and all(s >= 0 for s in shares)
         # the groups plus "Python and scheduling" cover the step (each cell is rounded to 0.1 ms)
         assert sum(shares) >= wall - 0.05 * len(shares)

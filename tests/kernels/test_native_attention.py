@@ -1,0 +1,96 @@
+"""kernels/cpu_native.py: the C decode attention against the per-sequence loop and the torch path."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels.cpu_native as native
+from kernels import auto_cpu_backend, load_ops
+from kernels.attention import decode_attention_torch
+from tests.kernels.paged_batch import make_paged_batch
+from tests.kernels.test_attention import SCALE, decode_by_loop
+
+if native.native_library() is None:
+    pytest.skip("no C compiler here: the native kernels are not built (the engine uses torch ops)",
+                allow_module_level=True)
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 32])
+def test_decode_matches_loop_on_poisoned_cache(block_size, gen):
+    """NaN everywhere outside the written contexts, -1-padded tables, q a strided view of a fused qkv,
+    sequences ending mid-block, at a block's end and one past it."""
+    seq_lens = [1, block_size, block_size + 1, 3 * block_size + 5, 2]
+    b = make_paged_batch(seq_lens, [1] * len(seq_lens), block_size, 3, torch.float32, gen)
+    assert not b.q.is_contiguous()
+    out = native.decode_attention_native(b.q, b.k_cache, b.v_cache, b.seq_lens, b.block_tables, SCALE)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, decode_by_loop(b.q, b.k_cache, b.v_cache, b.seq_lens, b.block_tables),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_one_plan_serves_every_layer_and_any_thread_count(threads, gen):
+    """A step's plan is built once and reused by each layer's cache; the result does not depend on how
+    many threads share the (sequence, head) items."""
+    b = make_paged_batch([7, 40, 17, 300, 1], [1] * 5, 16, 4, torch.float32, gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        plan = native.plan_decode_native(b.seq_lens, b.block_tables, 16)
+        assert plan.scratch.numel() == threads * 300
+        other_k, other_v = torch.randn_like(b.k_cache), torch.randn_like(b.v_cache)  # a second layer's cache
+        for k_cache, v_cache in ((b.k_cache, b.v_cache), (other_k, other_v)):
+            got = native.decode_attention_native(b.q, k_cache, v_cache, b.seq_lens, b.block_tables, SCALE, plan)
+            want = decode_attention_torch(b.q, k_cache, v_cache, b.seq_lens, b.block_tables, SCALE)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_cache_is_only_read(gen):
+    b = make_paged_batch([5, 20], [1, 1], 16, 2, torch.float32, gen)
+    k_before, v_before = b.k_cache.clone(), b.v_cache.clone()
+    native.decode_attention_native(b.q, b.k_cache, b.v_cache, b.seq_lens, b.block_tables, SCALE)
+    assert torch.equal(b.k_cache.nan_to_num(), k_before.nan_to_num())
+    assert torch.equal(b.v_cache.nan_to_num(), v_before.nan_to_num())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_it_runs_on_torchs_openmp_runtime():
+    """The library shares torch's libgomp (one thread pool), never loads a second OpenMP runtime. In a
+    fresh process: other packages (sentencepiece) bring OpenMP runtimes of their own."""
+    script = ("import re, torch, kernels.cpu_native as n; assert n.native_library() is not None; "
+              "print(sorted(set(re.findall(r'\\S*lib(?:gomp|iomp5|omp)[^/\\s]*\\.so[^/\\s]*', "
+              "open('/proc/self/maps').read()))))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2]).stdout
+    runtimes = ast.literal_eval(out.strip())
+    assert len(runtimes) == 1 and Path(runtimes[0]).parent == Path(torch.__file__).parent / "lib", runtimes
+
+
+def test_loading_it_leaves_subnormals_alone():
+    """Built with -ffast-math but not linked with it: crtfastmath.o would set flush-to-zero process-wide
+    (torch's and Python's arithmetic would lose subnormals, and hypothesis refuses to run)."""
+    assert native.native_library() is not None
+    assert sys.float_info.min / 4 > 0.0
+    assert float(torch.tensor(1e-39) * 1.0) > 0.0
+
+
+def test_cpu_backend_choice(monkeypatch, tmp_path):
+    """fp32 on CPU gets the native set; other dtypes, or no compiler, keep torch's."""
+    assert auto_cpu_backend(torch.float32) == "native"
+    assert load_ops("native").decode_attention is native.decode_attention_native
+    assert auto_cpu_backend(torch.bfloat16) == "torch"
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("LMSERVICE_KERNEL_CACHE", str(tmp_path / "cache"))
+    assert auto_cpu_backend(torch.float32) == "torch"
+    with pytest.raises(RuntimeError, match="could not be built"):
+        load_ops("native")
