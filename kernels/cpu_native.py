@@ -95,7 +95,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     fn = lib.paged_decode_attention_f32
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, i64, p, p, p, i64, p, p, i64, i64, i64, i64, ctypes.c_float, p, i64, ctypes.c_int]
+    fn.argtypes = [p, i64, p, p, p, i64, p, p, i64, i64, i64, i64, i64, ctypes.c_float, p, i64, ctypes.c_int]
     fn.restype = None
     return lib
 
@@ -118,21 +118,25 @@ def native_library() -> ctypes.CDLL | None:
         return _library
 
 
-@dataclass(frozen=True)
+@dataclass
 class NativeDecodePlan:
     """One step's decode metadata in the form the kernel reads, made once and shared by every layer."""
 
     seq_lens: torch.Tensor  # (num_seqs,) int32, contiguous
     block_tables: torch.Tensor  # (num_seqs, max_blocks) int32, contiguous
     max_seq_len: int
-    scratch: torch.Tensor  # (threads * max_seq_len,) fp32: each thread's scores
+    threads: int
+    items_per_seq: int  # head groups per sequence: 1 (whole rows) unless there are too few sequences
+    scratch: torch.Tensor  # (threads * max_seq_len * heads per item,) fp32, allocated by the first layer
 
 
 def plan_decode_native(seq_lens: torch.Tensor, block_tables: torch.Tensor, block_size: int) -> NativeDecodePlan:
     seq_lens = seq_lens.to(torch.int32).contiguous()
-    max_seq_len = int(seq_lens.max())
-    scratch = torch.empty(torch.get_num_threads() * max_seq_len, dtype=torch.float32)
-    return NativeDecodePlan(seq_lens, block_tables.to(torch.int32).contiguous(), max_seq_len, scratch)
+    threads = torch.get_num_threads()
+    # whole token rows per item read memory in order; split the heads only to give every thread work
+    items_per_seq = max(1, -(-2 * threads // seq_lens.shape[0]))
+    return NativeDecodePlan(seq_lens, block_tables.to(torch.int32).contiguous(), int(seq_lens.max()), threads,
+                            items_per_seq, torch.empty(0))
 
 
 def decode_attention_native(
@@ -159,10 +163,13 @@ def decode_attention_native(
     if plan is None:
         plan = plan_decode_native(seq_lens, block_tables, k_cache.shape[1])
     out = torch.empty(num_seqs, num_heads, head_dim, dtype=torch.float32)
-    threads = plan.scratch.numel() // max(plan.max_seq_len, 1)
+    heads_per_item = -(-num_heads // min(plan.items_per_seq, num_heads))
+    scratch_size = plan.threads * heads_per_item * plan.max_seq_len
+    if plan.scratch.numel() < scratch_size:
+        plan.scratch = torch.empty(scratch_size, dtype=torch.float32)  # by the step's first layer
     with record_function("native::paged_decode_attention"):  # named in torch.profiler's tables
         lib.paged_decode_attention_f32(
             q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), plan.block_tables.data_ptr(),
             plan.block_tables.stride(0), plan.seq_lens.data_ptr(), out.data_ptr(), num_seqs, num_heads, head_dim,
-            k_cache.shape[1], scale, plan.scratch.data_ptr(), plan.max_seq_len, threads)
+            k_cache.shape[1], heads_per_item, scale, plan.scratch.data_ptr(), plan.max_seq_len, plan.threads)
     return out

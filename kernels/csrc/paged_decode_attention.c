@@ -8,11 +8,13 @@
  *   seq_lens (num_seqs,) int32, >= 1, context length including the query token
  *   out      (num_seqs, num_heads, head_dim), contiguous
  *
- * One work item is a (sequence, head) pair, spread over `num_threads` OpenMP threads (the runtime torch
- * itself uses, so the two never run a team each on the same cores). For an item: scores = q . k * scale
- * for every context row, softmax with the max subtracted, then the weighted sum of the V rows. Rows at or
- * past seq_len are never read, so whatever stale blocks hold (NaN after a failed request) cannot leak in.
- * `scratch` holds max_seq_len floats per thread.
+ * One work item is a sequence and a group of `heads_per_item` consecutive heads, spread over `num_threads`
+ * OpenMP threads (the runtime torch itself uses, so the two never run a team each on the same cores). The
+ * caller makes groups small only when there are few sequences: a whole token row (all heads) is one
+ * contiguous run of memory, read in order. For an item: scores = q . k * scale for every context row and
+ * head, softmax with the max subtracted, then the weighted sum of the V rows. Rows at or past seq_len are
+ * never read, so whatever stale blocks hold (NaN after a failed request) cannot leak in.
+ * `scratch` holds heads_per_item * max_seq_len floats per thread.
  */
 #include <float.h>
 #include <math.h>
@@ -22,57 +24,77 @@
 void paged_decode_attention_f32(const float *q, int64_t q_seq_stride, const float *k_cache, const float *v_cache,
                                 const int32_t *tables, int64_t table_stride, const int32_t *seq_lens, float *out,
                                 int64_t num_seqs, int64_t num_heads, int64_t head_dim, int64_t block_size,
-                                float scale, float *scratch, int64_t max_seq_len, int num_threads) {
+                                int64_t heads_per_item, float scale, float *scratch, int64_t max_seq_len,
+                                int num_threads) {
     const int64_t token_stride = num_heads * head_dim;  /* floats per cached token */
     const int64_t block_stride = block_size * token_stride;
+    const int64_t groups = (num_heads + heads_per_item - 1) / heads_per_item;
 #pragma omp parallel num_threads(num_threads)
     {
 #ifdef _OPENMP
         extern int omp_get_thread_num(void);
-        float *scores = scratch + (int64_t)omp_get_thread_num() * max_seq_len;
+        float *const own = scratch + (int64_t)omp_get_thread_num() * heads_per_item * max_seq_len;
 #else
-        float *scores = scratch;
+        float *const own = scratch;
 #endif
 #pragma omp for collapse(2) schedule(static)
         for (int64_t s = 0; s < num_seqs; s++) {
-            for (int64_t h = 0; h < num_heads; h++) {
-                const float *qh = q + s * q_seq_stride + h * head_dim;
+            for (int64_t g = 0; g < groups; g++) {
+                const int64_t h0 = g * heads_per_item;
+                const int64_t nh = num_heads - h0 < heads_per_item ? num_heads - h0 : heads_per_item;
+                const float *qs = q + s * q_seq_stride + h0 * head_dim;
                 const int32_t *table = tables + s * table_stride;
                 const int64_t len = seq_lens[s];
-                float top = -FLT_MAX;  /* not -INFINITY: built with -ffast-math */
+                float top[nh];
+                for (int64_t h = 0; h < nh; h++) top[h] = -FLT_MAX;  /* not -INFINITY: built with -ffast-math */
+                /* scores: the group's heads side by side in each token's row, read in order */
                 for (int64_t start = 0; start < len; start += block_size) {
-                    const float *k = k_cache + (int64_t)table[start / block_size] * block_stride + h * head_dim;
+                    const float *k = k_cache + (int64_t)table[start / block_size] * block_stride + h0 * head_dim;
                     const int64_t rows = len - start < block_size ? len - start : block_size;
                     for (int64_t r = 0; r < rows; r++, k += token_stride) {
-                        float dot = 0.0f;
+                        for (int64_t h = 0; h < nh; h++) {
+                            const float *kh = k + h * head_dim, *qh = qs + h * head_dim;
+                            float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-                        for (int64_t d = 0; d < head_dim; d++) dot += qh[d] * k[d];
-                        dot *= scale;
-                        scores[start + r] = dot;
-                        top = dot > top ? dot : top;
+                            for (int64_t d = 0; d < head_dim; d++) dot += qh[d] * kh[d];
+                            dot *= scale;
+                            own[h * max_seq_len + start + r] = dot;
+                            top[h] = dot > top[h] ? dot : top[h];
+                        }
                     }
                 }
-                float total = 0.0f;
+                float inv[nh];
+                for (int64_t h = 0; h < nh; h++) {
+                    float *sc = own + h * max_seq_len, total = 0.0f;
+                    const float m = top[h];
 #pragma omp simd reduction(+ : total)
-                for (int64_t t = 0; t < len; t++) {
-                    const float e = expf(scores[t] - top);
-                    scores[t] = e;
-                    total += e;
+                    for (int64_t t = 0; t < len; t++) {
+                        const float e = expf(sc[t] - m);
+                        sc[t] = e;
+                        total += e;
+                    }
+                    inv[h] = 1.0f / total;
                 }
-                float *o = out + (s * num_heads + h) * head_dim;
-                memset(o, 0, (size_t)head_dim * sizeof(float));
+                float *o = out + (s * num_heads + h0) * head_dim;
+                memset(o, 0, (size_t)(nh * head_dim) * sizeof(float));
                 for (int64_t start = 0; start < len; start += block_size) {
-                    const float *v = v_cache + (int64_t)table[start / block_size] * block_stride + h * head_dim;
+                    const float *v = v_cache + (int64_t)table[start / block_size] * block_stride + h0 * head_dim;
                     const int64_t rows = len - start < block_size ? len - start : block_size;
                     for (int64_t r = 0; r < rows; r++, v += token_stride) {
-                        const float w = scores[start + r];
+                        for (int64_t h = 0; h < nh; h++) {
+                            const float w = own[h * max_seq_len + start + r];
+                            const float *vh = v + h * head_dim;
+                            float *oh = o + h * head_dim;
 #pragma omp simd
-                        for (int64_t d = 0; d < head_dim; d++) o[d] += w * v[d];
+                            for (int64_t d = 0; d < head_dim; d++) oh[d] += w * vh[d];
+                        }
                     }
                 }
-                const float inv = 1.0f / total;
+                for (int64_t h = 0; h < nh; h++) {
+                    float *oh = o + h * head_dim;
 #pragma omp simd
-                for (int64_t d = 0; d < head_dim; d++) o[d] *= inv;
+                    for (int64_t d = 0; d < head_dim; d++) oh[d] *= inv[h];
+                }
             }
         }
     }

@@ -43,12 +43,30 @@ def test_one_plan_serves_every_layer_and_any_thread_count(threads, gen):
     torch.set_num_threads(threads)
     try:
         plan = native.plan_decode_native(b.seq_lens, b.block_tables, 16)
-        assert plan.scratch.numel() == threads * 300
+        assert plan.threads == threads and plan.max_seq_len == 300
         other_k, other_v = torch.randn_like(b.k_cache), torch.randn_like(b.v_cache)  # a second layer's cache
         for k_cache, v_cache in ((b.k_cache, b.v_cache), (other_k, other_v)):
             got = native.decode_attention_native(b.q, k_cache, v_cache, b.seq_lens, b.block_tables, SCALE, plan)
             want = decode_attention_torch(b.q, k_cache, v_cache, b.seq_lens, b.block_tables, SCALE)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("num_heads", [1, 5, 12])
+def test_few_sequences_split_their_heads(num_heads, gen):
+    """One or two sequences leave threads idle unless their heads are split into groups (5 heads over
+    4 items: groups of 2, 2 and 1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for seq_lens in ([70], [3, 33]):
+            b = make_paged_batch(seq_lens, [1] * len(seq_lens), 16, num_heads, torch.float32, gen)
+            plan = native.plan_decode_native(b.seq_lens, b.block_tables, 16)
+            assert plan.items_per_seq == 4 // len(seq_lens)
+            got = native.decode_attention_native(b.q, b.k_cache, b.v_cache, b.seq_lens, b.block_tables, SCALE, plan)
+            torch.testing.assert_close(got, decode_by_loop(b.q, b.k_cache, b.v_cache, b.seq_lens, b.block_tables),
+                                       atol=1e-5, rtol=1e-5)
     finally:
         torch.set_num_threads(before)
 
