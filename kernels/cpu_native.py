@@ -4,9 +4,10 @@ Why C and not torch ops: the torch decode attention (kernels/attention.py) must 
 and V out of their blocks into one tensor before SDPA can read it, so at batch 32 each layer copies the
 whole context twice. The C kernel reads the blocks in place through the block table.
 
-Build: `cc -O3 -march=native -ffast-math -fopenmp` then `cc -shared` (see LDFLAGS) into a cache directory ($LMSERVICE_KERNEL_CACHE,
-else $XDG_CACHE_HOME/lmservice/kernels, else ~/.cache/lmservice/kernels), named by a hash of the source, the flags, the compiler and this CPU's
-model and flags, so a copy built for another processor is never loaded. About a second, once per machine.
+Build: `cc -O3 -march=native -ffast-math -fopenmp -c`, then `cc -shared` (see LDFLAGS), into a cache
+directory ($LMSERVICE_KERNEL_CACHE, else $XDG_CACHE_HOME/lmservice/kernels, else ~/.cache/lmservice/kernels),
+named by a hash of the source, the flags, the compiler and this CPU's model and flags, so a copy built for
+another processor is never loaded. About a second, once per machine.
 The library links libgomp by its soname, and torch has already loaded its own libgomp.so.1, so both share
 one OpenMP runtime and one pool of threads (tests/kernels/test_native_attention.py checks that).
 
@@ -81,7 +82,8 @@ def _build(compiler: str) -> Path:
     os.close(fd)
     obj = tmp + ".o"
     try:
-        for command in ([compiler, *CFLAGS, "-c", str(SOURCE), "-o", obj], [compiler, *LDFLAGS, obj, "-o", tmp, *_LIBS]):
+        compile_, link = [compiler, *CFLAGS, "-c", str(SOURCE), "-o", obj], [compiler, *LDFLAGS, obj, "-o", tmp, *_LIBS]
+        for command in (compile_, link):
             subprocess.run(command, capture_output=True, text=True, check=True, timeout=120)
         os.replace(tmp, target)  # atomic: a concurrent build of the same key writes the same bytes
     finally:

@@ -81,6 +81,9 @@ class Engine:
         backend = config.attention_backend
         if backend == "auto":
             backend = "triton" if loaded.device.type == "cuda" else auto_cpu_backend(loaded.dtype)
+        if backend == "native" and (loaded.device.type != "cpu" or loaded.dtype != torch.float32):
+            raise ValueError(f"attention_backend native runs float32 models on CPUs, not {loaded.dtype} on "
+                             f"{loaded.device.type}: use torch (or auto)")
         num_blocks = config.num_kv_blocks or max(
             1, config.kv_cache_memory_mb * 2**20 // kv_cache_bytes_per_block(loaded.model, config.block_size, loaded.dtype))
         self.pool = BlockPool(num_blocks, config.block_size)

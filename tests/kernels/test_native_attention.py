@@ -112,3 +112,17 @@ def test_cpu_backend_choice(monkeypatch, tmp_path):
     assert auto_cpu_backend(torch.float32) == "torch"
     with pytest.raises(RuntimeError, match="could not be built"):
         load_ops("native")
+
+
+def test_engine_refuses_native_for_a_bfloat16_model(tmp_path):
+    """Asked for explicitly on a model it cannot run, the engine says so at start-up, not at the first decode."""
+    from service.engine.engine import Engine, EngineConfig  # noqa: PLC0415
+    from service.model.loader import load_model  # noqa: PLC0415
+    from tests.helpers import make_gpt2_dir  # noqa: PLC0415
+
+    model_dir = make_gpt2_dir(tmp_path / "m", seed=0, n_embd=32, n_layer=1, n_head=2)
+    with pytest.raises(ValueError, match="native runs float32 models"):
+        Engine(load_model(model_dir, "cpu", "bfloat16"), EngineConfig.from_fields(num_kv_blocks=8,
+                                                                                   attention_backend="native"))
+    engine = Engine(load_model(model_dir, "cpu", "float32"), EngineConfig.from_fields(num_kv_blocks=8))
+    assert engine.ops.name == "native"  # auto on a CPU, float32
