@@ -29,7 +29,7 @@ from service.engine.sampling_params import SamplingParams  # noqa: E402
 
 # first match wins; an op's self time goes to its group
 GROUPS = [
-    ("linears", ("addmm", "aten::mm", "aten::linear", "quantized::", "_weight_int8pack_mm", "aten::bmm", "_linear_pointwise",
+    ("linears", ("addmm", "aten::mm", "linear_few_rows", "aten::linear", "quantized::", "_weight_int8pack_mm", "aten::bmm", "_linear_pointwise",
                  "quantize_per_tensor", "aten::_linear")),
     ("KV gather + write", ("index_select", "aten::index", "index_fill", "index_put", "index_copy", "aten::copy_")),
     ("attention (SDPA or native)", ("scaled_dot_product", "_flash_attention", "_scaled_dot", "paged_decode_attention")),

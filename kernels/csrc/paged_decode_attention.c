@@ -1,4 +1,7 @@
-/* Decode attention over the paged KV cache, for CPUs: each sequence's one query token against its
+/* Native CPU kernels (kernels/cpu_native.py builds and loads them): the paged decode attention, and a
+ * linear for few rows further down.
+ *
+ * Decode attention over the paged KV cache, for CPUs: each sequence's one query token against its
  * context, read in place through its block table (no gathered copy of K or V).
  *
  * Layouts (fp32, row-major):
@@ -96,6 +99,25 @@ void paged_decode_attention_f32(const float *q, int64_t q_seq_stride, const floa
                     for (int64_t d = 0; d < head_dim; d++) oh[d] *= inv[h];
                 }
             }
+        }
+    }
+}
+
+/* y (rows, out) = x (rows, in) @ w.T (+ bias), w (out, in) row-major, for a few rows (decode batches): each
+ * weight row is read from memory once, for all rows of x, so the call streams the weights at memory speed
+ * (a GEMM library's small-M path re-reads or repacks them). Output rows are split over the threads. */
+void linear_few_rows_f32(const float *x, int64_t rows, int64_t in, const float *w, const float *bias, float *y,
+                         int64_t out, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t o = 0; o < out; o++) {
+        const float *wo = w + o * in;
+        const float b = bias ? bias[o] : 0.0f;
+        for (int64_t r = 0; r < rows; r++) {
+            const float *xr = x + r * in;
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t i = 0; i < in; i++) dot += xr[i] * wo[i];
+            y[r * out + o] = dot + b;
         }
     }
 }

@@ -16,6 +16,7 @@ import platform
 import torch
 from torch import nn
 
+from kernels.cpu_native import FEW_ROWS, linear_few_rows, native_library
 from kernels.linear import linear_onednn, onednn_available
 from service.model.cpu import cpu_vendor
 
@@ -23,16 +24,25 @@ LINEAR_BACKENDS = ("auto", "torch", "onednn")
 
 
 class OneDNNLinear(nn.Module):
-    """nn.Linear's forward through kernels.linear.linear_onednn; same parameters, same results (fp32 rounding aside)."""
+    """nn.Linear's forward through kernels.linear.linear_onednn; same parameters, same results (fp32 rounding aside).
+
+    Calls of at most kernels.cpu_native.FEW_ROWS rows (decode steps of a few sequences) go to the native
+    `linear_few_rows` where it is built: it streams the weights at ~27 GB/s where oneDNN's small-M GEMM
+    read 13-20 GB/s (docs/benchmarks.md).
+    """
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
+        self.few_rows = FEW_ROWS if native_library() is not None and self.weight.is_contiguous() else 0
 
     def forward(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
-        return linear_onednn(x, self.weight, self.bias if with_bias else None)
+        bias = self.bias if with_bias else None
+        if x.numel() <= self.few_rows * self.in_features:
+            return linear_few_rows(x, self.weight, bias)
+        return linear_onednn(x, self.weight, bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN"

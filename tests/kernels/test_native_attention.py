@@ -126,3 +126,16 @@ def test_engine_refuses_native_for_a_bfloat16_model(tmp_path):
                                                                                    attention_backend="native"))
     engine = Engine(load_model(model_dir, "cpu", "float32"), EngineConfig.from_fields(num_kv_blocks=8))
     assert engine.ops.name == "native"  # auto on a CPU, float32
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_linear_few_rows_matches_f_linear(rows, gen):
+    """Each weight row read once for all rows: same result as F.linear, with and without bias, for a
+    strided 3-D input, and for an LM-head-sized output."""
+    weight = torch.randn(1000, 96, generator=gen)
+    bias = torch.randn(1000, generator=gen)
+    x = torch.randn(rows, 2 * 96, generator=gen)[:, ::2]  # not contiguous
+    want = torch.nn.functional.linear(x, weight, bias)
+    torch.testing.assert_close(native.linear_few_rows(x, weight, bias), want, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(native.linear_few_rows(x, weight), want - bias, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(native.linear_few_rows(x[None], weight, bias), want[None], atol=1e-4, rtol=1e-5)

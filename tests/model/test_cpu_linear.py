@@ -16,7 +16,8 @@ CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(not cpu_linear.onednn_available(), reason="this torch build has no oneDNN")
 
 
-@pytest.mark.parametrize(("rows", "in_features", "out_features"), [(1, 768, 2304), (3, 64, 1000), (32, 96, 96)])
+@pytest.mark.parametrize(("rows", "in_features", "out_features"),
+                         [(1, 768, 2304), (3, 64, 1000), (4, 96, 50), (5, 64, 1000), (32, 96, 96)])
 def test_onednn_linear_matches_f_linear(rows, in_features, out_features):
     g = torch.Generator().manual_seed(rows)
     linear = nn.Linear(in_features, out_features)
@@ -27,6 +28,24 @@ def test_onednn_linear_matches_f_linear(rows, in_features, out_features):
         torch.testing.assert_close(fast(x, with_bias=False), F.linear(x, linear.weight), atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(fast(x.view(1, rows, in_features)), F.linear(x, linear.weight, linear.bias)[None],
                                    atol=1e-4, rtol=1e-5)
+
+
+def test_few_rows_go_to_the_native_kernel(monkeypatch):
+    """Up to FEW_ROWS rows: kernels.cpu_native.linear_few_rows; more: oneDNN (each path made to fail in turn)."""
+    if cpu_linear.native_library() is None:
+        pytest.skip("no C compiler: every call goes to oneDNN")
+    fast = OneDNNLinear(nn.Linear(64, 48))
+
+    def refuse(*_):
+        raise AssertionError("wrong path")
+
+    x = torch.randn(8, 64)
+    monkeypatch.setattr(cpu_linear, "linear_onednn", refuse)
+    for rows in range(1, cpu_linear.FEW_ROWS + 1):
+        fast(x[:rows])
+    monkeypatch.undo()
+    monkeypatch.setattr(cpu_linear, "linear_few_rows", refuse)
+    fast(x[: cpu_linear.FEW_ROWS + 1])
 
 
 def test_swapped_model_shares_its_weights(tmp_path):
