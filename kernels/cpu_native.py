@@ -2,7 +2,9 @@
 
 Why C and not torch ops: the torch decode attention (kernels/attention.py) must gather every sequence's K
 and V out of their blocks into one tensor before SDPA can read it, so at batch 32 each layer copies the
-whole context twice. The C kernel reads the blocks in place through the block table.
+whole context twice. The C kernel reads the blocks in place through the block table. And for decode steps
+of a few rows, `linear_few_rows` reads each fp32 weight row once for all rows, at memory speed, where
+oneDNN's small-M GEMM did not (service/model/cpu_linear.py uses it).
 
 Build: `cc -O3 -march=native -ffast-math -fopenmp -c`, then `cc -shared` (see LDFLAGS), into a cache
 directory ($LMSERVICE_KERNEL_CACHE, else $XDG_CACHE_HOME/lmservice/kernels, else ~/.cache/lmservice/kernels),
@@ -26,6 +28,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +37,13 @@ from torch.profiler import record_function
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "paged_decode_attention.c"
+
+def _named(name: str):
+    """The call named in torch.profiler's tables while one records; otherwise nothing (record_function costs
+    ~10 us a call, ~0.6 ms of a batch-1 step over its ~60 native calls)."""
+    return record_function(name) if torch.autograd._profiler_enabled() else nullcontext()
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_kernels.c"
 CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC")
 # NOTE: linked in a second step without -ffast-math: a shared object linked with it (gcc < 13) gets
 # crtfastmath.o, whose constructor turns on flush-to-zero / denormals-are-zero for the whole process.
@@ -172,7 +181,7 @@ def decode_attention_native(
     scratch_size = plan.threads * heads_per_item * plan.max_seq_len
     if plan.scratch.numel() < scratch_size:
         plan.scratch = torch.empty(scratch_size, dtype=torch.float32)  # by the step's first layer
-    with record_function("native::paged_decode_attention"):  # named in torch.profiler's tables
+    with _named("native::paged_decode_attention"):
         lib.paged_decode_attention_f32(
             q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), plan.block_tables.data_ptr(),
             plan.block_tables.stride(0), plan.seq_lens.data_ptr(), out.data_ptr(), num_seqs, num_heads, head_dim,
@@ -194,7 +203,7 @@ def linear_few_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     x2 = x.reshape(-1, in_features).contiguous()
     assert x2.shape[0] <= FEW_ROWS and x2.dtype == weight.dtype == torch.float32 and weight.is_contiguous()
     y = torch.empty(x2.shape[0], out_features, dtype=torch.float32)
-    with record_function("native::linear_few_rows"):
+    with _named("native::linear_few_rows"):
         lib.linear_few_rows_f32(x2.data_ptr(), x2.shape[0], in_features, weight.data_ptr(),
                                 None if bias is None else bias.data_ptr(), y.data_ptr(), out_features,
                                 torch.get_num_threads())

@@ -139,3 +139,13 @@ def test_linear_few_rows_matches_f_linear(rows, gen):
     torch.testing.assert_close(native.linear_few_rows(x, weight, bias), want, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(native.linear_few_rows(x, weight), want - bias, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(native.linear_few_rows(x[None], weight, bias), want[None], atol=1e-4, rtol=1e-5)
+
+
+def test_calls_are_named_while_a_profiler_records(gen):
+    """benchmarks/profile_step.py files the native calls under their names (only while it records)."""
+    b = make_paged_batch([5, 20], [1, 1], 16, 2, torch.float32, gen)
+    with torch.profiler.profile() as prof:
+        native.decode_attention_native(b.q, b.k_cache, b.v_cache, b.seq_lens, b.block_tables, SCALE)
+        native.linear_few_rows(torch.randn(2, 8), torch.randn(4, 8))
+    names = {evt.key for evt in prof.key_averages()}
+    assert {"native::paged_decode_attention", "native::linear_few_rows"} <= names
