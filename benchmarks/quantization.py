@@ -2,6 +2,8 @@
 
     python benchmarks/quantization.py              # 16 TinyStories valid prompts x 64 greedy tokens; perplexity
                                                    # of the first --ppl-tokens tokens of the valid split
+    python benchmarks/quantization.py --max-num-seqs 1   # greedy one request at a time: decode steps of one
+                                                   # row, which take the native int8 kernel (per-row scales)
 
 Agreement is counted two ways: sequences identical to fp32's, and tokens before each sequence's first
 divergence (the strict count: after a divergence the two continue from different text).
@@ -27,9 +29,9 @@ from tests.helpers import run_to_completion  # noqa: E402
 VALID = ROOT.parent / "shared" / "data" / "tinystories" / "valid.txt"
 
 
-def engine_for(model_dir: Path, quantization: str) -> Engine:
+def engine_for(model_dir: Path, quantization: str, max_num_seqs: int) -> Engine:
     return Engine(load_model(model_dir, "cpu", "float32", quantization=quantization),
-                  EngineConfig.from_fields(num_kv_blocks=1024, enable_prefix_caching=False))
+                  EngineConfig.from_fields(num_kv_blocks=1024, enable_prefix_caching=False, max_num_seqs=max_num_seqs))
 
 
 def greedy(engine: Engine, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
@@ -54,13 +56,14 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--ppl-tokens", type=int, default=50_000)
+    ap.add_argument("--max-num-seqs", type=int, default=256, help="the engine's batch limit (decode rows per step)")
     add_threads_flag(ap)
     args = ap.parse_args()
     apply_threads(args)
 
     # the base model was trained on lowercased TinyStories (models/README.md): evaluate it on the same form
     stories = [s.strip().lower() for s in VALID.read_text().split("\n\n") if s.strip()]
-    engines = {q: engine_for(args.model, q) for q in ("none", "int8")}
+    engines = {q: engine_for(args.model, q, args.max_num_seqs) for q in ("none", "int8")}
     tok = engines["none"].tokenizer
     prompts = [tok.encode(s)[: args.prompt_tokens] for s in stories[: args.prompts]]
     outputs, ppl = {}, {}

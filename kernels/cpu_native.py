@@ -111,6 +111,15 @@ def _load(path: Path) -> ctypes.CDLL:
     fn = lib.linear_few_rows_f32
     fn.argtypes = [p, i64, i64, p, p, p, i64, ctypes.c_int]
     fn.restype = None
+    lib.native_q8.argtypes, lib.native_q8.restype = [], ctypes.c_int
+    if lib.native_q8():
+        fn = lib.linear_few_rows_q8
+        fn.argtypes = [p, i64, i64, p, p, p, p, p, i64, p, p, ctypes.c_int]
+        fn.restype = None
+    fn = lib.gpt2_decode_step
+    fn.argtypes = [p, i64, p, p, ctypes.c_float, p, p, i64, i64, i64, i64, p, p, i64, p, i64, i64, i64, p, p, p,
+                   ctypes.c_int]
+    fn.restype = None
     return lib
 
 
@@ -208,3 +217,139 @@ def linear_few_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                                 None if bias is None else bias.data_ptr(), y.data_ptr(), out_features,
                                 torch.get_num_threads())
     return y.reshape(*x.shape[:-1], out_features)
+
+
+
+def int8_kernel_available() -> bool:
+    """Whether the library has the int8 x int8 linear (built for a CPU with AVX-512 VNNI)."""
+    lib = native_library()
+    return lib is not None and bool(lib.native_q8())
+
+
+def linear_few_rows_int8(x: torch.Tensor, weight: torch.Tensor, weight_sums: torch.Tensor, scales: torch.Tensor,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = quant(x) @ (weight * scales[:, None]).T + bias for fp32 x (..., in) of at most FEW_ROWS rows: int8
+    weight (out, in) contiguous with one fp32 scale per output channel, `weight_sums` its int32 row sums;
+    each row of x quantized to int8 with its own scale (max |x| / 127, round half to even). Needs
+    int8_kernel_available()."""
+    lib = native_library()
+    assert lib is not None and lib.native_q8(), "linear_few_rows_int8 needs the library's int8 kernel (VNNI)"
+    out_features, in_features = weight.shape
+    x2 = x.reshape(-1, in_features).contiguous()
+    rows = x2.shape[0]
+    assert rows <= FEW_ROWS and x2.dtype == torch.float32 and weight.dtype == torch.int8 and weight.is_contiguous()
+    assert scales.dtype == torch.float32 and weight_sums.dtype == torch.int32
+    y = torch.empty(rows, out_features, dtype=torch.float32)
+    xq, xs = torch.empty(rows * in_features, dtype=torch.uint8), torch.empty(rows, dtype=torch.float32)
+    with _named("native::linear_few_rows_int8"):
+        lib.linear_few_rows_q8(x2.data_ptr(), rows, in_features, weight.data_ptr(), weight_sums.data_ptr(),
+                               scales.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+                               out_features, xq.data_ptr(), xs.data_ptr(), torch.get_num_threads())
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+class _Linear(ctypes.Structure):  # native_linear in csrc/cpu_kernels.c
+    _fields_ = [("w", ctypes.c_void_p), ("wq", ctypes.c_void_p), ("wsum", ctypes.c_void_p),
+                ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("in_", ctypes.c_int64),
+                ("out", ctypes.c_int64)]
+
+
+class _Layer(ctypes.Structure):  # native_layer
+    _fields_ = [("ln1_w", ctypes.c_void_p), ("ln1_b", ctypes.c_void_p), ("ln2_w", ctypes.c_void_p),
+                ("ln2_b", ctypes.c_void_p), ("c_attn", _Linear), ("attn_proj", _Linear), ("c_fc", _Linear),
+                ("mlp_proj", _Linear), ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p),
+                ("attn_scale", ctypes.c_float)]
+
+
+@dataclass
+class LinearWeights:
+    """One projection as gpt2_decode_step reads it: fp32 `weight`, or int8 with `scales` and `weight_sums`."""
+
+    weight: torch.Tensor  # (out, in) contiguous, fp32 or int8
+    bias: torch.Tensor | None
+    scales: torch.Tensor | None = None  # int8: (out,) fp32
+    weight_sums: torch.Tensor | None = None  # int8: (out,) int32
+
+
+@dataclass
+class LayerWeights:
+    ln_1: tuple[torch.Tensor, torch.Tensor]  # weight, bias
+    ln_2: tuple[torch.Tensor, torch.Tensor]
+    c_attn: LinearWeights
+    attn_proj: LinearWeights
+    c_fc: LinearWeights
+    mlp_proj: LinearWeights
+    k_cache: torch.Tensor  # (num_blocks, block_size, n_head, head_dim) fp32 contiguous
+    v_cache: torch.Tensor
+    attn_scale: float
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class NativeDecodeStep:
+    """A GPT-2 decode step in one C call (gpt2_decode_step): for each layer LayerNorm, c_attn, the KV write,
+    paged attention, c_proj + residual, LayerNorm, c_fc, tanh GELU, c_proj + residual; then ln_f. For at
+    most FEW_ROWS sequences, where a step is otherwise dominated by per-op Python and dispatch. The tensors
+    given are held (their pointers are baked in): weights and caches must not be reallocated."""
+
+    def __init__(self, layers: list[LayerWeights], ln_f: tuple[torch.Tensor, torch.Tensor], eps: float,
+                 n_head: int, n_inner: int) -> None:
+        lib = native_library()
+        assert lib is not None, "NativeDecodeStep without the native library (see native_library())"
+        self._lib, self._keep = lib, (layers, ln_f)
+        self.n_embd, self.n_head, self.n_inner, self.eps = ln_f[0].shape[0], n_head, n_inner, eps
+        self.block_size = layers[0].k_cache.shape[1]
+        specs = (_Layer * len(layers))()
+        for spec, layer in zip(specs, layers, strict=True):
+            assert layer.k_cache.is_contiguous() and layer.v_cache.is_contiguous()
+            assert layer.k_cache.dtype == torch.float32
+            spec.ln1_w, spec.ln1_b = _ptr(layer.ln_1[0]), _ptr(layer.ln_1[1])
+            spec.ln2_w, spec.ln2_b = _ptr(layer.ln_2[0]), _ptr(layer.ln_2[1])
+            for name in ("c_attn", "attn_proj", "c_fc", "mlp_proj"):
+                setattr(spec, name, self._linear(getattr(layer, name)))
+            spec.k_cache, spec.v_cache = _ptr(layer.k_cache), _ptr(layer.v_cache)
+            spec.attn_scale = layer.attn_scale
+        self._specs = specs
+        self._work = torch.empty(0)
+        self._qwork = torch.empty(0, dtype=torch.uint8)
+        self._scratch = torch.empty(0)
+
+    def _linear(self, lw: LinearWeights) -> _Linear:
+        w = lw.weight
+        assert w.is_contiguous() and (lw.bias is None or lw.bias.is_contiguous())
+        if w.dtype == torch.int8:
+            assert self._lib.native_q8(), "int8 weights need the library's int8 kernel (AVX-512 VNNI)"
+            assert lw.scales is not None and lw.weight_sums is not None
+            return _Linear(None, _ptr(w), _ptr(lw.weight_sums), _ptr(lw.scales), _ptr(lw.bias), w.shape[1], w.shape[0])
+        assert w.dtype == torch.float32
+        return _Linear(_ptr(w), None, None, None, _ptr(lw.bias), w.shape[1], w.shape[0])
+
+    def __call__(self, h: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor,
+                 block_tables: torch.Tensor) -> torch.Tensor:
+        """h (rows, n_embd): token + position embeddings (overwritten: the residual stream); slots (rows,)
+        int64 cache slots (-1: not written); seq_lens (rows,) context lengths including the token;
+        block_tables (rows, max_blocks). Returns ln_f of the last layer's output, (rows, n_embd)."""
+        rows, c = h.shape
+        assert rows <= FEW_ROWS and h.dtype == torch.float32 and h.is_contiguous() and c == self.n_embd
+        plan = plan_decode_native(seq_lens, block_tables, self.block_size)
+        heads_per_item = -(-self.n_head // min(plan.items_per_seq, self.n_head))
+        work = FEW_ROWS * (5 * c + self.n_inner)
+        if self._work.numel() < work:
+            self._work = torch.empty(work)
+            self._qwork = torch.empty(FEW_ROWS * max(c, self.n_inner) + 64 + 4 * FEW_ROWS, dtype=torch.uint8)
+        scratch = plan.threads * heads_per_item * plan.max_seq_len
+        if self._scratch.numel() < scratch:
+            self._scratch = torch.empty(max(scratch, 2 * self._scratch.numel()))
+        slots = slots.to(torch.int64).contiguous()
+        out = torch.empty(rows, c)
+        ln_f = self._keep[1]
+        with _named("native::gpt2_decode_step"):
+            self._lib.gpt2_decode_step(
+                ctypes.addressof(self._specs), len(self._specs), _ptr(ln_f[0]), _ptr(ln_f[1]), self.eps,
+                h.data_ptr(), out.data_ptr(), rows, c, self.n_head, self.n_inner, slots.data_ptr(),
+                plan.block_tables.data_ptr(), plan.block_tables.stride(0), plan.seq_lens.data_ptr(),
+                self.block_size, heads_per_item, plan.max_seq_len, self._work.data_ptr(), self._qwork.data_ptr(),
+                self._scratch.data_ptr(), plan.threads)
+        return out

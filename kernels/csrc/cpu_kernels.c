@@ -1,5 +1,5 @@
-/* Native CPU kernels (kernels/cpu_native.py builds and loads them): the paged decode attention, and a
- * linear for few rows further down.
+/* Native CPU kernels (kernels/cpu_native.py builds and loads them): the paged decode attention, linears for
+ * a few rows, and a whole GPT-2 decode step made of them, further down.
  *
  * Decode attention over the paged KV cache, for CPUs: each sequence's one query token against its
  * context, read in place through its block table (no gathered copy of K or V).
@@ -20,11 +20,14 @@
  * `scratch` holds heads_per_item * max_seq_len floats per thread.
  */
 #include <float.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-void paged_decode_attention_f32(const float *q, int64_t q_seq_stride, const float *k_cache, const float *v_cache,
+static void decode_attention(const float *q, int64_t q_seq_stride, const float *k_cache, const float *v_cache,
                                 const int32_t *tables, int64_t table_stride, const int32_t *seq_lens, float *out,
                                 int64_t num_seqs, int64_t num_heads, int64_t head_dim, int64_t block_size,
                                 int64_t heads_per_item, float scale, float *scratch, int64_t max_seq_len,
@@ -103,21 +106,252 @@ void paged_decode_attention_f32(const float *q, int64_t q_seq_stride, const floa
     }
 }
 
-/* y (rows, out) = x (rows, in) @ w.T (+ bias), w (out, in) row-major, for a few rows (decode batches): each
- * weight row is read from memory once, for all rows of x, so the call streams the weights at memory speed
- * (a GEMM library's small-M path re-reads or repacks them). Output rows are split over the threads. */
-void linear_few_rows_f32(const float *x, int64_t rows, int64_t in, const float *w, const float *bias, float *y,
-                         int64_t out, int num_threads) {
+void paged_decode_attention_f32(const float *q, int64_t q_seq_stride, const float *k_cache, const float *v_cache,
+                                const int32_t *tables, int64_t table_stride, const int32_t *seq_lens, float *out,
+                                int64_t num_seqs, int64_t num_heads, int64_t head_dim, int64_t block_size,
+                                int64_t heads_per_item, float scale, float *scratch, int64_t max_seq_len,
+                                int num_threads) {
+    decode_attention(q, q_seq_stride, k_cache, v_cache, tables, table_stride, seq_lens, out, num_seqs, num_heads,
+                     head_dim, block_size, heads_per_item, scale, scratch, max_seq_len, num_threads);
+}
+
+/* Linears for a few rows (decode batches): y (rows, out) = x (rows, in) @ W.T + bias, W (out, in) row-major.
+ * Each thread walks its share of the output channels in order, and each weight row is read from memory
+ * once, for all rows of x (up to 4 dot products accumulating in registers): the call streams the weights
+ * at memory speed, one sequential stream per thread. (Tiles of several weight rows at once, as a GEMM
+ * micro-kernel would take, read 1.5-2x slower here: measured, docs/benchmarks.md.) `accumulate`: y += the
+ * result instead of y = (the residual adds of the decode step). */
+#if defined(__AVX512F__)
+#define VW 16
+typedef __m512 vf;
+#define VZERO() _mm512_setzero_ps()
+#define VLOAD(p) _mm512_loadu_ps(p)
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VSUM(a) _mm512_reduce_add_ps(a)
+#elif defined(__AVX2__) && defined(__FMA__)
+#define VW 8
+typedef __m256 vf;
+#define VZERO() _mm256_setzero_ps()
+#define VLOAD(p) _mm256_loadu_ps(p)
+#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+static inline float vsum256(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#define VSUM(a) vsum256(a)
+#else /* portable C; the compiler vectorizes what it can */
+#define VW 1
+typedef float vf;
+#define VZERO() 0.0f
+#define VLOAD(p) (*(p))
+#define VFMA(a, b, c) ((a) * (b) + (c))
+#define VSUM(a) (a)
+#endif
+#define ROWS_PER_PASS 4
+/* for each pass over (up to) ROWS_PER_PASS rows from r0: CALL(r0, R) with R a literal, so that the always
+ * inlined dot_rows_* unroll for it */
+#define FOR_ROW_PASSES(rows, CALL)                                                        \
+    for (int64_t r0 = 0; r0 < (rows); r0 += ROWS_PER_PASS) {                              \
+        switch ((rows) - r0 < ROWS_PER_PASS ? (rows) - r0 : ROWS_PER_PASS) {              \
+            case 1: CALL(r0, 1); break;                                                   \
+            case 2: CALL(r0, 2); break;                                                   \
+            case 3: CALL(r0, 3); break;                                                   \
+            default: CALL(r0, 4); break;                                                  \
+        }                                                                                 \
+    }
+
+static inline void store(float *y, float v, int accumulate) {
+    if (accumulate) *y += v; else *y = v;
+}
+
+/* rows r0 .. r0+R of x against weight row o; R is a constant at every call (always inlined), so the loop over
+ * it unrolls and the accumulators live in registers */
+static inline __attribute__((always_inline)) void dot_rows_f32(const float *x, int64_t in, const float *wo,
+                                                               float b, float *y, int64_t out, const int R,
+                                                               int accumulate) {
+    vf acc[ROWS_PER_PASS];
+    for (int r = 0; r < R; r++) acc[r] = VZERO();
+    int64_t i = 0;
+    for (; i + VW <= in; i += VW) {
+        const vf wv = VLOAD(wo + i);
+        for (int r = 0; r < R; r++) acc[r] = VFMA(VLOAD(x + r * in + i), wv, acc[r]);
+    }
+    for (int r = 0; r < R; r++) {
+        float dot = VSUM(acc[r]);
+        for (int64_t j = i; j < in; j++) dot += x[r * in + j] * wo[j];
+        store(y + r * out, dot + b, accumulate);
+    }
+}
+
+static void linear_f32(const float *x, int64_t rows, int64_t in, const float *w, const float *bias, float *y,
+                       int64_t out, int accumulate, int num_threads) {
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t o = 0; o < out; o++) {
         const float *wo = w + o * in;
         const float b = bias ? bias[o] : 0.0f;
-        for (int64_t r = 0; r < rows; r++) {
-            const float *xr = x + r * in;
-            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t i = 0; i < in; i++) dot += xr[i] * wo[i];
-            y[r * out + o] = dot + b;
-        }
+#define F32_PASS(r0, R) dot_rows_f32(x + (r0) * in, in, wo, b, y + (r0) * out + o, out, R, accumulate)
+        FOR_ROW_PASSES(rows, F32_PASS)
     }
+}
+
+void linear_few_rows_f32(const float *x, int64_t rows, int64_t in, const float *w, const float *bias, float *y,
+                         int64_t out, int num_threads) {
+    linear_f32(x, rows, in, w, bias, y, out, 0, num_threads);
+}
+
+/* int8 weights (one fp32 scale per output channel) against int8 activations, on AVX-512 VNNI: each row of x
+ * is quantized once per call (symmetric, one scale per row) and shifted to u8 by +128 for vpdpbusd's
+ * u8 x s8 products, 64 of them per instruction into int32 lanes; `wsum` (per channel, the sum of its int8
+ * weights) takes the shift back out: y = x_scale * w_scale * (sum (xq + 128) w - 128 wsum) + bias.
+ * Same walk as linear_f32. Without VNNI the library has no int8 kernel (native_q8() says so). */
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+int native_q8(void) { return 1; }
+
+static void quantize_rows(const float *x, int64_t rows, int64_t in, uint8_t *xq, float *xs) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * in;
+        float top = 0.0f;
+#pragma omp simd reduction(max : top)
+        for (int64_t i = 0; i < in; i++) top = fmaxf(top, fabsf(xr[i]));
+        const float s = top > 0.0f ? top / 127.0f : 1.0f, inv = 1.0f / s;
+        xs[r] = s;
+#pragma omp simd
+        for (int64_t i = 0; i < in; i++) xq[r * in + i] = (uint8_t)((int32_t)nearbyintf(xr[i] * inv) + 128);
+    }
+}
+
+static inline __attribute__((always_inline)) void dot_rows_q8(const uint8_t *xq, const float *xs, int64_t in,
+                                                              const int8_t *wo, float wscale, int32_t wsum,
+                                                              float b, float *y, int64_t out, const int R,
+                                                              int accumulate) {
+    __m512i acc[ROWS_PER_PASS];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_si512();
+    int64_t i = 0;
+    for (; i + 64 <= in; i += 64) {
+        const __m512i wv = _mm512_loadu_si512(wo + i);
+        for (int r = 0; r < R; r++) acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_loadu_si512(xq + r * in + i), wv);
+    }
+    for (int r = 0; r < R; r++) {
+        int32_t dot = _mm512_reduce_add_epi32(acc[r]);
+        for (int64_t j = i; j < in; j++) dot += (int32_t)xq[r * in + j] * wo[j];
+        store(y + r * out, (float)(dot - 128 * wsum) * xs[r] * wscale + b, accumulate);
+    }
+}
+
+/* xq: scratch of rows * in bytes, xs: of rows floats */
+static void linear_q8(const float *x, int64_t rows, int64_t in, const int8_t *w, const int32_t *wsum,
+                      const float *scale, const float *bias, float *y, int64_t out, uint8_t *xq, float *xs,
+                      int accumulate, int num_threads) {
+    quantize_rows(x, rows, in, xq, xs);
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t o = 0; o < out; o++) {
+        const int8_t *wo = w + o * in;
+        const float b = bias ? bias[o] : 0.0f;
+#define Q8_PASS(r0, R) \
+    dot_rows_q8(xq + (r0) * in, xs + (r0), in, wo, scale[o], wsum[o], b, y + (r0) * out + o, out, R, accumulate)
+        FOR_ROW_PASSES(rows, Q8_PASS)
+    }
+}
+
+void linear_few_rows_q8(const float *x, int64_t rows, int64_t in, const int8_t *w, const int32_t *wsum,
+                        const float *scale, const float *bias, float *y, int64_t out, uint8_t *xq, float *xs,
+                        int num_threads) {
+    linear_q8(x, rows, in, w, wsum, scale, bias, y, out, xq, xs, 0, num_threads);
+}
+#else
+int native_q8(void) { return 0; }
+#endif
+
+/* A whole GPT-2 decode step for a few sequences, one token each: every layer's LayerNorms, projections (fp32,
+ * or int8 through linear_q8), KV-cache write, attention and GELU in one call, so the step costs no Python
+ * and no dispatch per op. The arithmetic is the op-by-op path's: the same kernels above, torch's LayerNorm
+ * and tanh GELU formulas. kernels/cpu_native.py mirrors these structs. */
+typedef struct {
+    const float *w;       /* fp32 weight (out, in), or NULL for int8 */
+    const int8_t *wq;     /* int8 weight (out, in), or NULL */
+    const int32_t *wsum;  /* int8: per channel, the sum of its weights */
+    const float *scale;   /* int8: per channel scale */
+    const float *bias;    /* or NULL */
+    int64_t in, out;
+} native_linear;
+
+typedef struct {
+    const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
+    native_linear c_attn, attn_proj, c_fc, mlp_proj;
+    float *k_cache, *v_cache; /* (num_blocks, block_size, n_head, head_dim) */
+    float attn_scale;
+} native_layer;
+
+static void apply_linear(const native_linear *l, const float *x, int64_t rows, float *y, int accumulate,
+                         uint8_t *xq, float *xs, int num_threads) {
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+    if (l->wq) {
+        linear_q8(x, rows, l->in, l->wq, l->wsum, l->scale, l->bias, y, l->out, xq, xs, accumulate, num_threads);
+        return;
+    }
+#else
+    (void)xq, (void)xs;
+#endif
+    linear_f32(x, rows, l->in, l->w, l->bias, y, l->out, accumulate, num_threads);
+}
+
+static void layer_norm(const float *x, int64_t rows, int64_t n, const float *w, const float *b, float eps,
+                       float *y) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * n;
+        float *yr = y + r * n;
+        float sum = 0.0f, sq = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < n; i++) sum += xr[i];
+        const float mean = sum / (float)n;
+#pragma omp simd reduction(+ : sq)
+        for (int64_t i = 0; i < n; i++) sq += (xr[i] - mean) * (xr[i] - mean);
+        const float rstd = 1.0f / sqrtf(sq / (float)n + eps);
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
+    }
+}
+
+static void gelu_tanh(float *x, int64_t n, int num_threads) {
+    const float k = 0.7978845608028654f; /* sqrt(2 / pi) */
+#pragma omp parallel for simd num_threads(num_threads) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const float v = x[i];
+        x[i] = 0.5f * v * (1.0f + tanhf(k * (v + 0.044715f * v * v * v)));
+    }
+}
+
+/* h (rows, n_embd): the token + position embeddings in, the residual stream after the last layer out;
+ * out (rows, n_embd): ln_f(h). slots (rows,): each token's cache slot (block * block_size + offset).
+ * work: rows * (5 * n_embd + n_inner) floats; qwork: rows * max(n_embd, n_inner) bytes + rows floats;
+ * attn_scratch: num_threads * heads_per_item * max_seq_len floats. */
+void gpt2_decode_step(const native_layer *layers, int64_t n_layers, const float *lnf_w, const float *lnf_b,
+                      float eps, float *h, float *out, int64_t rows, int64_t n_embd, int64_t n_head,
+                      int64_t n_inner, const int64_t *slots, const int32_t *tables, int64_t table_stride,
+                      const int32_t *seq_lens, int64_t block_size, int64_t heads_per_item, int64_t max_seq_len,
+                      float *work, uint8_t *qwork, float *attn_scratch, int num_threads) {
+    const int64_t head_dim = n_embd / n_head;
+    float *x = work, *qkv = x + rows * n_embd, *att = qkv + rows * 3 * n_embd, *f = att + rows * n_embd;
+    const int64_t widest = n_inner > n_embd ? n_inner : n_embd;
+    float *xs = (float *)(qwork + ((rows * widest + 63) & ~(int64_t)63));
+    for (int64_t l = 0; l < n_layers; l++) {
+        const native_layer *L = layers + l;
+        layer_norm(h, rows, n_embd, L->ln1_w, L->ln1_b, eps, x);
+        apply_linear(&L->c_attn, x, rows, qkv, 0, qwork, xs, num_threads);
+        for (int64_t r = 0; r < rows; r++) {
+            if (slots[r] < 0) continue;
+            memcpy(L->k_cache + slots[r] * n_embd, qkv + r * 3 * n_embd + n_embd, (size_t)n_embd * sizeof(float));
+            memcpy(L->v_cache + slots[r] * n_embd, qkv + r * 3 * n_embd + 2 * n_embd, (size_t)n_embd * sizeof(float));
+        }
+        decode_attention(qkv, 3 * n_embd, L->k_cache, L->v_cache, tables, table_stride, seq_lens, att, rows, n_head,
+                         head_dim, block_size, heads_per_item, L->attn_scale, attn_scratch, max_seq_len,
+                         num_threads);
+        apply_linear(&L->attn_proj, att, rows, h, 1, qwork, xs, num_threads);
+        layer_norm(h, rows, n_embd, L->ln2_w, L->ln2_b, eps, x);
+        apply_linear(&L->c_fc, x, rows, f, 0, qwork, xs, num_threads);
+        gelu_tanh(f, rows * n_inner, num_threads);
+        apply_linear(&L->mlp_proj, f, rows, h, 1, qwork, xs, num_threads);
+    }
+    layer_norm(h, rows, n_embd, lnf_w, lnf_b, eps, out);
 }

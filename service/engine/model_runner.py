@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from kernels import KernelOps
 from service.engine.cuda_graphs import DecodeGraphs
 from service.engine.grammar import GrammarMasks
+from service.engine.native_decode import NativeDecoder
 from service.engine.outputs import TokenLogprob
 from service.engine.request import Sequence
 from service.engine.sampler import Sampler, SamplingBatch
@@ -57,6 +58,8 @@ class ModelRunner:
         if cuda_graph_max_batch > 0 and device.type == "cuda":
             max_blocks = -(-c.n_positions // block_size)
             self.decode_graphs = DecodeGraphs(model, ops, self.kv_caches, cuda_graph_max_batch, max_blocks, device)
+        # CPU: pure decode steps of a few sequences in one C call (native_decode.py), with the native kernels
+        self.native_decoder = NativeDecoder.build(model, self.kv_caches) if ops.name == "native" else None
         # classification heads: the base's (key None) and each loaded classification adapter's (its adapter_key)
         self.score_heads: dict[tuple[str, int] | None, tuple[torch.Tensor, torch.Tensor | None]] = {}
         if model.score is not None:
@@ -93,6 +96,8 @@ class ModelRunner:
         graphs = self.decode_graphs
         if graphs is not None and nd == len(seqs) and lora is None and graphs.can_run(nd):
             hidden = graphs.run(torch.tensor(input_ids), positions, slot_mapping, seq_lens, block_tables)
+        elif self.native_decoder is not None and nd == len(seqs) and lora is None and self.native_decoder.can_run(nd):
+            hidden = self.native_decoder.run(input_ids, positions, slot_mapping, seq_lens, block_tables)
         else:
             hidden = self._forward_eager(input_ids, positions, slot_mapping, seq_lens, block_tables, cu, nd, lora)
         return self._heads(hidden, seqs, starts, num_new, cu)

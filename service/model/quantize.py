@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.cpu_native import FEW_ROWS, int8_kernel_available, linear_few_rows_int8
 from service.model.cpu import cpu_flags
 
 QUANTIZATIONS = ("none", "int8")
@@ -43,30 +44,41 @@ class Int8Linear(nn.Module):
                                                  axis=0, dtype=torch.qint8)
         self.register_buffer("weight_int8", qweight.int_repr(), persistent=False)  # (out, in) int8
         self.register_buffer("scales", scales, persistent=False)  # (out,) fp32
+        self.register_buffer("weight_sums", self.weight_int8.sum(dim=1, dtype=torch.int32), persistent=False)
         self.bias = None if bias is None else bias.detach().float()
         self._packed = torch.ops.quantized.linear_prepack(qweight, self.bias)
         self._packed_no_bias = torch.ops.quantized.linear_prepack(qweight, None) if bias is not None else self._packed
         # NOTE: with 8-bit activations the non-VNNI AVX2 kernel sums pairs of u8 x s8 products in int16,
         # which can saturate; 7-bit activations (reduce_range) avoid that. VNNI / AMX accumulate in int32.
         self.reduce_range = not ({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
+        # calls of at most this many rows go to the native int8 kernel (per-row activation scales)
+        self.native_rows = FEW_ROWS if int8_kernel_available() else 0
 
     def forward(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        if x.numel() <= self.native_rows * self.in_features:
+            return linear_few_rows_int8(x.float(), self.weight_int8, self.weight_sums, self.scales,
+                                        self.bias if with_bias else None)
         packed = self._packed if with_bias else self._packed_no_bias
         shape = x.shape
         y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]).float(), packed, self.reduce_range)
         return y.reshape(*shape[:-1], self.out_features)
 
     def reference(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
-        """The kernel's own dequantized path: x quantized as the kernel does (per tensor, affine uint8 over
-        [min(x, 0), max(x, 0)]), then dequantized weights and input multiplied in fp32."""
+        """The kernel's own dequantized path: x quantized as the kernel that takes it does, then dequantized
+        weights and input multiplied in fp32. FBGEMM: per tensor, affine uint8 over [min(x, 0), max(x, 0)];
+        the native kernel (at most native_rows rows): per row, symmetric int8, scale max |x| / 127."""
+        w_deq = self.weight_int8.float() * self.scales[:, None]
+        bias = self.bias if with_bias else None
+        if x.numel() <= self.native_rows * self.in_features:
+            scale = (x.abs().amax(dim=-1, keepdim=True) / 127.0).masked_fill_(x.abs().amax(dim=-1, keepdim=True) == 0, 1.0)
+            return F.linear(torch.round(x / scale) * scale, w_deq, bias)
         levels = 127 if self.reduce_range else 255
         low, high = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
         scale = max((high - low) / levels, 1e-12)
         zero_point = min(max(round(-low / scale), 0), levels)
         xq = torch.clamp(torch.round(x / scale) + zero_point, 0, levels)
         x_deq = (xq - zero_point) * scale
-        w_deq = self.weight_int8.float() * self.scales[:, None]
-        return F.linear(x_deq, w_deq, self.bias if with_bias else None)
+        return F.linear(x_deq, w_deq, bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"

@@ -131,14 +131,37 @@ def test_engine_refuses_native_for_a_bfloat16_model(tmp_path):
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
 def test_linear_few_rows_matches_f_linear(rows, gen):
     """Each weight row read once for all rows: same result as F.linear, with and without bias, for a
-    strided 3-D input, and for an LM-head-sized output."""
-    weight = torch.randn(1000, 96, generator=gen)
-    bias = torch.randn(1000, generator=gen)
-    x = torch.randn(rows, 2 * 96, generator=gen)[:, ::2]  # not contiguous
+    strided 3-D input, and for an LM-head-sized output; 100 inputs: a tail past the vector width."""
+    weight = torch.randn(1001, 100, generator=gen)
+    bias = torch.randn(1001, generator=gen)
+    x = torch.randn(rows, 2 * 100, generator=gen)[:, ::2]  # not contiguous
     want = torch.nn.functional.linear(x, weight, bias)
     torch.testing.assert_close(native.linear_few_rows(x, weight, bias), want, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(native.linear_few_rows(x, weight), want - bias, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(native.linear_few_rows(x[None], weight, bias), want[None], atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.skipif(not native.int8_kernel_available(), reason="the int8 kernel needs AVX-512 VNNI")
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("in_features", [64, 200])
+def test_linear_few_rows_int8_matches_its_dequantized_reference(rows, in_features, gen):
+    """int8 weights x int8 activations (each row quantized on its own, symmetric, max |x| / 127): equal, to
+    fp32 rounding, to dequantized weights times dequantized rows; a row of zeros gives the bias."""
+    weight = torch.randint(-127, 128, (1001, in_features), generator=gen, dtype=torch.int8)
+    scales = torch.rand(1001, generator=gen) * 0.01
+    bias = torch.randn(1001, generator=gen)
+    x = torch.randn(rows, in_features, generator=gen) * torch.logspace(-2, 2, rows)[:, None]
+    if rows > 1:
+        x[1] = 0.0
+    sums = weight.sum(dim=1, dtype=torch.int32)
+    step = (x.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-30)
+    x_deq = torch.where(x.abs().amax(dim=1, keepdim=True) > 0, torch.round(x / step) * step, x)
+    want = torch.nn.functional.linear(x_deq.double(), (weight.double() * scales.double()[:, None]), bias.double())
+    got = native.linear_few_rows_int8(x, weight, sums, scales, bias)
+    torch.testing.assert_close(got.double(), want, atol=1e-4 * want.abs().max().item(), rtol=1e-5)
+    torch.testing.assert_close(native.linear_few_rows_int8(x, weight, sums, scales), got - bias, atol=1e-4, rtol=1e-5)
+    if rows > 1:
+        assert torch.equal(got[1], bias)
 
 
 def test_calls_are_named_while_a_profiler_records(gen):
@@ -149,3 +172,22 @@ def test_calls_are_named_while_a_profiler_records(gen):
         native.linear_few_rows(torch.randn(2, 8), torch.randn(4, 8))
     names = {evt.key for evt in prof.key_averages()}
     assert {"native::paged_decode_attention", "native::linear_few_rows"} <= names
+
+
+@pytest.mark.parametrize("isa_flags", [("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma")],
+                         ids=["avx2", "portable"])
+def test_builds_for_other_cpus_compute_the_same(isa_flags, gen, monkeypatch):
+    """The library as built for an AVX2-only CPU and for one with neither AVX2 nor AVX-512 (the other
+    branches of the vector macros): same linear and attention results; no int8 kernel without VNNI."""
+    b = make_paged_batch([5, 40, 17], [1] * 3, 16, 3, torch.float32, gen)
+    weight, bias = torch.randn(1001, 100, generator=gen), torch.randn(1001, generator=gen)
+    x = torch.randn(3, 100, generator=gen)
+    monkeypatch.setattr(native, "CFLAGS", native.CFLAGS + isa_flags)
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_tried", False)
+    assert native.native_library() is not None and not native.int8_kernel_available()
+    torch.testing.assert_close(native.linear_few_rows(x, weight, bias), torch.nn.functional.linear(x, weight, bias),
+                               atol=1e-4, rtol=1e-5)
+    got = native.decode_attention_native(b.q, b.k_cache, b.v_cache, b.seq_lens, b.block_tables, SCALE)
+    torch.testing.assert_close(got, decode_by_loop(b.q, b.k_cache, b.v_cache, b.seq_lens, b.block_tables),
+                               atol=1e-5, rtol=1e-5)
