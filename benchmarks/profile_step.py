@@ -29,6 +29,7 @@ from service.engine.sampling_params import SamplingParams  # noqa: E402
 
 # first match wins; an op's self time goes to its group
 GROUPS = [
+    ("decode step in C (all layers)", ("gpt2_decode_step",)),
     ("linears", ("addmm", "aten::mm", "linear_few_rows", "aten::linear", "quantized::", "_weight_int8pack_mm", "aten::bmm", "_linear_pointwise",
                  "quantize_per_tensor", "aten::_linear")),
     ("KV gather + write", ("index_select", "aten::index", "index_fill", "index_put", "index_copy", "aten::copy_")),

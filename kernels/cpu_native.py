@@ -231,13 +231,13 @@ def linear_few_rows_int8(x: torch.Tensor, weight: torch.Tensor, weight_sums: tor
     """y = quant(x) @ (weight * scales[:, None]).T + bias for fp32 x (..., in) of at most FEW_ROWS rows: int8
     weight (out, in) contiguous with one fp32 scale per output channel, `weight_sums` its int32 row sums;
     each row of x quantized to int8 with its own scale (max |x| / 127, round half to even). Needs
-    int8_kernel_available()."""
+    int8_kernel_available(). More rows work too (4 at a time), but FBGEMM is faster there."""
     lib = native_library()
     assert lib is not None and lib.native_q8(), "linear_few_rows_int8 needs the library's int8 kernel (VNNI)"
     out_features, in_features = weight.shape
     x2 = x.reshape(-1, in_features).contiguous()
     rows = x2.shape[0]
-    assert rows <= FEW_ROWS and x2.dtype == torch.float32 and weight.dtype == torch.int8 and weight.is_contiguous()
+    assert x2.dtype == torch.float32 and weight.dtype == torch.int8 and weight.is_contiguous()
     assert scales.dtype == torch.float32 and weight_sums.dtype == torch.int32
     y = torch.empty(rows, out_features, dtype=torch.float32)
     xq, xs = torch.empty(rows * in_features, dtype=torch.uint8), torch.empty(rows, dtype=torch.float32)
@@ -290,8 +290,9 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 class NativeDecodeStep:
     """A GPT-2 decode step in one C call (gpt2_decode_step): for each layer LayerNorm, c_attn, the KV write,
-    paged attention, c_proj + residual, LayerNorm, c_fc, tanh GELU, c_proj + residual; then ln_f. For at
-    most FEW_ROWS sequences, where a step is otherwise dominated by per-op Python and dispatch. The tensors
+    paged attention, c_proj + residual, LayerNorm, c_fc, tanh GELU, c_proj + residual; then ln_f. For a few
+    sequences, where a step is otherwise dominated by per-op Python and dispatch (any number works: the
+    linears take rows 4 at a time). The tensors
     given are held (their pointers are baked in): weights and caches must not be reallocated."""
 
     def __init__(self, layers: list[LayerWeights], ln_f: tuple[torch.Tensor, torch.Tensor], eps: float,
@@ -332,13 +333,13 @@ class NativeDecodeStep:
         int64 cache slots (-1: not written); seq_lens (rows,) context lengths including the token;
         block_tables (rows, max_blocks). Returns ln_f of the last layer's output, (rows, n_embd)."""
         rows, c = h.shape
-        assert rows <= FEW_ROWS and h.dtype == torch.float32 and h.is_contiguous() and c == self.n_embd
+        assert h.dtype == torch.float32 and h.is_contiguous() and c == self.n_embd
         plan = plan_decode_native(seq_lens, block_tables, self.block_size)
         heads_per_item = -(-self.n_head // min(plan.items_per_seq, self.n_head))
-        work = FEW_ROWS * (5 * c + self.n_inner)
-        if self._work.numel() < work:
-            self._work = torch.empty(work)
-            self._qwork = torch.empty(FEW_ROWS * max(c, self.n_inner) + 64 + 4 * FEW_ROWS, dtype=torch.uint8)
+        rows_held = max(rows, FEW_ROWS)
+        if self._work.numel() < rows * (5 * c + self.n_inner):
+            self._work = torch.empty(rows_held * (5 * c + self.n_inner))
+            self._qwork = torch.empty(rows_held * (max(c, self.n_inner) + 4) + 64, dtype=torch.uint8)
         scratch = plan.threads * heads_per_item * plan.max_seq_len
         if self._scratch.numel() < scratch:
             self._scratch = torch.empty(max(scratch, 2 * self._scratch.numel()))

@@ -5,7 +5,7 @@ twelve layers of a dozen torch ops each, every one a trip through the dispatcher
 the whole stack (LayerNorms, projections, KV write, paged attention, GELU, residuals) in C; only the
 embedding lookup before it and the LM head and sampling after it stay in torch. It is the CPU's
 counterpart of the CUDA graphs in cuda_graphs.py, and like them it serves pure decode steps without LoRA;
-everything else (prefill, mixed steps, adapters, more than FEW_ROWS sequences) takes the op-by-op path.
+everything else (prefill, mixed steps, adapters, more than MAX_ROWS_* sequences) takes the op-by-op path.
 
 Built for attention_backend `native` (fp32 CPU models, fp32 or int8 projections), when every layer is
 one the C step computes the same way: tanh GELU, projections that are nn.Linear, OneDNNLinear or
@@ -17,12 +17,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.cpu_native import FEW_ROWS, LayerWeights, LinearWeights, NativeDecodeStep, int8_kernel_available
+from kernels.cpu_native import LayerWeights, LinearWeights, NativeDecodeStep, int8_kernel_available
 from service.model.cpu_linear import OneDNNLinear
 from service.model.gpt2 import GPT2ForServing
 from service.model.quantize import Int8Linear
 
 _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+# The most decode rows a step sends to C. Measured on GPT-2 small, 2 threads, AMD EPYC (Zen 4), engine steps
+# interleaved with the op-by-op path (docs/benchmarks.md): int8 -19% at 8 rows, -7% at 16, even at 32
+# (its C linear there is slower than FBGEMM, the saved Python makes up for it); fp32 -5% at 8 rows, +8% at
+# 16 and +22% at 32, where oneDNN's GEMM beats the few-rows C linear by more than the Python costs.
+MAX_ROWS_FP32 = 8
+MAX_ROWS_INT8 = 16
 
 
 def _weights(module: nn.Module) -> LinearWeights | None:
@@ -36,8 +42,8 @@ def _weights(module: nn.Module) -> LinearWeights | None:
 
 
 class NativeDecoder:
-    def __init__(self, model: GPT2ForServing, step: NativeDecodeStep) -> None:
-        self.model, self.step = model, step
+    def __init__(self, model: GPT2ForServing, step: NativeDecodeStep, max_rows: int) -> None:
+        self.model, self.step, self.max_rows = model, step, max_rows
 
     @classmethod
     def build(cls, model: GPT2ForServing, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> NativeDecoder | None:
@@ -56,11 +62,11 @@ class NativeDecoder:
                 (block.ln_1.weight.detach(), block.ln_1.bias.detach()), (block.ln_2.weight.detach(), block.ln_2.bias.detach()),
                 *linears, k_cache, v_cache, block.attn.scale))
         step = NativeDecodeStep(layers, (t.ln_f.weight.detach(), t.ln_f.bias.detach()), eps.pop(), c.n_head, c.n_inner)
-        return cls(model, step)
+        int8 = all(lw.weight.dtype == torch.int8 for layer in layers for lw in (layer.c_attn, layer.c_fc))
+        return cls(model, step, MAX_ROWS_INT8 if int8 else MAX_ROWS_FP32)
 
-    @staticmethod
-    def can_run(num_decodes: int) -> bool:
-        return 1 <= num_decodes <= FEW_ROWS
+    def can_run(self, num_decodes: int) -> bool:
+        return 1 <= num_decodes <= self.max_rows
 
     def run(self, input_ids: list[int], positions: torch.Tensor, slot_mapping: torch.Tensor, seq_lens: torch.Tensor,
             block_tables: torch.Tensor) -> torch.Tensor:

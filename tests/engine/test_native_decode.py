@@ -11,10 +11,11 @@ from transformers import GPT2LMHeadModel
 from kernels import load_ops
 from kernels.cpu_native import FEW_ROWS, int8_kernel_available, native_library
 from service.engine.engine import Engine, EngineConfig
-from service.engine.native_decode import NativeDecoder
+from service.engine.native_decode import MAX_ROWS_FP32, MAX_ROWS_INT8, NativeDecoder
 from service.engine.sampling_params import SamplingParams
 from service.model.gpt2 import AttentionMetadata
 from service.model.loader import load_model
+from service.model.quantize import Int8Linear
 from tests.helpers import make_gpt2_dir, prompts, run_to_completion
 
 pytestmark = pytest.mark.skipif(native_library() is None, reason="no C compiler: the native kernels are not built")
@@ -44,11 +45,14 @@ def _decode_batch(rows: int, block_size: int, num_blocks: int, g: torch.Generato
 
 
 @pytest.mark.parametrize("quantization", QUANTIZATIONS)
-@pytest.mark.parametrize("rows", range(1, FEW_ROWS + 1))
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 6, 9])
 @pytest.mark.parametrize("block_size", [1, 16])
 def test_decode_step_matches_the_op_by_op_forward(model_dir, quantization, rows, block_size):
     loaded = load_model(model_dir, "cpu", "float32", quantization=quantization)
     model, c = loaded.model, loaded.config
+    for module in model.modules():  # past FEW_ROWS the op-by-op int8 path is FBGEMM's: take the same kernel
+        if isinstance(module, Int8Linear):
+            module.native_rows = rows
     num_blocks = rows * -(-c.n_positions // block_size)
     g = torch.Generator().manual_seed(rows * 100 + block_size)
     caches = [(torch.randn(num_blocks, block_size, c.n_head, c.head_dim, generator=g),
@@ -67,7 +71,7 @@ def test_decode_step_matches_the_op_by_op_forward(model_dir, quantization, rows,
         decoder = NativeDecoder.build(model, caches)
         assert decoder is not None
         got = decoder.run(ids, positions, slots, seq_lens, tables)
-    # int8: both paths quantize each row the same way (rows <= FEW_ROWS go to the same int8 kernel)
+    # int8: both paths quantize each row the same way (the same int8 kernel)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
     for (k, v), (k_ref, v_ref) in zip(caches, op_caches, strict=True):
         torch.testing.assert_close(k, k_ref, atol=1e-5, rtol=1e-5)  # the written slots agree, the rest untouched
@@ -96,10 +100,11 @@ def test_greedy_tokens_match_transformers_through_the_native_step(model_dir):
 
 
 def test_steps_it_is_not_for_take_the_op_by_op_path(model_dir):
-    """Prefills, mixed steps and more than FEW_ROWS decodes never reach the native step."""
+    """Prefills, mixed steps and more than max_rows decodes never reach the native step."""
     engine = Engine(load_model(model_dir, "cpu", "float32"),
                     EngineConfig.from_fields(num_kv_blocks=128, attention_backend="native"))
     runner = engine.runner
+    runner.native_decoder.max_rows = FEW_ROWS
     seen = []
     run = runner.native_decoder.run
     runner.native_decoder.run = lambda ids, *a: seen.append(len(ids)) or run(ids, *a)
@@ -119,6 +124,12 @@ def test_not_built_for_what_it_does_not_compute(tmp_path, model_dir):
     engine = Engine(load_model(exact_gelu, "cpu", "float32"), EngineConfig.from_fields(num_kv_blocks=16,
                                                                                       attention_backend="native"))
     assert engine.runner.native_decoder is None
+    for quantization, rows in (("none", MAX_ROWS_FP32), ("int8", MAX_ROWS_INT8)):
+        if quantization == "int8" and not int8_kernel_available():
+            continue
+        engine = Engine(load_model(model_dir, "cpu", "float32", quantization=quantization),
+                        EngineConfig.from_fields(num_kv_blocks=16, attention_backend="native"))
+        assert engine.runner.native_decoder.max_rows == rows
     torch_ops = Engine(load_model(model_dir, "cpu", "float32"), EngineConfig.from_fields(num_kv_blocks=16,
                                                                                         attention_backend="torch"))
     assert torch_ops.runner.native_decoder is None
