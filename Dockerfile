@@ -24,6 +24,12 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
+# A C compiler in this stage only: it prebuilds the native CPU kernels (below). Debian's current gcc, whatever
+# its point release: the libraries it makes are checked by their tests, not by the compiler's version.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 # python3, not python: a plain Debian base has no `python` command (the python:* images have both).
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
@@ -34,11 +40,15 @@ COPY pyproject.toml README.md ./
 COPY service ./service
 COPY kernels ./kernels
 # `train` extras so that `lmservice train` runs from this image; Triton only where there is a GPU for it.
+# Then the native CPU kernels (C decode attention, few-row linears, the whole decode step: docs/kernels.md),
+# built once per x86-64 level, since the runtime stage has no compiler: the server loads the best one its CPU
+# runs (LMSERVICE_PREBUILT_KERNELS). Named by the hash of the C source: /src's is the installed one.
 # DL3013 (pin versions in pip) does not apply: this installs the local package, whose dependencies
 # pyproject.toml pins.
 # hadolint ignore=DL3013
 RUN extras="train"; [ "${TORCH_VARIANT}" = "cpu" ] || extras="train,triton"; \
-    pip install --no-cache-dir ".[${extras}]"
+    pip install --no-cache-dir ".[${extras}]" \
+    && python -m kernels.cpu_native --prebuild /opt/venv/lmservice-kernels
 
 FROM ${PYTHON_IMAGE} AS runtime
 ARG TORCH_VARIANT=cpu
@@ -66,6 +76,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HUB_OFFLINE=1 \
     TRITON_CACHE_DIR=/cache/triton \
     TORCHINDUCTOR_CACHE_DIR=/cache/inductor \
+    LMSERVICE_PREBUILT_KERNELS=/opt/venv/lmservice-kernels \
     MPLCONFIGDIR=/cache/matplotlib \
     LMSERVICE_HOST=0.0.0.0 \
     LMSERVICE_PORT=8000 \

@@ -52,6 +52,7 @@ _LIBS = ("-lm",)  # libm's linker script brings libmvec: the vector expf -ffast-
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
+_library_path: Path | None = None
 _tried = False
 
 
@@ -79,27 +80,82 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-def _build(compiler: str) -> Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join(
-        [SOURCE.read_text(), *CFLAGS, *LDFLAGS, *_LIBS, version, _cpu_identity()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"{SOURCE.stem}-{key}.so"
-    if target.is_file():
-        return target
+def _compile(compiler: str, cflags: tuple[str, ...], target: Path) -> Path:
+    """Compile SOURCE with `cflags` and link it into `target` (written atomically); returns target."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     obj = tmp + ".o"
     try:
-        compile_, link = [compiler, *CFLAGS, "-c", str(SOURCE), "-o", obj], [compiler, *LDFLAGS, obj, "-o", tmp, *_LIBS]
+        compile_, link = [compiler, *cflags, "-c", str(SOURCE), "-o", obj], [compiler, *LDFLAGS, obj, "-o", tmp, *_LIBS]
         for command in (compile_, link):
             subprocess.run(command, capture_output=True, text=True, check=True, timeout=120)
+        os.chmod(tmp, 0o755)  # mkstemp's 0600 would keep other users (an image's non-root user) from loading it
         os.replace(tmp, target)  # atomic: a concurrent build of the same key writes the same bytes
     finally:
         for path in (tmp, obj):
             if os.path.exists(path):
                 os.unlink(path)
     return target
+
+
+def _build(compiler: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256("\0".join(
+        [SOURCE.read_text(), *CFLAGS, *LDFLAGS, *_LIBS, version, _cpu_identity()]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"{SOURCE.stem}-{key}.so"
+    return target if target.is_file() else _compile(compiler, CFLAGS, target)
+
+
+# Builds for machines that cannot compile (a container image has no compiler at run time): one library per
+# x86-64 level, made by `python -m kernels.cpu_native --prebuild DIR` (the Dockerfile's build stage); where
+# nothing compiles, native_library() loads the best one in $LMSERVICE_PREBUILT_KERNELS that this CPU runs.
+# (name, the flags that replace -march=native, the /proc/cpuinfo flags the CPU needs), best first.
+_V3 = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}
+PREBUILT_VARIANTS: tuple[tuple[str, tuple[str, ...], frozenset[str]], ...] = (
+    ("x86-64-v4-vnni", ("-march=x86-64-v4", "-mavx512vnni", "-mtune=generic"),
+     frozenset(_V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vnni"})),
+    ("x86-64-v3", ("-march=x86-64-v3", "-mtune=generic"), frozenset(_V3)),
+    ("x86-64", ("-march=x86-64", "-mtune=generic"), frozenset()),
+)
+
+
+def _prebuilt_name(variant: str) -> str:
+    """Named by the source it was built from: a library of other source is never loaded."""
+    return f"{SOURCE.stem}-{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]}-{variant}.so"
+
+
+def prebuild(directory: Path, compiler: str | None = None) -> list[Path]:
+    """Build every PREBUILT_VARIANTS library into `directory` (x86-64 only); returns their paths."""
+    compiler = compiler or _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc) to prebuild the native kernels with")
+    built = []
+    for name, march, _ in PREBUILT_VARIANTS:
+        cflags = tuple(f for f in CFLAGS if f != "-march=native") + march
+        built.append(_compile(compiler, cflags, Path(directory) / _prebuilt_name(name)))
+    return built
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's /proc/cpuinfo flags (empty where there is no /proc/cpuinfo)."""
+    return frozenset(_cpu_identity().partition("|")[2].split())
+
+
+def best_prebuilt_variant(flags: frozenset[str]) -> str | None:
+    """The best PREBUILT_VARIANTS entry a CPU with `flags` runs; None off x86-64."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    return next(name for name, _, needs in PREBUILT_VARIANTS if needs <= flags)
+
+
+def _prebuilt() -> Path | None:
+    directory = os.environ.get("LMSERVICE_PREBUILT_KERNELS")
+    variant = best_prebuilt_variant(cpu_flags())
+    if not directory or variant is None:
+        return None
+    path = Path(directory) / _prebuilt_name(variant)
+    return path if path.is_file() else None
 
 
 def _load(path: Path) -> ctypes.CDLL:
@@ -123,22 +179,41 @@ def _load(path: Path) -> ctypes.CDLL:
     return lib
 
 
+def _find_library() -> tuple[ctypes.CDLL, Path] | None:
+    compiler = _compiler()
+    if compiler is None:
+        problem = "no C compiler (cc)"
+    else:
+        try:
+            path = _build(compiler)
+            return _load(path), path
+        except (OSError, subprocess.SubprocessError) as exc:
+            problem = f"the build failed ({getattr(exc, 'stderr', '') or exc})"
+    prebuilt = _prebuilt()
+    if prebuilt is not None:
+        log.info("native CPU kernels: %s; loading the prebuilt %s", problem, prebuilt)
+        return _load(prebuilt), prebuilt
+    log.warning("native CPU kernels: %s, and none prebuilt for this CPU in $LMSERVICE_PREBUILT_KERNELS: "
+                "the engine stays on torch ops", problem)
+    return None
+
+
 def native_library() -> ctypes.CDLL | None:
-    """The compiled kernels, built on the first call; None where they cannot be built (logged once)."""
-    global _library, _tried
+    """The compiled kernels, built on the first call (or a prebuilt library, where nothing compiles); None
+    where there are none (logged once)."""
+    global _library, _library_path, _tried
     with _lock:
         if not _tried:
             _tried = True
-            compiler = _compiler()
-            if compiler is None:
-                log.warning("no C compiler (cc): the CPU decode attention stays on torch ops")
-            else:
-                try:
-                    _library = _load(_build(compiler))
-                except (OSError, subprocess.SubprocessError) as exc:
-                    detail = getattr(exc, "stderr", "") or exc
-                    log.warning("native CPU kernels did not build (%s): staying on torch ops", detail)
+            found = _find_library()
+            if found is not None:
+                _library, _library_path = found
         return _library
+
+
+def library_path() -> Path | None:
+    """The file native_library() loaded (after it was called)."""
+    return _library_path
 
 
 @dataclass
@@ -204,13 +279,14 @@ FEW_ROWS = 4
 
 
 def linear_few_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ weight.T + bias for x (..., in) of at most FEW_ROWS rows, fp32 on a CPU, weight (out, in)
-    contiguous: each weight row is read once for all rows (a decode step's projections and LM head)."""
+    """y = x @ weight.T + bias for fp32 x (..., in) on a CPU, weight (out, in) contiguous: each weight row is
+    read once for all rows (a decode step's projections and LM head). Meant for at most FEW_ROWS rows; more
+    work (4 at a time), but oneDNN is faster there."""
     lib = native_library()
     assert lib is not None, "linear_few_rows without the native library (see native_library())"
     out_features, in_features = weight.shape
     x2 = x.reshape(-1, in_features).contiguous()
-    assert x2.shape[0] <= FEW_ROWS and x2.dtype == weight.dtype == torch.float32 and weight.is_contiguous()
+    assert x2.dtype == weight.dtype == torch.float32 and weight.is_contiguous()
     y = torch.empty(x2.shape[0], out_features, dtype=torch.float32)
     with _named("native::linear_few_rows"):
         lib.linear_few_rows_f32(x2.data_ptr(), x2.shape[0], in_features, weight.data_ptr(),
@@ -354,3 +430,21 @@ class NativeDecodeStep:
                 self.block_size, heads_per_item, plan.max_seq_len, self._work.data_ptr(), self._qwork.data_ptr(),
                 self._scratch.data_ptr(), plan.threads)
         return out
+
+
+def main() -> None:
+    import argparse  # noqa: PLC0415
+
+    ap = argparse.ArgumentParser(description="Prebuild the native CPU kernels for every x86-64 level (for "
+                                             "images without a compiler; see LMSERVICE_PREBUILT_KERNELS).")
+    ap.add_argument("--prebuild", type=Path, required=True, metavar="DIR")
+    args = ap.parse_args()
+    if best_prebuilt_variant(frozenset()) is None:
+        print(f"no prebuilt variants for {platform.machine()}: the server compiles the kernels where it runs")
+        return
+    for path in prebuild(args.prebuild):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

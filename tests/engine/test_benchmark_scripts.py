@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -34,3 +36,19 @@ def test_closed_loop_reports_throughput():
                         "--new-tokens", "4", "--prompt-len", "8", "--dtypes", "float32", "--force-token", "7"])
     assert [(r[0], r[1]) for r in rows] == [("float32", "1"), ("float32", "2")]
     assert all(float(r[2]) > 0 for r in rows)
+
+
+def test_native_step_compares_both_paths():
+    """benchmarks/native_step.py: a row per row count (linears) and per dtype and batch (steps), every cell timed."""
+    from kernels.cpu_native import native_library  # noqa: PLC0415
+
+    if native_library() is None:
+        pytest.skip("no C compiler: the native kernels are not built")
+    rows = [r for r in _table_rows(["benchmarks/native_step.py", "--shape", "tiny", "--rows", "1", "5", "--batch", "1",
+                                    "3", "--rounds", "1", "--prompt-len", "8", "--threads", "1"])
+            if r[0] != "dtype" and not r[0].startswith("---")]  # the second table's header
+    linear_rows, step_rows = rows[:2], rows[2:]
+    assert [r[0] for r in linear_rows] == ["1", "5"]
+    assert all(float(cell.split()[0]) > 0 for r in linear_rows for cell in r[1:4])
+    assert [(r[0], r[1]) for r in step_rows] == [(d, b) for d in ("float32", "int8") for b in ("1", "3")]
+    assert all(float(r[4]) > 0 for r in step_rows)

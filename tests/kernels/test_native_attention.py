@@ -191,3 +191,42 @@ def test_builds_for_other_cpus_compute_the_same(isa_flags, gen, monkeypatch):
     got = native.decode_attention_native(b.q, b.k_cache, b.v_cache, b.seq_lens, b.block_tables, SCALE)
     torch.testing.assert_close(got, decode_by_loop(b.q, b.k_cache, b.v_cache, b.seq_lens, b.block_tables),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_prebuilt_libraries_load_where_nothing_compiles(tmp_path, monkeypatch, gen):
+    """`python -m kernels.cpu_native --prebuild DIR` (the image's build stage) makes one library per x86-64
+    level; with no compiler at run time the best one this CPU runs is loaded, and one built from other
+    source never is."""
+    if native.best_prebuilt_variant(frozenset()) is None:
+        pytest.skip("prebuilt variants are x86-64 only")
+    built = native.prebuild(tmp_path / "prebuilt")
+    assert len(built) == len(native.PREBUILT_VARIANTS) and all(p.is_file() for p in built)
+    assert all(p.stat().st_mode & 0o005 == 0o005 for p in built)  # other users (the image's) read and load them
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    monkeypatch.setenv("LMSERVICE_PREBUILT_KERNELS", str(tmp_path / "prebuilt"))
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_tried", False)
+    assert native.native_library() is not None
+    best = native.best_prebuilt_variant(native.cpu_flags())
+    assert native.library_path().name.endswith(f"-{best}.so")
+    assert native.int8_kernel_available() == (best == "x86-64-v4-vnni")
+    weight, bias, x = torch.randn(300, 100, generator=gen), torch.randn(300, generator=gen), torch.randn(2, 100, generator=gen)
+    torch.testing.assert_close(native.linear_few_rows(x, weight, bias), torch.nn.functional.linear(x, weight, bias),
+                               atol=1e-4, rtol=1e-5)
+    for path in built:  # as if the source had changed since they were built
+        path.rename(path.with_name(path.name.replace(native.SOURCE.stem + "-", native.SOURCE.stem + "-0")))
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_tried", False)
+    assert native.native_library() is None
+
+
+def test_prebuilt_variant_choice():
+    if native.best_prebuilt_variant(frozenset()) is None:
+        pytest.skip("prebuilt variants are x86-64 only")
+    v3 = frozenset({"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave", "sse4_2"})
+    avx512 = v3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+    assert native.best_prebuilt_variant(avx512 | {"avx512_vnni", "amx_tile"}) == "x86-64-v4-vnni"
+    assert native.best_prebuilt_variant(avx512) == "x86-64-v3"  # AVX-512 without VNNI: the AVX2 build
+    assert native.best_prebuilt_variant(v3) == "x86-64-v3"
+    assert native.best_prebuilt_variant(v3 - {"fma"}) == "x86-64"
+    assert native.best_prebuilt_variant(frozenset()) == "x86-64"

@@ -1,9 +1,13 @@
 """Every engine default is written once (the engine's configs), Settings takes it from there under the
-same name, and building the engine's config from Settings carries every field across."""
+same name, and building the engine's config from Settings carries every field across; and what building
+the serving state leaves behind on the main thread."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +16,7 @@ from service.engine.config import EngineConfig
 from service.engine.sampling_params import RequestLimits
 from service.engine.scheduler import SchedulerConfig
 from service.serving.bootstrap import engine_config
+from tests.helpers import make_gpt2_dir
 
 CONFIGS = (EngineConfig, SchedulerConfig, RequestLimits)
 
@@ -44,3 +49,55 @@ def test_from_fields_refuses_a_name_no_config_has():
         EngineConfig.from_fields(max_num_seq=3)  # a typo must not be dropped silently
     with pytest.raises(TypeError):
         EngineConfig(block_size=8, max_num_seqs=3)  # keyword-only, nested: the scheduler's fields live there
+
+
+_ONE_TEAM_SCRIPT = r"""
+import os, sys, threading, time
+import torch
+from service.config import Settings
+from service.engine.sampling_params import SamplingParams
+from service.serving.bootstrap import build_serving
+
+threads = os.cpu_count()
+serving = build_serving(Settings(model=sys.argv[1], threads=threads, quantization="int8", num_kv_blocks=64))
+engine = serving.engine.engine
+assert engine.runner.native_decoder is not None
+engine.submit("a", list(range(1, 30)), SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True))
+
+def switches():
+    total = 0
+    for task in os.listdir(f"/proc/{os.getpid()}/task"):
+        for line in open(f"/proc/{os.getpid()}/task/{task}/status"):
+            if line.startswith("voluntary_ctxt_switches"):
+                total += int(line.split()[1])
+    return total
+
+result = {}
+def steps():  # as the server's engine thread: a thread of its own
+    for _ in range(5):
+        engine.step()
+    before = switches()
+    for _ in range(50):
+        engine.step()
+    result["per_step"] = (switches() - before) / 50
+worker = threading.Thread(target=steps)
+worker.start()
+worker.join()
+print(result["per_step"])
+"""
+
+
+def test_the_engine_thread_owns_the_only_openmp_team(tmp_path):
+    """build_serving loads on a thread that ends (service/serving/bootstrap.py): a parallel op at load leaves no
+    OpenMP team on the main thread beside the engine thread's, so with one thread per core libgomp keeps its
+    workers spinning between the step's parallel regions instead of putting them to sleep at every one."""
+    from kernels.cpu_native import int8_kernel_available, native_library  # noqa: PLC0415
+
+    if native_library() is None or not int8_kernel_available() or not Path("/proc/self/task").is_dir():
+        pytest.skip("needs the native int8 kernels and Linux's /proc")
+    model_dir = make_gpt2_dir(tmp_path / "m", seed=0, vocab_size=4000, n_positions=256, n_embd=256, n_layer=4, n_head=4)
+    done = subprocess.run([sys.executable, "-c", _ONE_TEAM_SCRIPT, str(model_dir)], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    # each step has dozens of parallel regions (4 layers, ~8 each): sleeping at each would be 30+ switches
+    assert float(done.stdout.split()[-1]) < 10
