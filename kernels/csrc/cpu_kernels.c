@@ -184,8 +184,66 @@ static inline __attribute__((always_inline)) void dot_rows_f32(const float *x, i
     }
 }
 
+/* From TILE_MIN_ROWS rows on, OUT_TILE weight rows at a time: with one weight row per pass every row of x
+ * is re-read (from L2 once x outgrows L1: 4 rows of 3072) for each output channel, and those reads, not the
+ * weights, bound the call; a tile shares each load of x among OUT_TILE channels. Below it one sequential
+ * weight stream per thread reads faster (measured, docs/benchmarks.md). */
+#if VW == 16
+#define OUT_TILE 4
+#elif VW == 8
+#define OUT_TILE 2 /* 16 ymm registers: 4 x 2 accumulators, 2 weights, 1 input */
+#else
+#define OUT_TILE 1
+#endif
+#ifndef TILE_MIN_ROWS
+#define TILE_MIN_ROWS 5
+#endif
+
+static inline __attribute__((always_inline)) void dot_tile_f32(const float *x, int64_t in, const float *w,
+                                                               const float *bias, float *y, int64_t out,
+                                                               const int R, int accumulate) {
+    vf acc[ROWS_PER_PASS][OUT_TILE];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < OUT_TILE; t++) acc[r][t] = VZERO();
+    int64_t i = 0;
+    for (; i + VW <= in; i += VW) {
+        vf wv[OUT_TILE];
+        for (int t = 0; t < OUT_TILE; t++) wv[t] = VLOAD(w + t * in + i);
+        for (int r = 0; r < R; r++) {
+            const vf xv = VLOAD(x + r * in + i);
+            for (int t = 0; t < OUT_TILE; t++) acc[r][t] = VFMA(xv, wv[t], acc[r][t]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < OUT_TILE; t++) {
+            float dot = VSUM(acc[r][t]);
+            for (int64_t j = i; j < in; j++) dot += x[r * in + j] * w[t * in + j];
+            store(y + r * out + t, bias ? dot + bias[t] : dot, accumulate);
+        }
+}
+
 static void linear_f32(const float *x, int64_t rows, int64_t in, const float *w, const float *bias, float *y,
                        int64_t out, int accumulate, int num_threads) {
+    if (OUT_TILE > 1 && rows >= TILE_MIN_ROWS) {
+        const int64_t tiles = out / OUT_TILE;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+        for (int64_t t = 0; t <= tiles; t++) {
+            const int64_t o = t * OUT_TILE;
+            if (t < tiles) {
+#define TILE_PASS(r0, R) \
+    dot_tile_f32(x + (r0) * in, in, w + o * in, bias ? bias + o : NULL, y + (r0) * out + o, out, R, accumulate)
+                FOR_ROW_PASSES(rows, TILE_PASS)
+            } else { /* the channels past the last whole tile (a vocabulary of 50257) */
+                for (int64_t oo = o; oo < out; oo++) {
+                    const float *wo = w + oo * in;
+                    const float b = bias ? bias[oo] : 0.0f;
+#define TAIL_PASS(r0, R) dot_rows_f32(x + (r0) * in, in, wo, b, y + (r0) * out + oo, out, R, accumulate)
+                    FOR_ROW_PASSES(rows, TAIL_PASS)
+                }
+            }
+        }
+        return;
+    }
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t o = 0; o < out; o++) {
         const float *wo = w + o * in;

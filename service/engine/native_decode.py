@@ -24,10 +24,10 @@ from service.model.quantize import Int8Linear
 
 _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 # The most decode rows a step sends to C. Measured on GPT-2 small, 2 threads, AMD EPYC (Zen 4), engine steps
-# interleaved with the op-by-op path (docs/benchmarks.md): int8 -19% at 8 rows, -7% at 16, even at 32
-# (its C linear there is slower than FBGEMM, the saved Python makes up for it); fp32 -5% at 8 rows, +8% at
-# 16 and +22% at 32, where oneDNN's GEMM beats the few-rows C linear by more than the Python costs.
-MAX_ROWS_FP32 = 8
+# interleaved with the op-by-op path (benchmarks/native_step.py, docs/benchmarks.md): C / op-by-op step time
+# fp32 0.81 / 0.87 / 0.76 / 0.78 / 0.96 at 1 / 4 / 8 / 16 / 32 rows, int8 0.64 / 0.75 / 0.79 / 0.92 / 1.02.
+# Past 16 the GEMM libraries' kernels (oneDNN, FBGEMM) outrun the C linears by about what the Python costs.
+MAX_ROWS_FP32 = 16
 MAX_ROWS_INT8 = 16
 
 

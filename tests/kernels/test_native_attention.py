@@ -128,10 +128,11 @@ def test_engine_refuses_native_for_a_bfloat16_model(tmp_path):
     assert engine.ops.name == "native"  # auto on a CPU, float32
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 9])
 def test_linear_few_rows_matches_f_linear(rows, gen):
-    """Each weight row read once for all rows: same result as F.linear, with and without bias, for a
-    strided 3-D input, and for an LM-head-sized output; 100 inputs: a tail past the vector width."""
+    """Each weight row read once for all rows (from 5 rows, 4 weight rows at a time): same result as F.linear,
+    with and without bias, for a strided 3-D input; 100 inputs: a tail past the vector width; 1001 outputs:
+    one past the last whole tile."""
     weight = torch.randn(1001, 100, generator=gen)
     bias = torch.randn(1001, generator=gen)
     x = torch.randn(rows, 2 * 100, generator=gen)[:, ::2]  # not contiguous
@@ -181,7 +182,7 @@ def test_builds_for_other_cpus_compute_the_same(isa_flags, gen, monkeypatch):
     branches of the vector macros): same linear and attention results; no int8 kernel without VNNI."""
     b = make_paged_batch([5, 40, 17], [1] * 3, 16, 3, torch.float32, gen)
     weight, bias = torch.randn(1001, 100, generator=gen), torch.randn(1001, generator=gen)
-    x = torch.randn(3, 100, generator=gen)
+    x = torch.randn(7, 100, generator=gen)  # past TILE_MIN_ROWS: the tiles of weight rows too
     monkeypatch.setattr(native, "CFLAGS", native.CFLAGS + isa_flags)
     monkeypatch.setattr(native, "_library", None)
     monkeypatch.setattr(native, "_tried", False)
