@@ -266,13 +266,28 @@ void linear_few_rows_f32(const float *x, int64_t rows, int64_t in, const float *
 #if defined(__AVX512VNNI__) && defined(__AVX512F__)
 int native_q8(void) { return 1; }
 
+/* A row holding NaN or infinity gets a NaN scale (and zeros), so that its outputs are NaN, as fp32's would be,
+ * and the runner fails that request alone. The test is on the bits: -ffast-math lets the compiler assume
+ * every float is finite, and the abs-max of the bit patterns orders finite values below inf and NaN. */
 static void quantize_rows(const float *x, int64_t rows, int64_t in, uint8_t *xq, float *xs) {
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * in;
-        float top = 0.0f;
+        const uint32_t *bits = (const uint32_t *)xr;
+        uint32_t top = 0;
 #pragma omp simd reduction(max : top)
-        for (int64_t i = 0; i < in; i++) top = fmaxf(top, fabsf(xr[i]));
-        const float s = top > 0.0f ? top / 127.0f : 1.0f, inv = 1.0f / s;
+        for (int64_t i = 0; i < in; i++) {
+            const uint32_t magnitude = bits[i] & 0x7fffffffu;
+            top = magnitude > top ? magnitude : top;
+        }
+        if (top >= 0x7f800000u) {
+            const uint32_t nan_bits = 0x7fc00000u;
+            memcpy(&xs[r], &nan_bits, sizeof nan_bits);
+            memset(xq + r * in, 128, (size_t)in);
+            continue;
+        }
+        float largest;
+        memcpy(&largest, &top, sizeof largest);
+        const float s = largest > 0.0f ? largest / 127.0f : 1.0f, inv = 1.0f / s;
         xs[r] = s;
 #pragma omp simd
         for (int64_t i = 0; i < in; i++) xq[r * in + i] = (uint8_t)((int32_t)nearbyintf(xr[i] * inv) + 128);

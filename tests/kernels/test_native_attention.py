@@ -165,6 +165,21 @@ def test_linear_few_rows_int8_matches_its_dequantized_reference(rows, in_feature
         assert torch.equal(got[1], bias)
 
 
+@pytest.mark.skipif(not native.int8_kernel_available(), reason="the int8 kernel needs AVX-512 VNNI")
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")])
+def test_linear_few_rows_int8_keeps_a_non_finite_row_to_itself(poison, gen):
+    """A row with NaN or infinity gives NaN outputs (as fp32 would: the runner then fails that request alone);
+    the other rows, each quantized on its own, are untouched. (Built with -ffast-math: the check is on bits.)"""
+    weight = torch.randint(-127, 128, (300, 128), generator=gen, dtype=torch.int8)
+    scales, sums = torch.rand(300, generator=gen) * 0.01, weight.sum(dim=1, dtype=torch.int32)
+    x = torch.randn(3, 128, generator=gen)
+    clean = native.linear_few_rows_int8(x, weight, sums, scales)
+    x[1, 7] = poison
+    got = native.linear_few_rows_int8(x, weight, sums, scales)
+    assert torch.isnan(got[1]).all()
+    assert torch.equal(got[0], clean[0]) and torch.equal(got[2], clean[2])
+
+
 def test_calls_are_named_while_a_profiler_records(gen):
     """benchmarks/profile_step.py files the native calls under their names (only while it records)."""
     b = make_paged_batch([5, 20], [1, 1], 16, 2, torch.float32, gen)
