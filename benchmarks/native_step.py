@@ -64,7 +64,7 @@ def linears(shape: str, rows_list: list[int], rounds: int) -> None:
             "int8 FBGEMM": lambda xs=xs: [q(xs[q.in_features]) for q in quantized],
         }
         if int8:
-            calls["int8 C"] = lambda xs=xs: [cpu_native.linear_few_rows_int8(xs[q.in_features], q.weight_int8, q.weight_sums,
+            calls["int8 C"] = lambda xs=xs: [cpu_native.linear_few_rows_int8(xs[q.in_features], q.weight_packed, q.weight_sums,
                                                                        q.scales, q.bias) for q in quantized]
         for q in quantized:  # the FBGEMM column measures FBGEMM whatever the row count
             q.native_rows = 0

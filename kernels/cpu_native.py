@@ -302,23 +302,43 @@ def int8_kernel_available() -> bool:
     return lib is not None and bool(lib.native_q8())
 
 
-def linear_few_rows_int8(x: torch.Tensor, weight: torch.Tensor, weight_sums: torch.Tensor, scales: torch.Tensor,
+def pack_int8_weight(weight: torch.Tensor) -> torch.Tensor:
+    """int8 (out, in) -> the layout linear_few_rows_int8 and the decode step read: (ceil(out / 16),
+    ceil(in / 4), 16, 4), i.e. for each tile of 16 channels and each group of 4 inputs, 64 bytes holding
+    those 4 inputs' weights for the 16 channels (zeros pad both)."""
+    out_features, in_features = weight.shape
+    tiles, groups = -(-out_features // 16), -(-in_features // 4)
+    padded = torch.zeros(tiles * 16, groups * 4, dtype=torch.int8)
+    padded[:out_features, :in_features] = weight
+    return padded.view(tiles, 16, groups, 4).permute(0, 2, 1, 3).contiguous()
+
+
+def unpack_int8_weight(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """pack_int8_weight's inverse: the (out, in) int8 weight."""
+    tiles, groups = packed.shape[:2]
+    return packed.permute(0, 2, 1, 3).reshape(tiles * 16, groups * 4)[:out_features, :in_features].contiguous()
+
+
+def linear_few_rows_int8(x: torch.Tensor, packed: torch.Tensor, weight_sums: torch.Tensor, scales: torch.Tensor,
                          bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = quant(x) @ (weight * scales[:, None]).T + bias for fp32 x (..., in) of at most FEW_ROWS rows: int8
-    weight (out, in) contiguous with one fp32 scale per output channel, `weight_sums` its int32 row sums;
+    """y = quant(x) @ (W * scales[:, None]).T + bias for fp32 x (..., in), W int8 (out, in) given packed
+    (pack_int8_weight) with one fp32 scale per output channel and `weight_sums` its int32 row sums (out,);
     each row of x quantized to int8 with its own scale (max |x| / 127, round half to even). Needs
-    int8_kernel_available(). More rows work too (4 at a time), but FBGEMM is faster there."""
+    int8_kernel_available(). Faster than FBGEMM up to 32 rows here (docs/benchmarks.md); any number works."""
     lib = native_library()
     assert lib is not None and lib.native_q8(), "linear_few_rows_int8 needs the library's int8 kernel (VNNI)"
-    out_features, in_features = weight.shape
+    out_features = weight_sums.shape[0]
+    in_features = x.shape[-1]
+    assert packed.dtype == torch.int8 and packed.is_contiguous() and packed.shape[1:] == (-(-in_features // 4), 16, 4)
+    assert packed.shape[0] == -(-out_features // 16) and weight_sums.dtype == torch.int32
+    assert scales.dtype == torch.float32 and scales.shape == (out_features,)
     x2 = x.reshape(-1, in_features).contiguous()
     rows = x2.shape[0]
-    assert x2.dtype == torch.float32 and weight.dtype == torch.int8 and weight.is_contiguous()
-    assert scales.dtype == torch.float32 and weight_sums.dtype == torch.int32
+    assert x2.dtype == torch.float32
     y = torch.empty(rows, out_features, dtype=torch.float32)
-    xq, xs = torch.empty(rows * in_features, dtype=torch.uint8), torch.empty(rows, dtype=torch.float32)
+    xq, xs = torch.empty(rows * packed.shape[1] * 4, dtype=torch.uint8), torch.empty(rows, dtype=torch.float32)
     with _named("native::linear_few_rows_int8"):
-        lib.linear_few_rows_q8(x2.data_ptr(), rows, in_features, weight.data_ptr(), weight_sums.data_ptr(),
+        lib.linear_few_rows_q8(x2.data_ptr(), rows, in_features, packed.data_ptr(), weight_sums.data_ptr(),
                                scales.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
                                out_features, xq.data_ptr(), xs.data_ptr(), torch.get_num_threads())
     return y.reshape(*x.shape[:-1], out_features)
@@ -339,12 +359,14 @@ class _Layer(ctypes.Structure):  # native_layer
 
 @dataclass
 class LinearWeights:
-    """One projection as gpt2_decode_step reads it: fp32 `weight`, or int8 with `scales` and `weight_sums`."""
+    """One projection as gpt2_decode_step reads it: fp32 `weight` (out, in), or int8 packed (pack_int8_weight)
+    with `scales`, `weight_sums` and its `in_features`."""
 
-    weight: torch.Tensor  # (out, in) contiguous, fp32 or int8
+    weight: torch.Tensor  # fp32 (out, in) contiguous, or int8 packed
     bias: torch.Tensor | None
     scales: torch.Tensor | None = None  # int8: (out,) fp32
     weight_sums: torch.Tensor | None = None  # int8: (out,) int32
+    in_features: int = 0  # int8: the unpadded input size
 
 
 @dataclass
@@ -398,8 +420,10 @@ class NativeDecodeStep:
         assert w.is_contiguous() and (lw.bias is None or lw.bias.is_contiguous())
         if w.dtype == torch.int8:
             assert self._lib.native_q8(), "int8 weights need the library's int8 kernel (AVX-512 VNNI)"
-            assert lw.scales is not None and lw.weight_sums is not None
-            return _Linear(None, _ptr(w), _ptr(lw.weight_sums), _ptr(lw.scales), _ptr(lw.bias), w.shape[1], w.shape[0])
+            assert lw.scales is not None and lw.weight_sums is not None and lw.in_features > 0
+            assert w.dim() == 4 and w.shape[1] == -(-lw.in_features // 4)
+            return _Linear(None, _ptr(w), _ptr(lw.weight_sums), _ptr(lw.scales), _ptr(lw.bias), lw.in_features,
+                           lw.weight_sums.shape[0])
         assert w.dtype == torch.float32
         return _Linear(_ptr(w), None, None, None, _ptr(lw.bias), w.shape[1], w.shape[0])
 
@@ -415,7 +439,8 @@ class NativeDecodeStep:
         rows_held = max(rows, FEW_ROWS)
         if self._work.numel() < rows * (5 * c + self.n_inner):
             self._work = torch.empty(rows_held * (5 * c + self.n_inner))
-            self._qwork = torch.empty(rows_held * (max(c, self.n_inner) + 4) + 64, dtype=torch.uint8)
+            # rows padded to 4 bytes, then 64-byte aligned row scales: see gpt2_decode_step
+            self._qwork = torch.empty(rows_held * (max(c, self.n_inner) + 8) + 128, dtype=torch.uint8)
         scratch = plan.threads * heads_per_item * plan.max_seq_len
         if self._scratch.numel() < scratch:
             self._scratch = torch.empty(max(scratch, 2 * self._scratch.numel()))

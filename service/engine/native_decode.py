@@ -25,10 +25,10 @@ from service.model.quantize import Int8Linear
 _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 # The most decode rows a step sends to C. Measured on GPT-2 small, 2 threads, AMD EPYC (Zen 4), engine steps
 # interleaved with the op-by-op path (benchmarks/native_step.py, docs/benchmarks.md): C / op-by-op step time
-# fp32 0.81 / 0.87 / 0.76 / 0.78 / 0.96 at 1 / 4 / 8 / 16 / 32 rows, int8 0.64 / 0.75 / 0.79 / 0.92 / 1.02.
-# Past 16 the GEMM libraries' kernels (oneDNN, FBGEMM) outrun the C linears by about what the Python costs.
-MAX_ROWS_FP32 = 16
-MAX_ROWS_INT8 = 16
+# fp32 0.85 / 0.69 / 0.84 / 0.94 at 1 / 8 / 16 / 32 rows, int8 0.58 / 0.73 / 0.78 / 0.80 (the op-by-op int8
+# path itself on the C int8 linear up to 32 rows). Larger decode batches go op by op, to oneDNN and FBGEMM.
+MAX_ROWS_FP32 = 32
+MAX_ROWS_INT8 = 32
 
 
 def _weights(module: nn.Module) -> LinearWeights | None:
@@ -37,7 +37,7 @@ def _weights(module: nn.Module) -> LinearWeights | None:
             return None
         return LinearWeights(module.weight.detach(), None if module.bias is None else module.bias.detach())
     if isinstance(module, Int8Linear) and int8_kernel_available():
-        return LinearWeights(module.weight_int8, module.bias, module.scales, module.weight_sums)
+        return LinearWeights(module.weight_packed, module.bias, module.scales, module.weight_sums, module.in_features)
     return None
 
 

@@ -8,6 +8,9 @@ Measured on GPT-2 small's projections (`python benchmarks/linear.py`, docs/bench
 this is 2.6-4.5x faster than fp32 at 1 and at 32 rows (only the small 768 x 768 one loses at 1 row,
 0.75x), while weight-only int8 (`torch._weight_int8pack_mm`, bf16 activations) was 4-6x slower than it
 at 32 rows: at decode batch sizes the step is bound by reading weights, and int8 reads a quarter of them.
+Calls of at most NATIVE_ROWS rows (decode steps) take our own C kernel instead where the CPU has AVX-512
+VNNI (kernels/cpu_native.py linear_few_rows_int8: packed weights, each input row quantized with its own
+scale), faster than FBGEMM there on an AMD EPYC (docs/benchmarks.md); prefills stay on FBGEMM.
 
 Embeddings, LayerNorms, the KV cache and classification score heads stay in fp32; LoRA adapters add
 their fp32 delta to the quantized projection's output, unchanged. The scheduler never sees any of it.
@@ -24,10 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.cpu_native import FEW_ROWS, int8_kernel_available, linear_few_rows_int8
+from kernels.cpu_native import (
+    int8_kernel_available,
+    linear_few_rows_int8,
+    pack_int8_weight,
+    unpack_int8_weight,
+)
 from service.model.cpu import cpu_flags
 
 QUANTIZATIONS = ("none", "int8")
+NATIVE_ROWS = 32
 
 
 class Int8Linear(nn.Module):
@@ -42,21 +51,29 @@ class Int8Linear(nn.Module):
             warnings.simplefilter("ignore", UserWarning)  # successor); the pinned torch 2.13 has them
             qweight = torch.quantize_per_channel(weight, scales.double(), torch.zeros_like(scales, dtype=torch.long),
                                                  axis=0, dtype=torch.qint8)
-        self.register_buffer("weight_int8", qweight.int_repr(), persistent=False)  # (out, in) int8
+        weight_int8 = qweight.int_repr()  # (out, in)
+        # for the native kernel (kernels/cpu_native.py pack_int8_weight); FBGEMM packs its own copy below
+        self.register_buffer("weight_packed", pack_int8_weight(weight_int8), persistent=False)
         self.register_buffer("scales", scales, persistent=False)  # (out,) fp32
-        self.register_buffer("weight_sums", self.weight_int8.sum(dim=1, dtype=torch.int32), persistent=False)
+        self.register_buffer("weight_sums", weight_int8.sum(dim=1, dtype=torch.int32), persistent=False)
         self.bias = None if bias is None else bias.detach().float()
         self._packed = torch.ops.quantized.linear_prepack(qweight, self.bias)
         self._packed_no_bias = torch.ops.quantized.linear_prepack(qweight, None) if bias is not None else self._packed
         # NOTE: with 8-bit activations the non-VNNI AVX2 kernel sums pairs of u8 x s8 products in int16,
         # which can saturate; 7-bit activations (reduce_range) avoid that. VNNI / AMX accumulate in int32.
         self.reduce_range = not ({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
-        # calls of at most this many rows go to the native int8 kernel (per-row activation scales)
-        self.native_rows = FEW_ROWS if int8_kernel_available() else 0
+        # calls of at most this many rows go to the native int8 kernel (per-row activation scales): faster than
+        # FBGEMM up to 32 rows on GPT-2 small's projections (docs/benchmarks.md); prefills stay on FBGEMM
+        self.native_rows = NATIVE_ROWS if int8_kernel_available() else 0
+
+    @property
+    def weight_int8(self) -> torch.Tensor:
+        """The (out, in) int8 weight (unpacked on each read: for references and tests)."""
+        return unpack_int8_weight(self.weight_packed, self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
         if x.numel() <= self.native_rows * self.in_features:
-            return linear_few_rows_int8(x.float(), self.weight_int8, self.weight_sums, self.scales,
+            return linear_few_rows_int8(x.float(), self.weight_packed, self.weight_sums, self.scales,
                                         self.bias if with_bias else None)
         packed = self._packed if with_bias else self._packed_no_bias
         shape = x.shape

@@ -143,24 +143,27 @@ def test_linear_few_rows_matches_f_linear(rows, gen):
 
 
 @pytest.mark.skipif(not native.int8_kernel_available(), reason="the int8 kernel needs AVX-512 VNNI")
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
-@pytest.mark.parametrize("in_features", [64, 200])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 9, 17])
+@pytest.mark.parametrize("in_features", [64, 202])
 def test_linear_few_rows_int8_matches_its_dequantized_reference(rows, in_features, gen):
     """int8 weights x int8 activations (each row quantized on its own, symmetric, max |x| / 127): equal, to
-    fp32 rounding, to dequantized weights times dequantized rows; a row of zeros gives the bias."""
+    fp32 rounding, to dequantized weights times dequantized rows; a row of zeros gives the bias. 1001
+    channels: a last 16-channel tile of 9; 202 inputs: a last group of 4 with 2; 9 and 17 rows: passes of 8
+    and a remainder."""
     weight = torch.randint(-127, 128, (1001, in_features), generator=gen, dtype=torch.int8)
     scales = torch.rand(1001, generator=gen) * 0.01
     bias = torch.randn(1001, generator=gen)
     x = torch.randn(rows, in_features, generator=gen) * torch.logspace(-2, 2, rows)[:, None]
     if rows > 1:
         x[1] = 0.0
-    sums = weight.sum(dim=1, dtype=torch.int32)
+    sums, packed = weight.sum(dim=1, dtype=torch.int32), native.pack_int8_weight(weight)
+    assert torch.equal(native.unpack_int8_weight(packed, 1001, in_features), weight)
     step = (x.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-30)
     x_deq = torch.where(x.abs().amax(dim=1, keepdim=True) > 0, torch.round(x / step) * step, x)
     want = torch.nn.functional.linear(x_deq.double(), (weight.double() * scales.double()[:, None]), bias.double())
-    got = native.linear_few_rows_int8(x, weight, sums, scales, bias)
+    got = native.linear_few_rows_int8(x, packed, sums, scales, bias)
     torch.testing.assert_close(got.double(), want, atol=1e-4 * want.abs().max().item(), rtol=1e-5)
-    torch.testing.assert_close(native.linear_few_rows_int8(x, weight, sums, scales), got - bias, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(native.linear_few_rows_int8(x, packed, sums, scales), got - bias, atol=1e-4, rtol=1e-5)
     if rows > 1:
         assert torch.equal(got[1], bias)
 
@@ -172,10 +175,11 @@ def test_linear_few_rows_int8_keeps_a_non_finite_row_to_itself(poison, gen):
     the other rows, each quantized on its own, are untouched. (Built with -ffast-math: the check is on bits.)"""
     weight = torch.randint(-127, 128, (300, 128), generator=gen, dtype=torch.int8)
     scales, sums = torch.rand(300, generator=gen) * 0.01, weight.sum(dim=1, dtype=torch.int32)
+    packed = native.pack_int8_weight(weight)
     x = torch.randn(3, 128, generator=gen)
-    clean = native.linear_few_rows_int8(x, weight, sums, scales)
+    clean = native.linear_few_rows_int8(x, packed, sums, scales)
     x[1, 7] = poison
-    got = native.linear_few_rows_int8(x, weight, sums, scales)
+    got = native.linear_few_rows_int8(x, packed, sums, scales)
     assert torch.isnan(got[1]).all()
     assert torch.equal(got[0], clean[0]) and torch.equal(got[2], clean[2])
 

@@ -15,9 +15,11 @@ from service.model.quantize import Int8Linear
 from tests.helpers import make_gpt2_dir, prompts, run_to_completion
 
 
-@pytest.mark.parametrize("rows, in_features, out_features", [(1, 64, 192), (7, 256, 64), (32, 96, 1000)])
+@pytest.mark.parametrize("rows, in_features, out_features", [(1, 64, 192), (7, 256, 64), (32, 96, 1000), (48, 80, 300)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_int8_linear_matches_its_dequantized_reference(rows, in_features, out_features, with_bias):
+    """Up to NATIVE_ROWS rows the native kernel (where built), past it FBGEMM: each against the reference that
+    quantizes the input its way."""
     g = torch.Generator().manual_seed(rows + in_features)
     weight = torch.randn(out_features, in_features, generator=g) * 0.05
     weight[3] *= 20  # per-channel scales: one loud row must not cost the others their precision
