@@ -5,7 +5,7 @@ twelve layers of a dozen torch ops each, every one a trip through the dispatcher
 the whole stack (LayerNorms, projections, KV write, paged attention, GELU, residuals) in C; only the
 embedding lookup before it and the LM head and sampling after it stay in torch. It is the CPU's
 counterpart of the CUDA graphs in cuda_graphs.py, and like them it serves pure decode steps without LoRA;
-everything else (prefill, mixed steps, adapters, more than MAX_ROWS_* sequences) takes the op-by-op path.
+everything else (prefill, mixed steps, adapters, more than MAX_ROWS sequences) takes the op-by-op path.
 
 Built for attention_backend `native` (fp32 CPU models, fp32 or int8 projections), when every layer is
 one the C step computes the same way: tanh GELU, projections that are nn.Linear, OneDNNLinear or
@@ -27,8 +27,7 @@ _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 # interleaved with the op-by-op path (benchmarks/native_step.py, docs/benchmarks.md): C / op-by-op step time
 # fp32 0.85 / 0.69 / 0.84 / 0.94 at 1 / 8 / 16 / 32 rows, int8 0.58 / 0.73 / 0.78 / 0.80 (the op-by-op int8
 # path itself on the C int8 linear up to 32 rows). Larger decode batches go op by op, to oneDNN and FBGEMM.
-MAX_ROWS_FP32 = 32
-MAX_ROWS_INT8 = 32
+MAX_ROWS = 32
 
 
 def _weights(module: nn.Module) -> LinearWeights | None:
@@ -62,8 +61,7 @@ class NativeDecoder:
                 (block.ln_1.weight.detach(), block.ln_1.bias.detach()), (block.ln_2.weight.detach(), block.ln_2.bias.detach()),
                 *linears, k_cache, v_cache, block.attn.scale))
         step = NativeDecodeStep(layers, (t.ln_f.weight.detach(), t.ln_f.bias.detach()), eps.pop(), c.n_head, c.n_inner)
-        int8 = all(lw.weight.dtype == torch.int8 for layer in layers for lw in (layer.c_attn, layer.c_fc))
-        return cls(model, step, MAX_ROWS_INT8 if int8 else MAX_ROWS_FP32)
+        return cls(model, step, MAX_ROWS)
 
     def can_run(self, num_decodes: int) -> bool:
         return 1 <= num_decodes <= self.max_rows
