@@ -40,6 +40,8 @@ from pathlib import Path
 import torch
 from torch.profiler import record_function
 
+from kernels.cpuinfo import cpu_flags, cpuinfo_field
+
 log = logging.getLogger(__name__)
 
 
@@ -70,15 +72,9 @@ def _cache_dir() -> Path:
 
 def _cpu_identity() -> str:
     """What -march=native compiles for: the CPU's model name and flags (Linux), else the platform."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    if not cpuinfo_field("flags"):
         return platform.processor() or platform.machine()
-    fields = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    return f"{fields.get('model name', '')}|{fields.get('flags', '')}"
+    return f"{cpuinfo_field('model name')}|{cpuinfo_field('flags')}"
 
 
 def _compiler() -> str | None:
@@ -140,11 +136,6 @@ def prebuild(directory: Path, compiler: str | None = None) -> list[Path]:
         cflags = tuple(f for f in CFLAGS if f != "-march=native") + march
         built.append(_compile(compiler, cflags, Path(directory) / _prebuilt_name(name)))
     return built
-
-
-def cpu_flags() -> frozenset[str]:
-    """This CPU's /proc/cpuinfo flags (empty where there is no /proc/cpuinfo)."""
-    return frozenset(_cpu_identity().partition("|")[2].split())
 
 
 def best_prebuilt_variant(flags: frozenset[str]) -> str | None:
@@ -278,8 +269,9 @@ def decode_attention_native(
     return out
 
 
-# At most this many rows go to linear_few_rows: measured on an AMD EPYC (Zen 4), 2 threads, 40 weights of
-# 3072 x 768: 1-4 rows streamed ~27 GB/s (oneDNN 13-20 GB/s), 8 rows fell to 9 GB/s (oneDNN 14).
+# The op-by-op fp32 path (service/model/cpu_linear.py) sends calls of at most this many rows here, oneDNN the
+# rest: 1-4 rows streamed ~27 GB/s against oneDNN's 13-20 (AMD EPYC Zen 4, 2 threads). The decode step in
+# C takes its linears here at any row count (up to service/engine/native_decode.py's MAX_ROWS).
 FEW_ROWS = 4
 
 
@@ -298,7 +290,6 @@ def linear_few_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                                 None if bias is None else bias.data_ptr(), y.data_ptr(), out_features,
                                 torch.get_num_threads())
     return y.reshape(*x.shape[:-1], out_features)
-
 
 
 def int8_kernel_available() -> bool:
@@ -395,8 +386,8 @@ class NativeDecodeStep:
     """A GPT-2 decode step in one C call (gpt2_decode_step): for each layer LayerNorm, c_attn, the KV write,
     paged attention, c_proj + residual, LayerNorm, c_fc, tanh GELU, c_proj + residual; then ln_f. For a few
     sequences, where a step is otherwise dominated by per-op Python and dispatch (any number works: the
-    linears take rows 4 at a time). The tensors
-    given are held (their pointers are baked in): weights and caches must not be reallocated."""
+    linears take the rows a few at a time). The tensors given are held (their pointers are baked in):
+    weights and caches must not be reallocated."""
 
     def __init__(self, layers: list[LayerWeights], ln_f: tuple[torch.Tensor, torch.Tensor], eps: float,
                  n_head: int, n_inner: int) -> None:

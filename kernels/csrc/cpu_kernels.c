@@ -195,9 +195,7 @@ static inline __attribute__((always_inline)) void dot_rows_f32(const float *x, i
 #else
 #define OUT_TILE 1
 #endif
-#ifndef TILE_MIN_ROWS
 #define TILE_MIN_ROWS 5
-#endif
 
 static inline __attribute__((always_inline)) void dot_tile_f32(const float *x, int64_t in, const float *w,
                                                                const float *bias, float *y, int64_t out,

@@ -13,6 +13,7 @@ import torch
 import kernels.cpu_native as native
 from kernels import auto_cpu_backend, load_ops
 from kernels.attention import decode_attention_torch
+from kernels.cpuinfo import cpu_flags
 from tests.kernels.paged_batch import make_paged_batch
 from tests.kernels.test_attention import SCALE, decode_by_loop
 
@@ -227,7 +228,7 @@ def test_prebuilt_libraries_load_where_nothing_compiles(tmp_path, monkeypatch, g
     monkeypatch.setattr(native, "_library", None)
     monkeypatch.setattr(native, "_tried", False)
     assert native.native_library() is not None
-    best = native.best_prebuilt_variant(native.cpu_flags())
+    best = native.best_prebuilt_variant(cpu_flags())
     assert native.library_path().name.endswith(f"-{best}.so")
     assert native.int8_kernel_available() == (best == "x86-64-v4-vnni")
     weight, bias, x = torch.randn(300, 100, generator=gen), torch.randn(300, generator=gen), torch.randn(2, 100, generator=gen)
