@@ -37,8 +37,7 @@ ENV PATH=/opt/venv/bin:$PATH
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY service ./service
-COPY kernels ./kernels
+COPY lmservice ./lmservice
 # `train` extras so that `lmservice train` runs from this image; Triton only where there is a GPU for it.
 # Then the native CPU kernels (C decode attention, few-row linears, the whole decode step: docs/kernels.md),
 # built once per x86-64 level, since the runtime stage has no compiler: the server loads the best one its CPU
@@ -48,7 +47,7 @@ COPY kernels ./kernels
 # hadolint ignore=DL3013
 RUN extras="train"; [ "${TORCH_VARIANT}" = "cpu" ] || extras="train,triton"; \
     pip install --no-cache-dir ".[${extras}]" \
-    && python -m kernels.cpu_native --prebuild /opt/venv/lmservice-kernels
+    && python -m lmservice.kernels.cpu_native --prebuild /opt/venv/lmservice-kernels
 
 FROM ${PYTHON_IMAGE} AS runtime
 ARG TORCH_VARIANT=cpu
@@ -64,7 +63,7 @@ RUN groupadd --system --gid 10001 lmservice \
 COPY --from=build /opt/venv /opt/venv
 # The shipped default models, baked in: the image serves generate, classify and translate with no download.
 COPY --chown=0:0 models/ /models/
-# Configuration is LMSERVICE_* environment (service/config.py): the image only sets what differs in a
+# Configuration is LMSERVICE_* environment (lmservice/config.py): the image only sets what differs in a
 # container. Caches go to /cache, so the root filesystem can be mounted read-only (mount a tmpfs at /cache
 # and /tmp). The default adapters are named explicitly; fine-tuned ones are found under /adapters.
 ENV PATH=/opt/venv/bin:$PATH \

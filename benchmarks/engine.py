@@ -27,9 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import SHAPES, add_threads_flag, apply_threads  # noqa: E402
-from service.engine.engine import Engine, EngineConfig  # noqa: E402
-from service.engine.sampling_params import SamplingParams  # noqa: E402
-from service.model.loader import load_model  # noqa: E402
+from lmservice.engine.engine import Engine, EngineConfig  # noqa: E402
+from lmservice.engine.sampling_params import SamplingParams  # noqa: E402
+from lmservice.model.loader import load_model  # noqa: E402
 
 
 def make_model(path: Path, shape: str) -> None:

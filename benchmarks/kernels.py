@@ -4,7 +4,7 @@
     python benchmarks/kernels.py --dry-run  # on CPU under TRITON_INTERPRET=1: every part on tiny shapes
 
 Every row first checks the kernel's output against its reference (torch SDPA or the
-kernels/*_torch functions); a failed check makes the exit status 1. Goals are reported,
+lmservice/kernels/*_torch functions); a failed check makes the exit status 1. Goals are reported,
 not enforced: this is a benchmark, not a test. On a GPU the device's copy bandwidth and
 bf16 matmul rate are measured in the same run, times are medians of CUDA-event timed
 calls after warm-up, and inputs are random (never zeros). Dry-run times are interpreter
@@ -104,7 +104,7 @@ def _paged(setup: Setup, num_seqs: int, seq_len: int, num_heads: int, block_size
     """Random K/V of num_seqs sequences written into a paged cache; returns the contiguous K/V too."""
     import torch
 
-    from kernels.triton_kv_cache import write_kv_cache_triton
+    from lmservice.kernels.triton_kv_cache import write_kv_cache_triton
 
     dev, dt = setup.device, setup.dtype
     nb = -(-seq_len // block_size)
@@ -138,8 +138,8 @@ def bench_prefill(setup: Setup, model: str, num_heads: int) -> list[Row]:
     import torch
     import torch.nn.functional as F
 
-    from kernels.attention import prefill_attention_torch
-    from kernels.triton_attention import prefill_attention_triton
+    from lmservice.kernels.attention import prefill_attention_torch
+    from lmservice.kernels.triton_attention import prefill_attention_triton
 
     rows = []
     scale = 0.125
@@ -193,8 +193,8 @@ def bench_prefill(setup: Setup, model: str, num_heads: int) -> list[Row]:
 def bench_decode(setup: Setup, model: str, num_heads: int) -> list[Row]:
     import torch
 
-    from kernels.attention import decode_attention_torch
-    from kernels.triton_attention import choose_num_splits, decode_attention_triton
+    from lmservice.kernels.attention import decode_attention_torch
+    from lmservice.kernels.triton_attention import choose_num_splits, decode_attention_triton
 
     rows = []
     for num_seqs in (1, 3) if setup.dry else (1, 8, 32, 256):
@@ -229,8 +229,8 @@ def bench_decode(setup: Setup, model: str, num_heads: int) -> list[Row]:
 def _random_gpt2(setup: Setup, n_embd: int, n_layer: int, n_head: int, vocab_size: int):
     import torch
 
-    from service.model.config import GPT2Config
-    from service.model.gpt2 import GPT2ForServing
+    from lmservice.model.config import GPT2Config
+    from lmservice.model.gpt2 import GPT2ForServing
 
     config = GPT2Config.from_dict({"model_type": "gpt2", "n_embd": n_embd, "n_layer": n_layer, "n_head": n_head,
                                    "vocab_size": vocab_size, "n_positions": 1024})
@@ -245,8 +245,8 @@ def _random_gpt2(setup: Setup, n_embd: int, n_layer: int, n_head: int, vocab_siz
 def bench_decode_step(setup: Setup, model_name: str, dims: tuple[int, int, int, int]) -> list[Row]:
     import torch
 
-    from kernels import TORCH_OPS, load_ops
-    from service.model.gpt2 import AttentionMetadata
+    from lmservice.kernels import TORCH_OPS, load_ops
+    from lmservice.model.gpt2 import AttentionMetadata
 
     model = _random_gpt2(setup, *dims)
     _, n_layer, n_head, vocab_size = dims
@@ -292,10 +292,10 @@ def bench_pointwise(setup: Setup, model: str, hidden: int) -> list[Row]:
     import torch
     import torch.nn.functional as F
 
-    from kernels.activation import bias_gelu_torch
-    from kernels.norm import add_layer_norm_torch
-    from kernels.triton_activation import bias_gelu_triton
-    from kernels.triton_norm import add_layer_norm_triton
+    from lmservice.kernels.activation import bias_gelu_torch
+    from lmservice.kernels.norm import add_layer_norm_torch
+    from lmservice.kernels.triton_activation import bias_gelu_triton
+    from lmservice.kernels.triton_norm import add_layer_norm_triton
 
     rows, dev, dt = [], setup.device, setup.dtype
     for num_rows in (8,) if setup.dry else (4096, 16384):

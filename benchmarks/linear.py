@@ -3,7 +3,7 @@
 
     python benchmarks/linear.py --threads 2          # microseconds per call; fp32, bf16, int8 (ours), weight-only int8
 
-int8 is service/model/quantize.py's Int8Linear (per-channel int8 weights, dynamically quantized activations);
+int8 is lmservice/model/quantize.py's Int8Linear (per-channel int8 weights, dynamically quantized activations);
 "w8 weight-only" is torch._weight_int8pack_mm with bf16 activations, the alternative it was chosen over.
 """
 
@@ -20,8 +20,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import add_threads_flag, apply_threads  # noqa: E402
-from service.model.cpu import cpu_flags  # noqa: E402
-from service.model.quantize import Int8Linear  # noqa: E402
+from lmservice.model.cpu import cpu_flags  # noqa: E402
+from lmservice.model.quantize import Int8Linear  # noqa: E402
 
 SHAPES = [(768, 2304, "attn.c_attn"), (768, 768, "attn.c_proj"), (768, 3072, "mlp.c_fc"), (3072, 768, "mlp.c_proj"),
           (768, 50257, "lm_head")]

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernels.lora import LoRAMapping, add_lora_torch  # noqa: E402
-from service.model.lora import LoRAAdapter, LoRATargets  # noqa: E402
-from service.model.lora_store import LoRAStore  # noqa: E402
+from lmservice.kernels.lora import LoRAMapping, add_lora_torch  # noqa: E402
+from lmservice.model.lora import LoRAAdapter, LoRATargets  # noqa: E402
+from lmservice.model.lora_store import LoRAStore  # noqa: E402
 
 GPT2_SMALL = LoRATargets(n_layer=12, n_embd=768, n_inner=3072)
 
@@ -85,7 +85,7 @@ def main() -> int:
     dtype = getattr(torch, args.dtype)
     add_lora = {"torch": add_lora_torch}
     if "triton" in args.kernels:
-        from kernels.triton_lora import add_lora_triton
+        from lmservice.kernels.triton_lora import add_lora_triton
 
         add_lora["triton"] = add_lora_triton
 

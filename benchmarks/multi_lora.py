@@ -29,10 +29,10 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import SHAPES, add_threads_flag, apply_threads  # noqa: E402
-from service.engine.engine import Engine, EngineConfig  # noqa: E402
-from service.engine.sampling_params import SamplingParams  # noqa: E402
-from service.model.loader import load_model  # noqa: E402
-from service.model.lora import LoRATargets, load_lora_adapter  # noqa: E402
+from lmservice.engine.engine import Engine, EngineConfig  # noqa: E402
+from lmservice.engine.sampling_params import SamplingParams  # noqa: E402
+from lmservice.model.loader import load_model  # noqa: E402
+from lmservice.model.lora import LoRATargets, load_lora_adapter  # noqa: E402
 
 MODULES = {"attn.c_attn": (1, 3), "attn.c_proj": (1, 1), "mlp.c_fc": (1, 4), "mlp.c_proj": (4, 1)}  # (in, out) x n_embd
 

@@ -6,7 +6,7 @@
 1. linears: the 49 weights of one GPT-2-small decode step (48 projections + the LM head), per row count:
    fp32 through oneDNN and through the few-rows C linear; int8 through FBGEMM (quantized::linear_dynamic)
    and through the C int8 x int8 kernel (AVX-512 VNNI only).
-2. steps: engine decode steps at each batch size with the whole-step C call (service/engine/native_decode.py)
+2. steps: engine decode steps at each batch size with the whole-step C call (lmservice/engine/native_decode.py)
    against the op-by-op path, the same engine switching between them every round.
 """
 
@@ -25,11 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import SHAPES, add_threads_flag, apply_threads  # noqa: E402
 from benchmarks.engine import load, make_model  # noqa: E402
-from kernels import cpu_native  # noqa: E402
-from kernels.linear import linear_onednn  # noqa: E402
-from service.engine.engine import Engine, EngineConfig  # noqa: E402
-from service.engine.sampling_params import SamplingParams  # noqa: E402
-from service.model.quantize import Int8Linear  # noqa: E402
+from lmservice.engine.engine import Engine, EngineConfig  # noqa: E402
+from lmservice.engine.sampling_params import SamplingParams  # noqa: E402
+from lmservice.kernels import cpu_native  # noqa: E402
+from lmservice.kernels.linear import linear_onednn  # noqa: E402
+from lmservice.model.quantize import Int8Linear  # noqa: E402
 
 
 def _best_ms(calls: dict[str, callable], rounds: int) -> dict[str, float]:

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import SHAPES, add_threads_flag, apply_threads  # noqa: E402
 from benchmarks.engine import load, make_model  # noqa: E402
-from service.engine.engine import Engine, EngineConfig  # noqa: E402
-from service.engine.sampling_params import SamplingParams  # noqa: E402
+from lmservice.engine.engine import Engine, EngineConfig  # noqa: E402
+from lmservice.engine.sampling_params import SamplingParams  # noqa: E402
 
 # first match wins; an op's self time goes to its group
 GROUPS = [

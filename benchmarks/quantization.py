@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import add_threads_flag, apply_threads  # noqa: E402
-from service.engine.engine import Engine, EngineConfig  # noqa: E402
-from service.engine.sampling_params import SamplingParams  # noqa: E402
-from service.model.loader import load_model  # noqa: E402
+from lmservice.engine.engine import Engine, EngineConfig  # noqa: E402
+from lmservice.engine.sampling_params import SamplingParams  # noqa: E402
+from lmservice.model.loader import load_model  # noqa: E402
 from tests.helpers import run_to_completion  # noqa: E402
 
 VALID = ROOT.parent / "shared" / "data" / "tinystories" / "valid.txt"

@@ -130,7 +130,7 @@ def launch_lmservice(shape: str, workdir: Path, extra: list[str]) -> tuple[subpr
         port = s.getsockname()[1]
     log = open(workdir / "server.log", "wb")  # noqa: SIM115 (lives as long as the server)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--model", str(model_dir), "--served-model-name", "base",
+        [sys.executable, "-m", "lmservice.cli", "serve", "--model", str(model_dir), "--served-model-name", "base",
          "--port", str(port), *extra],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

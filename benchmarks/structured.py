@@ -22,10 +22,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import SHAPES, add_threads_flag, apply_threads  # noqa: E402
-from service.engine.engine import Engine, EngineConfig  # noqa: E402
-from service.engine.sampling_params import SamplingParams  # noqa: E402
-from service.model.loader import load_model  # noqa: E402
-from service.serving.structured import GrammarCompiler, StructuredSpec  # noqa: E402
+from lmservice.engine.engine import Engine, EngineConfig  # noqa: E402
+from lmservice.engine.sampling_params import SamplingParams  # noqa: E402
+from lmservice.model.loader import load_model  # noqa: E402
+from lmservice.serving.structured import GrammarCompiler, StructuredSpec  # noqa: E402
 
 SCHEMA = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 40}, "age": {"type": "integer", "minimum": 0, "maximum": 120},

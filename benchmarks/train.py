@@ -56,7 +56,7 @@ def bare_loop(steps: int, batch_size: int, bf16: bool, threads: int) -> float:
 
 def job(steps: int, batch_size: int, bf16: bool, threads: int, workdir: Path) -> float:
     out = workdir / f"job-{'bf16' if bf16 else 'fp32'}-{time.monotonic_ns()}"
-    cmd = [sys.executable, "-m", "service.cli", "train", "pretrain", "--tokenizer", str(ROOT / "models" / "base"),
+    cmd = [sys.executable, "-m", "lmservice.cli", "train", "pretrain", "--tokenizer", str(ROOT / "models" / "base"),
            "--train", str(DATA), "--output", str(out), "--sample-by", "line", "--preset", "mini", "--n-layer", "6",
            "--n-positions", "256", "--max-steps", str(steps), "--batch-size", str(batch_size), "--lr", "1e-3",
            "--weight-decay", "0.1", "--logging-steps", str(max(1, steps // 3)), "--save-steps", str(10 * steps),

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
-from service.train.data import load_text
-from service.train.examples import pack
+from lmservice.train.data import load_text
+from lmservice.train.examples import pack
 
 
 def evaluate(model_dir: Path, texts: list[Path], blocks: int, block_size: int) -> dict[str, float]:

@@ -23,7 +23,7 @@ SST2_TEXT="$WORK/sst2_train_sentences.txt"
 tail -n +2 "$DATA/sst2/train.tsv" | cut -f1 | sed 's/[[:space:]]*$//' > "$SST2_TEXT"
 TEXT=("$DATA/tinystories/train_first5000_lowercased.txt" "$DATA/multi30k/train.en" "$DATA/multi30k/train.de" "$SST2_TEXT")
 
-TRAIN="python -m service.cli train"
+TRAIN="python -m lmservice.cli train"
 
 for step in "${STEPS[@]}"; do
 case $step in

@@ -16,8 +16,8 @@ from pathlib import Path  # noqa: E402  (after TRITON_INTERPRET)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from service.engine.engine import Engine, EngineConfig  # noqa: E402
-from service.model.loader import load_model  # noqa: E402
+from lmservice.engine.engine import Engine, EngineConfig  # noqa: E402
+from lmservice.model.loader import load_model  # noqa: E402
 from tests.helpers import make_gpt2_dir  # noqa: E402
 from tests.servers import ADMIN_KEY, API_KEY, make_adapter, start_server  # noqa: E402
 

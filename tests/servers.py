@@ -58,13 +58,13 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m service.cli serve ...` on a free port; logs go to a file the tests can read."""
+    """`python -m lmservice.cli serve ...` on a free port; logs go to a file the tests can read."""
 
     def __init__(self, model_dirs: dict[str, Path], log_path: Path, *flags: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        args = [sys.executable, "-m", "service.cli", "serve", "--model", str(model_dirs["base"]),
+        args = [sys.executable, "-m", "lmservice.cli", "serve", "--model", str(model_dirs["base"]),
                 "--served-model-name", "base", "--adapters-dir", str(model_dirs["adapters"]),
                 "--port", str(self.port), "--device", "cpu", "--dtype", "float32", "--num-kv-blocks", "512", *flags]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

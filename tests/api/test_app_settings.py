@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from service.api.app import create_app
-from service.config import Settings
+from lmservice.api.app import create_app
+from lmservice.config import Settings
 
 
 @pytest.fixture(scope="module")

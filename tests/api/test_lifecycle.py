@@ -112,7 +112,7 @@ def test_unloadable_model_is_one_clear_line_and_exit_1(tmp_path):
 
     from tests.servers import ROOT
 
-    proc = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--model", str(tmp_path / "missing")],
+    proc = subprocess.run([sys.executable, "-m", "lmservice.cli", "serve", "--model", str(tmp_path / "missing")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     errors = [json.loads(line) for line in proc.stderr.splitlines() if '"level": "error"' in line]

@@ -1,4 +1,4 @@
-"""The playground's routes (service/api/playground): what is served, to whom, and that it ships in the package.
+"""The playground's routes (lmservice/api/playground): what is served, to whom, and that it ships in the package.
 
 No engine and no browser: the app is built without its lifespan, which is all a static route needs. The page
 in a real browser is tested in tests/web.
@@ -14,10 +14,10 @@ import pytest
 import tomllib
 from fastapi.testclient import TestClient
 
-from service.api.app import create_app
-from service.api.playground import STATIC_DIR
-from service.cli import build_parser, settings_from_args
-from service.config import Settings
+from lmservice.api.app import create_app
+from lmservice.api.playground import STATIC_DIR
+from lmservice.cli import build_parser, settings_from_args
+from lmservice.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 INDEX = (STATIC_DIR / "index.html").read_text()
@@ -91,7 +91,7 @@ def test_no_playground_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_static_files_are_package_data() -> None:
     """An installed lmservice (pip install ., the Docker image) carries every file of the page."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    patterns = config["tool"]["setuptools"]["package-data"]["service.api.playground"]
+    patterns = config["tool"]["setuptools"]["package-data"]["lmservice.api.playground"]
     package_dir = STATIC_DIR.parent
     files = [p.relative_to(package_dir).as_posix() for p in STATIC_DIR.rglob("*") if p.is_file()]
     assert files

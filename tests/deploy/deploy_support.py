@@ -106,7 +106,7 @@ def compose_document(path: Path = COMPOSE_FILES[0]) -> dict:
 
 
 def settings_env_names() -> set[str]:
-    from service.config import Settings  # noqa: PLC0415
+    from lmservice.config import Settings  # noqa: PLC0415
 
     return {f"LMSERVICE_{name.upper()}" for name in Settings.model_fields}
 
@@ -115,7 +115,7 @@ def settings_flags() -> set[str]:
     """Every settings flag of `lmservice serve`, made by the same function the CLI uses."""
     import argparse  # noqa: PLC0415
 
-    from service.cli import add_settings_flags  # noqa: PLC0415
+    from lmservice.cli import add_settings_flags  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(add_help=False)
     add_settings_flags(parser)

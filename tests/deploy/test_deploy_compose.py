@@ -8,7 +8,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from service.config import Settings
+from lmservice.config import Settings
 from tests.deploy.deploy_support import (
     COMPOSE_FILES,
     COMPOSE_SCHEMA,

@@ -9,7 +9,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from service.metrics import Metrics
+from lmservice.metrics import Metrics
 from tests.deploy.deploy_support import (
     K8S,
     K8S_VERSIONS,
@@ -194,7 +194,7 @@ def test_finetune_job_runs_torchrun_across_its_indexed_pods() -> None:
         headless = find(resources, "Service", pod["subdomain"])
         assert headless["spec"]["clusterIP"] == "None"
         assert f"--master-addr={job['metadata']['name']}-0.{pod['subdomain']}" in args
-        assert args[args.index("--module") + 1:args.index("--module") + 3] == ["service.cli", "train"]
+        assert args[args.index("--module") + 1:args.index("--module") + 3] == ["lmservice.cli", "train"]
         # The adapter goes to the PVC that the servers read their adapters from.
         output = args[args.index("--output") + 1]
         adapters_mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/adapters")

@@ -13,7 +13,7 @@ import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.metrics import Metrics
+from lmservice.metrics import Metrics
 from tests.deploy.deploy_support import DEPLOY, K8S, load_yaml, run, tool
 
 DASHBOARD = DEPLOY / "grafana/dashboards/lmservice.json"
@@ -88,7 +88,7 @@ def test_dashboard_queries_only_what_the_server_exports() -> None:
 
 def test_dashboard_queries_only_what_a_live_server_exports(server) -> None:
     """The same check against a real server's /metrics, after traffic that gives every labelled metric a
-    child; and the live exposition carries exactly the series service.metrics registers."""
+    child; and the live exposition carries exactly the series lmservice.metrics registers."""
     from tests.servers import API_KEY  # noqa: PLC0415
 
     reply = httpx.post(server.url + "/v1/generate", json={"prompt": "one two", "max_tokens": 3, "ignore_eos": True},

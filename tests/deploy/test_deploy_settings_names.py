@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from service.config import Settings
+from lmservice.config import Settings
 from tests.deploy.deploy_support import (
     COMPOSE_FILES,
     DEPLOY,
@@ -37,18 +37,18 @@ def _files_mentioning(pattern: re.Pattern[str]) -> dict[Path, set[str]]:
     return found
 
 
-# Read by the native kernels themselves (kernels/cpu_native.py), which know nothing of the service's Settings.
+# Read by the native kernels themselves (lmservice/kernels/cpu_native.py), which know nothing of the service's Settings.
 KERNEL_ENV_NAMES = {"LMSERVICE_KERNEL_CACHE", "LMSERVICE_PREBUILT_KERNELS"}
 
 
 def test_every_lmservice_variable_is_a_setting() -> None:
-    kernels_source = (REPO / "kernels" / "cpu_native.py").read_text()
+    kernels_source = (REPO / "lmservice" / "kernels" / "cpu_native.py").read_text()
     assert all(f'"{name}"' in kernels_source for name in KERNEL_ENV_NAMES)
     known = settings_env_names() | KERNEL_ENV_NAMES
     used = _files_mentioning(_ENV_NAME)
     assert used, "the deployment files set no LMSERVICE_* variable at all"
     unknown = {str(p.relative_to(REPO)): sorted(n - known) for p, n in used.items() if n - known}
-    assert not unknown, f"not fields of service.config.Settings: {unknown}"
+    assert not unknown, f"not fields of lmservice.config.Settings: {unknown}"
 
 
 def _flags(words: list[str]) -> set[str]:
@@ -154,7 +154,7 @@ def _job_has_flags(job: str) -> bool:
     import argparse  # noqa: PLC0415
     import importlib  # noqa: PLC0415
 
-    from service.train.cli import JOBS  # noqa: PLC0415
+    from lmservice.train.cli import JOBS  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(add_help=False)
     importlib.import_module(JOBS[job][0]).add_arguments(parser)
@@ -162,7 +162,7 @@ def _job_has_flags(job: str) -> bool:
 
 
 def test_train_commands_parse_with_the_train_cli() -> None:
-    from service.train.cli import build_parser  # noqa: PLC0415
+    from lmservice.train.cli import build_parser  # noqa: PLC0415
 
     commands = _train_commands()
     assert {"docker-compose.yml:finetune", "deploy/k8s/overlays/gpu/finetune:train"} <= set(commands)

@@ -40,7 +40,7 @@ def test_closed_loop_reports_throughput():
 
 def test_native_step_compares_both_paths():
     """benchmarks/native_step.py: a row per row count (linears) and per dtype and batch (steps), every cell timed."""
-    from kernels.cpu_native import native_library  # noqa: PLC0415
+    from lmservice.kernels.cpu_native import native_library  # noqa: PLC0415
 
     if native_library() is None:
         pytest.skip("no C compiler: the native kernels are not built")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from service.engine.block_pool import BlockPool, NoFreeBlocksError, hash_block
-from service.engine.kv_cache_manager import KVCacheManager
-from service.engine.request import Sequence
-from service.engine.sampling_params import SamplingParams
+from lmservice.engine.block_pool import BlockPool, NoFreeBlocksError, hash_block
+from lmservice.engine.kv_cache_manager import KVCacheManager
+from lmservice.engine.request import Sequence
+from lmservice.engine.sampling_params import SamplingParams
 
 
 def test_allocate_and_free_order():

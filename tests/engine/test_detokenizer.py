@@ -1,9 +1,9 @@
-"""service/engine/detokenizer.py: text released only when final (whole characters, no stop-string prefix)."""
+"""lmservice/engine/detokenizer.py: text released only when final (whole characters, no stop-string prefix)."""
 
 from __future__ import annotations
 
-from service.engine.detokenizer import IncrementalDetokenizer
-from service.engine.stop_strings import StopStrings
+from lmservice.engine.detokenizer import IncrementalDetokenizer
+from lmservice.engine.stop_strings import StopStrings
 
 
 def test_stop_string_in_bytes_flushed_at_the_end(tiny_engine):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers import GPT2Model
 
-from service.engine.sampling_params import SamplingParams
+from lmservice.engine.sampling_params import SamplingParams
 from tests.helpers import prompts, run_to_completion
 
 EMBED = SamplingParams(max_tokens=0, temperature=0.0)

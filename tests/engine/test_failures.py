@@ -4,7 +4,7 @@ error); aborts free blocks at once."""
 
 from __future__ import annotations
 
-from service.engine.sampling_params import SamplingParams
+from lmservice.engine.sampling_params import SamplingParams
 from tests.helpers import run_to_completion
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)

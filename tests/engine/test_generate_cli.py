@@ -11,13 +11,13 @@ from transformers import AutoTokenizer
 
 def run_cli(*args: str) -> str:
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
-    out = subprocess.run([sys.executable, "-m", "service.cli", "generate", *args], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "lmservice.cli", "generate", *args], capture_output=True, text=True,
                          env=env, timeout=300, check=True)
     return out.stdout
 
 
 def test_generate_greedy_streams_prompt_and_completion(tiny_model_dir, tiny_engine):
-    from service.engine.sampling_params import SamplingParams
+    from lmservice.engine.sampling_params import SamplingParams
     from tests.helpers import run_to_completion
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)

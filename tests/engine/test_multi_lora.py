@@ -11,11 +11,11 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
-from service.engine.engine import Engine, EngineConfig
-from service.engine.sampling_params import SamplingParams
-from service.model.loader import load_model
-from service.serving.adapters import AdapterPathError
-from service.serving.bootstrap import serving_for
+from lmservice.engine.engine import Engine, EngineConfig
+from lmservice.engine.sampling_params import SamplingParams
+from lmservice.model.loader import load_model
+from lmservice.serving.adapters import AdapterPathError
+from lmservice.serving.bootstrap import serving_for
 from tests.helpers import make_gpt2_dir, prompts, run_to_completion, submit
 
 ADAPTERS = {  # name: (rank, alpha, targets, rslora)

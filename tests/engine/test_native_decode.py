@@ -1,4 +1,4 @@
-"""The whole-stack C decode step (service/engine/native_decode.py, kernels/cpu_native.py gpt2_decode_step):
+"""The whole-stack C decode step (lmservice/engine/native_decode.py, lmservice/kernels/cpu_native.py gpt2_decode_step):
 the same hidden states and KV writes as the op-by-op forward, for fp32 and int8 projections, and the
 runner sending it exactly the steps it is for."""
 
@@ -8,14 +8,14 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from kernels import load_ops
-from kernels.cpu_native import FEW_ROWS, int8_kernel_available, native_library
-from service.engine.engine import Engine, EngineConfig
-from service.engine.native_decode import MAX_ROWS, NativeDecoder
-from service.engine.sampling_params import SamplingParams
-from service.model.gpt2 import AttentionMetadata
-from service.model.loader import load_model
-from service.model.quantize import Int8Linear
+from lmservice.engine.engine import Engine, EngineConfig
+from lmservice.engine.native_decode import MAX_ROWS, NativeDecoder
+from lmservice.engine.sampling_params import SamplingParams
+from lmservice.kernels import load_ops
+from lmservice.kernels.cpu_native import FEW_ROWS, int8_kernel_available, native_library
+from lmservice.model.gpt2 import AttentionMetadata
+from lmservice.model.loader import load_model
+from lmservice.model.quantize import Int8Linear
 from tests.helpers import make_gpt2_dir, prompts, run_to_completion
 
 pytestmark = pytest.mark.skipif(native_library() is None, reason="no C compiler: the native kernels are not built")

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from service.engine.engine import Engine, EngineConfig
-from service.engine.sampling_params import SamplingParams
-from service.model.loader import load_model
+from lmservice.engine.engine import Engine, EngineConfig
+from lmservice.engine.sampling_params import SamplingParams
+from lmservice.model.loader import load_model
 from tests.helpers import make_gpt2_dir, prompts, run_to_completion
 
 SHAPES = {
@@ -52,7 +52,7 @@ ENGINE_VARIANTS = {
     "preempting": dict(num_kv_blocks=10, block_size=8),
     "block-size-1": dict(block_size=1, num_kv_blocks=1200),
     "block-size-32": dict(block_size=32, num_kv_blocks=40),
-    # fp32 projections on each CPU matmul path, whatever `auto` picks on this machine (service/model/cpu_linear.py)
+    # fp32 projections on each CPU matmul path, whatever `auto` picks on this machine (lmservice/model/cpu_linear.py)
     "linears-torch": dict(linear_backend="torch"),
     "linears-onednn": dict(linear_backend="onednn"),
 }
@@ -91,7 +91,7 @@ def test_greedy_parity(reference, variant):
 
 def test_decode_graph_padding_path_keeps_parity(reference):
     """The CUDA-graph decode path (static buffers, batch padded to a bucket), run eagerly on CPU."""
-    from service.engine.cuda_graphs import DecodeGraphs
+    from lmservice.engine.cuda_graphs import DecodeGraphs
 
     name, model_dir, ps, expected = reference
     if name == "gpt2-small":

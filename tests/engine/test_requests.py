@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from service.engine.outputs import RequestRejectedError
-from service.engine.sampling_params import SamplingParams
+from lmservice.engine.outputs import RequestRejectedError
+from lmservice.engine.sampling_params import SamplingParams
 from tests.helpers import prompts, run_to_completion
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.engine.sampler import Sampler, SamplingBatch
-from service.engine.sampling_params import SamplingParams
+from lmservice.engine.sampler import Sampler, SamplingBatch
+from lmservice.engine.sampling_params import SamplingParams
 
 V = 10
 LOGITS = torch.tensor([[4.0, 3.0, 2.5, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0]])

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from service.engine.sampling_params import RequestLimits, SamplingParams
+from lmservice.engine.sampling_params import RequestLimits, SamplingParams
 
 VOCAB = 1000
 LIMITS = RequestLimits(max_n=4, max_logit_bias=3, max_stop=2, max_stop_length=5)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from service.engine.block_pool import BlockPool
-from service.engine.kv_cache_manager import KVCacheManager
-from service.engine.outputs import QueueFullError
-from service.engine.request import Sequence, Status
-from service.engine.sampling_params import SamplingParams
-from service.engine.scheduler import Scheduler, SchedulerConfig
+from lmservice.engine.block_pool import BlockPool
+from lmservice.engine.kv_cache_manager import KVCacheManager
+from lmservice.engine.outputs import QueueFullError
+from lmservice.engine.request import Sequence, Status
+from lmservice.engine.sampling_params import SamplingParams
+from lmservice.engine.scheduler import Scheduler, SchedulerConfig
 
 
 def make(num_blocks=16, block_size=4, **cfg) -> Scheduler:

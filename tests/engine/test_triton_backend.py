@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from service.engine.engine import Engine, EngineConfig
-from service.engine.sampling_params import SamplingParams
-from service.model.loader import load_model
+from lmservice.engine.engine import Engine, EngineConfig
+from lmservice.engine.sampling_params import SamplingParams
+from lmservice.model.loader import load_model
 from tests.helpers import make_gpt2_dir, prompts, run_to_completion
 
 NUM_NEW = 5

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.kv_cache import write_kv_cache_torch
+from lmservice.kernels.kv_cache import write_kv_cache_torch
 
 
 @dataclass

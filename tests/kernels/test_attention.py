@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.attention import decode_attention_torch, plan_decode_torch
+from lmservice.kernels.attention import decode_attention_torch, plan_decode_torch
 from tests.kernels.paged_batch import make_paged_batch
 
 SCALE = 0.125

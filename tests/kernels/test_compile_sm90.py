@@ -19,7 +19,7 @@ def _compile_all() -> list[str]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import triton_activation, triton_attention, triton_kv_cache, triton_norm
+    from lmservice.kernels import triton_activation, triton_attention, triton_kv_cache, triton_norm
 
     target = GPUTarget("cuda", 90, 32)
     paged = {"stride_qt": "i32", "stride_qh": "i32", "stride_ot": "i32", "stride_oh": "i32",

@@ -1,11 +1,11 @@
-"""kernels/lora.py: the grouped torch path against a naive per-row loop over unpadded adapters."""
+"""lmservice/kernels/lora.py: the grouped torch path against a naive per-row loop over unpadded adapters."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels.lora import LoRAMapping, add_lora_torch
+from lmservice.kernels.lora import LoRAMapping, add_lora_torch
 
 IN_FEATURES, OUT_FEATURES = 24, 40
 RANKS = (2, 8, 5)  # one adapter per slot, different ranks, padded into one stack

@@ -1,4 +1,4 @@
-"""kernels/cpu_native.py: the C decode attention against the per-sequence loop and the torch path."""
+"""lmservice/kernels/cpu_native.py: the C decode attention against the per-sequence loop and the torch path."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels.cpu_native as native
-from kernels import auto_cpu_backend, load_ops
-from kernels.attention import decode_attention_torch
-from kernels.cpuinfo import cpu_flags
+import lmservice.kernels.cpu_native as native
+from lmservice.kernels import auto_cpu_backend, load_ops
+from lmservice.kernels.attention import decode_attention_torch
+from lmservice.kernels.cpuinfo import cpu_flags
 from tests.kernels.paged_batch import make_paged_batch
 from tests.kernels.test_attention import SCALE, decode_by_loop
 
@@ -84,7 +84,7 @@ def test_the_cache_is_only_read(gen):
 def test_it_runs_on_torchs_openmp_runtime():
     """The library shares torch's libgomp (one thread pool), never loads a second OpenMP runtime. In a
     fresh process: other packages (sentencepiece) bring OpenMP runtimes of their own."""
-    script = ("import re, torch, kernels.cpu_native as n; assert n.native_library() is not None; "
+    script = ("import re, torch, lmservice.kernels.cpu_native as n; assert n.native_library() is not None; "
               "print(sorted(set(re.findall(r'\\S*lib(?:gomp|iomp5|omp)[^/\\s]*\\.so[^/\\s]*', "
               "open('/proc/self/maps').read()))))")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
@@ -117,8 +117,8 @@ def test_cpu_backend_choice(monkeypatch, tmp_path):
 
 def test_engine_refuses_native_for_a_bfloat16_model(tmp_path):
     """Asked for explicitly on a model it cannot run, the engine says so at start-up, not at the first decode."""
-    from service.engine.engine import Engine, EngineConfig  # noqa: PLC0415
-    from service.model.loader import load_model  # noqa: PLC0415
+    from lmservice.engine.engine import Engine, EngineConfig  # noqa: PLC0415
+    from lmservice.model.loader import load_model  # noqa: PLC0415
     from tests.helpers import make_gpt2_dir  # noqa: PLC0415
 
     model_dir = make_gpt2_dir(tmp_path / "m", seed=0, n_embd=32, n_layer=1, n_head=2)
@@ -215,7 +215,7 @@ def test_builds_for_other_cpus_compute_the_same(isa_flags, gen, monkeypatch):
 
 
 def test_prebuilt_libraries_load_where_nothing_compiles(tmp_path, monkeypatch, gen):
-    """`python -m kernels.cpu_native --prebuild DIR` (the image's build stage) makes one library per x86-64
+    """`python -m lmservice.kernels.cpu_native --prebuild DIR` (the image's build stage) makes one library per x86-64
     level; with no compiler at run time the best one this CPU runs is loaded, and one built from other
     source never is."""
     if native.best_prebuilt_variant(frozenset()) is None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.activation import bias_gelu_torch
-from kernels.triton_activation import bias_gelu_triton
+from lmservice.kernels.activation import bias_gelu_torch
+from lmservice.kernels.triton_activation import bias_gelu_triton
 from tests.kernels.paged_batch import tolerance
 
 

@@ -1,12 +1,12 @@
-"""Triton paged attention vs the torch reference (kernels/attention.py), under the interpreter."""
+"""Triton paged attention vs the torch reference (lmservice/kernels/attention.py), under the interpreter."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels.attention import decode_attention_torch, prefill_attention_torch
-from kernels.triton_attention import (
+from lmservice.kernels.attention import decode_attention_torch, prefill_attention_torch
+from lmservice.kernels.triton_attention import (
     MAX_SPLITS,
     choose_num_splits,
     decode_attention_triton,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.kv_cache import write_kv_cache_torch
-from kernels.triton_kv_cache import write_kv_cache_triton
+from lmservice.kernels.kv_cache import write_kv_cache_torch
+from lmservice.kernels.triton_kv_cache import write_kv_cache_triton
 from tests.kernels.paged_batch import qkv_views
 
 

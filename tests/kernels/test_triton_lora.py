@@ -1,4 +1,4 @@
-"""kernels/triton_lora.py against the torch path (kernels/lora.py), under TRITON_INTERPRET=1 on CPU."""
+"""lmservice/kernels/triton_lora.py against the torch path (lmservice/kernels/lora.py), under TRITON_INTERPRET=1 on CPU."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ if not torch.cuda.is_available():  # NOTE: must precede the first import of trit
 
 pytest.importorskip("triton")
 
-from kernels.lora import LoRAMapping, add_lora_torch  # noqa: E402
-from kernels.triton_lora import add_lora_triton, bgmv_add_lora, sgmv_add_lora  # noqa: E402
+from lmservice.kernels.lora import LoRAMapping, add_lora_torch  # noqa: E402
+from lmservice.kernels.triton_lora import add_lora_triton, bgmv_add_lora, sgmv_add_lora  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # in_features and out_features cross the kernels' K and N blocks (64); segments cross BLOCK_M (16)

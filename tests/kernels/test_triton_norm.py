@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.norm import add_layer_norm_torch
-from kernels.triton_norm import add_layer_norm_triton
+from lmservice.kernels.norm import add_layer_norm_torch
+from lmservice.kernels.triton_norm import add_layer_norm_triton
 from tests.kernels.paged_batch import tolerance
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 
-from kernels import TORCH_OPS, load_ops
+from lmservice.kernels import TORCH_OPS, load_ops
 
 
 def test_triton_ops_mirror_torch_ops():

@@ -1,4 +1,4 @@
-"""fp32 projections through oneDNN (service/model/cpu_linear.py) against F.linear, and how `auto` chooses."""
+"""fp32 projections through oneDNN (lmservice/model/cpu_linear.py) against F.linear, and how `auto` chooses."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from service.model import cpu_linear
-from service.model.cpu_linear import OneDNNLinear, resolve_linear_backend
-from service.model.loader import ModelConfigError, load_model
+from lmservice.model import cpu_linear
+from lmservice.model.cpu_linear import OneDNNLinear, resolve_linear_backend
+from lmservice.model.loader import ModelConfigError, load_model
 from tests.helpers import make_gpt2_dir
 
 CPU = torch.device("cpu")
@@ -31,7 +31,7 @@ def test_onednn_linear_matches_f_linear(rows, in_features, out_features):
 
 
 def test_few_rows_go_to_the_native_kernel(monkeypatch):
-    """Up to FEW_ROWS rows: kernels.cpu_native.linear_few_rows; more: oneDNN (each path made to fail in turn)."""
+    """Up to FEW_ROWS rows: lmservice.kernels.cpu_native.linear_few_rows; more: oneDNN (each path made to fail in turn)."""
     if cpu_linear.native_library() is None:
         pytest.skip("no C compiler: every call goes to oneDNN")
     fast = OneDNNLinear(nn.Linear(64, 48))

@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
-from service.engine.engine import Engine, EngineConfig
-from service.engine.sampling_params import SamplingParams
-from service.model.config import ModelConfigError
-from service.model.loader import load_model
+from lmservice.engine.engine import Engine, EngineConfig
+from lmservice.engine.sampling_params import SamplingParams
+from lmservice.model.config import ModelConfigError
+from lmservice.model.loader import load_model
 from tests.helpers import make_gpt2_dir, run_to_completion
 
 
@@ -126,8 +126,8 @@ def test_missing_pieces(tmp_path, model_dir):
 @pytest.mark.parametrize("flags, expected", [({"avx2", "fma"}, torch.float32), ({"avx512f", "amx_bf16"}, torch.bfloat16),
                                              ({"avx512_bf16"}, torch.float32), (set(), torch.float32)])
 def test_auto_dtype_on_a_cpu_follows_its_bf16_hardware(monkeypatch, flags, expected):
-    import service.model.cpu as cpu
-    from service.model.loader import resolve_dtype
+    import lmservice.model.cpu as cpu
+    from lmservice.model.loader import resolve_dtype
 
     monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
     assert resolve_dtype("auto", torch.device("cpu")) == expected

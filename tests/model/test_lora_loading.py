@@ -1,4 +1,4 @@
-"""service/model/lora.py: PEFT adapter directories, loaded and served through the store and the torch
+"""lmservice/model/lora.py: PEFT adapter directories, loaded and served through the store and the torch
 kernel, give what PEFT's own modules give; broken directories are refused with the file and field named."""
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kernels.lora import LoRAMapping, add_lora_embedding_torch, add_lora_torch
-from service.model.lora import (
+from lmservice.kernels.lora import LoRAMapping, add_lora_embedding_torch, add_lora_torch
+from lmservice.model.lora import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
     LoRAAdapterError,
     LoRATargets,
     load_lora_adapter,
 )
-from service.model.lora_store import LoRAStore
+from lmservice.model.lora_store import LoRAStore
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

@@ -1,10 +1,10 @@
-"""service/model/lora_slots.py: exact slot ids, LRU eviction order and pins (no torch, no model)."""
+"""lmservice/model/lora_slots.py: exact slot ids, LRU eviction order and pins (no torch, no model)."""
 
 from __future__ import annotations
 
 import pytest
 
-from service.model.lora_slots import LoRASlotsFullError, LoRASlotTable
+from lmservice.model.lora_slots import LoRASlotsFullError, LoRASlotTable
 
 
 def test_lowest_free_slot_first_then_lru_eviction():

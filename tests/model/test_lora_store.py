@@ -1,4 +1,4 @@
-"""service/model/lora_store.py: slot contents after loads, evictions and rank growth; pins and removal."""
+"""lmservice/model/lora_store.py: slot contents after loads, evictions and rank growth; pins and removal."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.lora import LoRAMapping, add_lora_torch
-from service.model.lora import LoRAAdapter, LoRATargets
-from service.model.lora_slots import LoRASlotsFullError
-from service.model.lora_store import LoRAStore
+from lmservice.kernels.lora import LoRAMapping, add_lora_torch
+from lmservice.model.lora import LoRAAdapter, LoRATargets
+from lmservice.model.lora_slots import LoRASlotsFullError
+from lmservice.model.lora_store import LoRAStore
 
 TARGETS = LoRATargets(n_layer=2, n_embd=8, n_inner=16)
 

@@ -1,4 +1,4 @@
-"""--quantization int8 (service/model/quantize.py): the kernel against its own dequantized reference, the
+"""--quantization int8 (lmservice/model/quantize.py): the kernel against its own dequantized reference, the
 quantized model against fp32, and what load_model refuses."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from service.engine.engine import Engine, EngineConfig
-from service.engine.sampling_params import SamplingParams
-from service.model.config import ModelConfigError
-from service.model.loader import load_model
-from service.model.quantize import Int8Linear
+from lmservice.engine.engine import Engine, EngineConfig
+from lmservice.engine.sampling_params import SamplingParams
+from lmservice.model.config import ModelConfigError
+from lmservice.model.loader import load_model
+from lmservice.model.quantize import Int8Linear
 from tests.helpers import make_gpt2_dir, prompts, run_to_completion
 
 

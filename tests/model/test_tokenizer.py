@@ -1,4 +1,4 @@
-"""service/model/tokenizer.py (the server's tokenizer, without transformers) against transformers'
+"""lmservice/model/tokenizer.py (the server's tokenizer, without transformers) against transformers'
 AutoTokenizer on the same directories: ids, text, special tokens and chat prompts are the same."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from service.model.config import ModelConfigError
-from service.model.tokenizer import Tokenizer
+from lmservice.model.config import ModelConfigError
+from lmservice.model.tokenizer import Tokenizer
 from tests.helpers import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from service.serving.adapters import find_adapters
+from lmservice.serving.adapters import find_adapters
 
 
 def _adapter(path):

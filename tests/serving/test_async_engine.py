@@ -1,4 +1,4 @@
-"""service/engine/async_engine.py through the serving layer: admission on the caller's side, all or none."""
+"""lmservice/engine/async_engine.py through the serving layer: admission on the caller's side, all or none."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from service.engine.async_engine import AsyncEngine
-from service.engine.engine import Engine, EngineConfig
-from service.engine.outputs import QueueFullError
-from service.engine.sampling_params import SamplingParams
-from service.model.loader import load_model
-from service.serving.bootstrap import serving_for
+from lmservice.engine.async_engine import AsyncEngine
+from lmservice.engine.engine import Engine, EngineConfig
+from lmservice.engine.outputs import QueueFullError
+from lmservice.engine.sampling_params import SamplingParams
+from lmservice.model.loader import load_model
+from lmservice.serving.bootstrap import serving_for
 from tests.helpers import submit
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)

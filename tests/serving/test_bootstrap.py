@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from service.config import Settings
-from service.engine.config import EngineConfig
-from service.engine.sampling_params import RequestLimits
-from service.engine.scheduler import SchedulerConfig
-from service.serving.bootstrap import engine_config
+from lmservice.config import Settings
+from lmservice.engine.config import EngineConfig
+from lmservice.engine.sampling_params import RequestLimits
+from lmservice.engine.scheduler import SchedulerConfig
+from lmservice.serving.bootstrap import engine_config
 from tests.helpers import make_gpt2_dir
 
 CONFIGS = (EngineConfig, SchedulerConfig, RequestLimits)
@@ -54,9 +54,9 @@ def test_from_fields_refuses_a_name_no_config_has():
 _ONE_TEAM_SCRIPT = r"""
 import os, sys, threading, time
 import torch
-from service.config import Settings
-from service.engine.sampling_params import SamplingParams
-from service.serving.bootstrap import build_serving
+from lmservice.config import Settings
+from lmservice.engine.sampling_params import SamplingParams
+from lmservice.serving.bootstrap import build_serving
 
 threads = os.cpu_count()
 serving = build_serving(Settings(model=sys.argv[1], threads=threads, quantization="int8", num_kv_blocks=64))
@@ -88,10 +88,10 @@ print(result["per_step"])
 
 
 def test_the_engine_thread_owns_the_only_openmp_team(tmp_path):
-    """build_serving loads on a thread that ends (service/serving/bootstrap.py): a parallel op at load leaves no
+    """build_serving loads on a thread that ends (lmservice/serving/bootstrap.py): a parallel op at load leaves no
     OpenMP team on the main thread beside the engine thread's, so with one thread per core libgomp keeps its
     workers spinning between the step's parallel regions instead of putting them to sleep at every one."""
-    from kernels.cpu_native import int8_kernel_available, native_library  # noqa: PLC0415
+    from lmservice.kernels.cpu_native import int8_kernel_available, native_library  # noqa: PLC0415
 
     if native_library() is None or not int8_kernel_available() or not Path("/proc/self/task").is_dir():
         pytest.skip("needs the native int8 kernels and Linux's /proc")

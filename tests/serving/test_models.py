@@ -1,13 +1,13 @@
-"""service/serving/models.py: a request's model name resolved to a served entry, its task and languages
+"""lmservice/serving/models.py: a request's model name resolved to a served entry, its task and languages
 checked, before anything reaches the engine (no engine needed for resolving)."""
 
 from __future__ import annotations
 
 import pytest
 
-from service.engine.outputs import RequestRejectedError
-from service.model.card import Languages, ModelCard
-from service.serving.models import ModelEntry, ModelRegistry, UnknownModelError, tasks_of
+from lmservice.engine.outputs import RequestRejectedError
+from lmservice.model.card import Languages, ModelCard
+from lmservice.serving.models import ModelEntry, ModelRegistry, UnknownModelError, tasks_of
 
 
 def _registry() -> ModelRegistry:

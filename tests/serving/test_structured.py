@@ -1,4 +1,4 @@
-"""Structured output through the engine (service/serving/structured.py + service/engine/grammar.py): on a
+"""Structured output through the engine (lmservice/serving/structured.py + lmservice/engine/grammar.py): on a
 random-weight model only the grammar can make the output valid, so validity over many seeds is the test;
 constrained rows mixed with free ones leave those unchanged; a seeded constrained row is the same alone
 or in a batch; bad specs are refused when compiled."""
@@ -11,9 +11,9 @@ import re
 import jsonschema
 import pytest
 
-from service.engine.outputs import RequestRejectedError
-from service.engine.sampling_params import SamplingParams
-from service.serving.structured import GrammarCompiler, StructuredSpec, structured_spec
+from lmservice.engine.outputs import RequestRejectedError
+from lmservice.engine.sampling_params import SamplingParams
+from lmservice.serving.structured import GrammarCompiler, StructuredSpec, structured_spec
 from tests.helpers import run_to_completion
 
 SCHEMA = {

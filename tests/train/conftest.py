@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from service.train.tokenizer_job import as_hf_tokenizer, train_tokenizer
+from lmservice.train.tokenizer_job import as_hf_tokenizer, train_tokenizer
 
 SUBJECTS = ["a dog", "the cat", "a little girl", "two men", "a woman", "the boy"]
 VERBS = ["runs in", "sits on", "looks at", "plays with", "walks past"]
@@ -95,7 +95,7 @@ FAST = ["--batch-size", "8", "--no-progress", "--threads", "1", "--save-steps", 
 @pytest.fixture
 def train():
     """`train("classify", "--base", d, ...)` runs `lmservice train ...` in-process with FAST flags; returns rc."""
-    from service.train.cli import main
+    from lmservice.train.cli import main
 
     def run(*argv) -> int:
         return main([str(a) for a in argv] + (FAST if argv[0] != "tokenizer" else []))

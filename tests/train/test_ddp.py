@@ -28,7 +28,7 @@ def _losses(out: Path) -> list[float]:
                     reason="torchrun not installed")
 def test_two_processes_match_one_with_the_same_global_batch(tokenizer_dir, data_dir, tmp_path):
     def argv(out: Path, batch_size: int) -> list[str]:
-        return ["-m", "service.cli", "train", "pretrain", "--tokenizer", str(tokenizer_dir),
+        return ["-m", "lmservice.cli", "train", "pretrain", "--tokenizer", str(tokenizer_dir),
                 "--train", str(data_dir / "text.txt"), "--sample-by", "line", "--preset", "tiny",
                 "--n-embd", "32", "--n-positions", "32", "--max-steps", "5", "--batch-size", str(batch_size),
                 "--sampling", "sequential", "--logging-steps", "1", "--threads", "1", "--no-progress",

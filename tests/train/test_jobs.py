@@ -9,8 +9,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoTokenizer, GPT2ForSequenceClassification, GPT2LMHeadModel
 
-from service.model.card import ModelCard
-from service.train.artifact import CURVES_FILE, work_dir_for
+from lmservice.model.card import ModelCard
+from lmservice.train.artifact import CURVES_FILE, work_dir_for
 
 
 def _assert_artifact(out, files):
@@ -104,7 +104,7 @@ def test_translate_example_layout_is_prompt_then_target_then_eos(base_dir):
     """Training text == template.replace("{text}", src) + " " + tgt + EOS, loss on the target part only."""
     from datasets import Dataset
 
-    from service.train.examples import IGNORE_INDEX, encode_prompt_completion
+    from lmservice.train.examples import IGNORE_INDEX, encode_prompt_completion
 
     tok = AutoTokenizer.from_pretrained(base_dir)
     ds = Dataset.from_dict({"src": ["a dog is here."], "tgt": ["ein Hund ist hier."]})
@@ -150,9 +150,9 @@ def test_label_smoothing_reaches_the_trainer_loss_with_shifted_labels(base_dir, 
     import torch.nn.functional as F
     from transformers import Trainer
 
-    from service.train.examples import IGNORE_INDEX
-    from service.train.modeling import apply_lora
-    from service.train.options import add_base_arguments, add_training_arguments, training_arguments
+    from lmservice.train.examples import IGNORE_INDEX
+    from lmservice.train.modeling import apply_lora
+    from lmservice.train.options import add_base_arguments, add_training_arguments, training_arguments
 
     p = argparse.ArgumentParser()
     add_base_arguments(p)

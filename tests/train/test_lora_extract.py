@@ -13,8 +13,8 @@ import torch
 from peft import PeftModel
 from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
-from service.model.card import ModelCard
-from service.train.modeling import extract_lora, freeze_for_extraction
+from lmservice.model.card import ModelCard
+from lmservice.train.modeling import extract_lora, freeze_for_extraction
 from tests.train.test_lora_parity import fold_lora
 
 TARGETS = ["c_attn", "c_proj", "c_fc"]

@@ -12,20 +12,20 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from service.train.artifact import work_dir_for
+from lmservice.train.artifact import work_dir_for
 
 REPO = Path(__file__).resolve().parents[2]
 
 # Runs the job in a child process whose progress callback SIGKILLs it once the step-4 checkpoint is on disk.
 _KILL_AFTER_CHECKPOINT = """
 import os, signal, sys
-import service.train.runner as runner
+import lmservice.train.runner as runner
 class KillAfterSave(runner.ProgressCallback):
     def on_save(self, args, state, control, **kwargs):
         if state.global_step == 4:
             os.kill(os.getpid(), signal.SIGKILL)
 runner.ProgressCallback = KillAfterSave
-from service.train.cli import main
+from lmservice.train.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -38,7 +38,7 @@ def _argv(base_dir, data_dir, out) -> list[str]:
 
 
 def test_resume_after_kill_equals_uninterrupted_run(base_dir, data_dir, tmp_path, capsys):
-    from service.train.cli import main
+    from lmservice.train.cli import main
 
     straight = tmp_path / "straight"
     assert main(_argv(base_dir, data_dir, straight)) == 0

@@ -12,11 +12,11 @@ import torch
 from peft import PeftModel
 from transformers import AutoTokenizer, GPT2ForSequenceClassification, GPT2LMHeadModel
 
-from service.engine.engine import Engine, EngineConfig
-from service.engine.sampling_params import SamplingParams
-from service.model.card import ModelCard
-from service.model.loader import load_model
-from service.train.cli import main
+from lmservice.engine.engine import Engine, EngineConfig
+from lmservice.engine.sampling_params import SamplingParams
+from lmservice.model.card import ModelCard
+from lmservice.model.loader import load_model
+from lmservice.train.cli import main
 from tests.helpers import run_to_completion
 
 NEW = 8

@@ -1,0 +1,70 @@
+"""The FastAPI application: routes, error handlers, middleware and the engine's lifetime."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from lmservice.api.errors import install_handlers
+from lmservice.api.middleware import RequestContextMiddleware
+from lmservice.api.playground import router as playground_router
+from lmservice.api.routes import admin, embeddings, native, openai, probes, tokenize
+from lmservice.api.state import ServerState
+from lmservice.config import Settings
+from lmservice.metrics import Metrics
+
+if TYPE_CHECKING:
+    from lmservice.serving.bootstrap import Serving
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, serving: Serving | None = None, metrics: Metrics | None = None) -> FastAPI:
+    """The app for one server. Without `serving` (the engine and its models), it is built from
+    `settings` at startup.
+
+    The engine's worker thread starts when the app starts (inside the running loop)
+    and stops when it shuts down; the app never blocks its loop on model compute.
+    """
+    state = ServerState(settings=settings, metrics=metrics or Metrics())
+    if serving is not None:
+        state.serve(serving)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if state.engine is None:
+            from lmservice.serving.bootstrap import build_serving  # noqa: PLC0415  (heavy: torch, the model)
+
+            state.serve(build_serving(settings))
+        engine, models = state.started()
+        engine.start()
+        logger.info("engine started", extra={"models": [m.name for m in models.models()]})
+        try:
+            yield
+        finally:
+            await state.engine.shutdown()
+            logger.info("engine stopped")
+
+    app = FastAPI(
+        title="lmservice",
+        summary="GPT-2-family inference: native generate/classify/translate and an OpenAI-compatible API.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.server = state
+    install_handlers(app)
+    for module in (probes, native, openai, embeddings, tokenize, admin):
+        app.include_router(module.router)
+    if settings.playground:
+        app.include_router(playground_router)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["X-Request-ID", "Retry-After"])
+    # Added last = outermost: every response (413s and 500s included) carries the request id and is logged.
+    app.add_middleware(RequestContextMiddleware, state=state)
+    return app

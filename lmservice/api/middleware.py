@@ -1,0 +1,110 @@
+"""Per-request context: the request id, the body size limit, one structured log line and the requests counter.
+
+A pure ASGI middleware (not BaseHTTPMiddleware) so streamed responses pass
+through untouched and client disconnects reach the routes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from lmservice.api.errors import error_body
+from lmservice.api.jsonlog import request_id_var
+from lmservice.api.state import ServerState
+
+access_log = logging.getLogger("lmservice.access")
+
+# A client's X-Request-ID is echoed only when it is short and printable; otherwise we make one.
+_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+# Routes we name in the metric; anything else counts as "other" so a scanner cannot blow up label cardinality.
+_OTHER = "other"
+
+
+@dataclass
+class RequestRecord:
+    """What the routes tell the log line and the metrics about one HTTP request."""
+
+    model: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    num_engine_requests: int = 0
+    ttft_ms: float | None = None
+    queue_ms: float | None = None
+    finish_reasons: list[str] = field(default_factory=list)
+    prompt: str | None = None  # only with settings.log_prompts
+    output: str | None = None  # only with settings.log_prompts
+    client_disconnected: bool = False  # a stream the client dropped before its end (status 499)
+
+
+def record_of(scope: Scope) -> RequestRecord:
+    """The record of the request in `scope` (Starlette's request.state is backed by scope["state"])."""
+    state = scope.setdefault("state", {})
+    if "record" not in state:
+        state["record"] = RequestRecord()
+    return state["record"]
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = Headers(scope=scope).get("x-request-id", "")
+        request_id = incoming if _VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        record = record_of(scope)
+        start = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        limit = self.state.settings.max_body_bytes
+        received = 0
+
+        async def receive_with_limit() -> Message:
+            # Bodies sent without Content-Length (chunked) are counted as they arrive.
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise HTTPException(413)  # rendered in the one error shape by errors.install_handlers
+            return message
+
+        try:
+            declared = Headers(scope=scope).get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                response = JSONResponse(error_body(413, f"request body too large (limit {limit} bytes)"), 413)
+                await response(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive_with_limit, send_with_id)
+        finally:
+            if record.client_disconnected:
+                status = 499  # nginx's "client closed request": the 200 header went out, the answer did not
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or _OTHER
+            self.state.metrics.requests.labels(endpoint, record.model, str(status)).inc()
+            fields = {k: v for k, v in asdict(record).items()
+                      if v not in (None, [], "") and k != "client_disconnected"}
+            access_log.info("request", extra={
+                "method": scope["method"], "path": scope["path"], "status": status,
+                "duration_ms": round((time.perf_counter() - start) * 1000, 2), **fields})
+            request_id_var.reset(token)

@@ -1,0 +1,144 @@
+"""Native endpoints: /v1/generate, /v1/classify, /v1/translate.
+
+Each takes "model" to pick the base model or an adapter; without it the first
+model able to do the task answers (for translate: the first whose languages match).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+
+from lmservice.api.auth import require_api_key, server_state
+from lmservice.api.engine_client import EngineCall
+from lmservice.api.errors import APIError
+from lmservice.api.logprobs import TokenText, native_logprobs
+from lmservice.api.schemas.common import ERROR_RESPONSES
+from lmservice.api.schemas.native import (
+    ClassifyRequest,
+    ClassifyResponse,
+    GenerateRequest,
+    GenerateResponse,
+    TranslateRequest,
+    TranslateResponse,
+)
+from lmservice.engine.sampling_params import SamplingParams
+from lmservice.serving.sampling import sampling_params
+
+router = APIRouter(dependencies=[Depends(require_api_key)], tags=["native"])
+
+
+def _responses(model: type, stream_example: str | None = None) -> dict:
+    ok: dict[str, Any] = {"model": model}
+    if stream_example:
+        ok["content"] = {"text/event-stream": {"example": stream_example}}
+    return {200: ok, **ERROR_RESPONSES}
+
+
+def _texts(text: str | list[str]) -> list[str]:
+    texts = [text] if isinstance(text, str) else list(text)
+    if not texts:
+        raise APIError(400, "text: must not be an empty list", param="text")
+    return texts
+
+
+async def _text_chunks(call: EngineCall, with_logprobs: bool, token_text: TokenText,
+                       indexed: bool) -> AsyncIterator[dict[str, Any]]:
+    """Native stream: {"text": delta, ...} per event; the last of each prompt has finish_reason (+ usage at the end)."""
+    held: dict[int, list] = {}  # prompt index -> logprobs of tokens whose text has not shown yet
+    async for i, out in call.merged():
+        for delta in out.outputs:
+            logprobs = held.pop(i, []) + list(delta.logprobs or [])
+            if not delta.text and delta.finish_reason is None:
+                held[i] = logprobs  # a token ending inside a multi-byte character shows up with the next one
+                continue
+            chunk: dict[str, Any] = {"id": call.id, "model": call.entry.name, "text": delta.text,
+                                     "finish_reason": delta.finish_reason}
+            if indexed:
+                chunk["index"] = i
+            if with_logprobs:
+                chunk["logprobs"] = native_logprobs(token_text, logprobs)
+            yield chunk
+    yield {"id": call.id, "model": call.entry.name, "text": "", "finish_reason": None, "usage": call.usage()}
+
+
+# ---------------------------------------------------------------- generate
+
+
+@router.post("/v1/generate", responses=_responses(
+    GenerateResponse, 'data: {"id": "gen-1a2b", "text": " there", "finish_reason": null}\n\n'
+    'data: {"id": "gen-1a2b", "text": "", "finish_reason": null, "usage": {...}}\n\ndata: [DONE]\n\n'))
+async def generate(body: GenerateRequest, request: Request):
+    engine, models = server_state(request).started()
+    call = EngineCall.open(request, models.resolve(body.model, "generate"), "gen")
+    await call.constrain(dict(body))
+    call.submit(call.tokenize([body.prompt]), sampling_params(dict(body), default_max_tokens=64,
+                                                              logprobs=body.logprobs))
+    token_text = TokenText(engine.tokenizer)
+
+    def build() -> dict[str, Any]:
+        seq = call.runs[0].sequences[0]
+        call.log_output(seq.text)
+        return {"id": call.id, "model": call.entry.name, "text": seq.text, "finish_reason": seq.finish_reason,
+                "usage": call.usage(),
+                "logprobs": native_logprobs(token_text, seq.logprobs) if body.logprobs is not None else None}
+
+    chunks = _text_chunks(call, body.logprobs is not None, token_text, indexed=False) if body.stream else None
+    return await call.respond(request, chunks, build)
+
+
+# ---------------------------------------------------------------- classify
+
+
+@router.post("/v1/classify", responses=_responses(ClassifyResponse))
+async def classify(body: ClassifyRequest, request: Request):
+    _, models = server_state(request).started()
+    call = EngineCall.open(request, models.resolve(body.model, "classify"), "cls")
+    labels = list(call.entry.card.labels or [])
+    # Classification is one prefill: nothing is sampled, so the params only carry the defaults.
+    call.submit(call.tokenize(_texts(body.text), param="text"), SamplingParams(max_tokens=0, temperature=0.0),
+                task="classify")
+
+    def build() -> dict[str, Any]:
+        results = []
+        for run in call.runs:
+            scores = run.scores or []
+            if len(scores) != len(labels) or not scores:
+                raise APIError(500, f"model {call.entry.name!r} returned {len(scores)} scores for {len(labels)} labels")
+            best = max(range(len(scores)), key=scores.__getitem__)
+            results.append({"label": labels[best], "score": scores[best],
+                            "scores": dict(zip(labels, scores, strict=True))})
+        call.log_output([r["label"] for r in results])
+        return {"id": call.id, "model": call.entry.name, "results": results, "usage": call.usage()}
+
+    return await call.respond(request, None, build)
+
+
+# ---------------------------------------------------------------- translate
+
+
+@router.post("/v1/translate", responses=_responses(
+    TranslateResponse, 'data: {"id": "tr-5c3d", "index": 0, "text": " Ein", "finish_reason": null}\n\n'
+    'data: [DONE]\n\n'))
+async def translate(body: TranslateRequest, request: Request):
+    engine, models = server_state(request).started()
+    call = EngineCall.open(request, models.resolve_translation(body.model, body.source, body.target), "tr")
+    card = call.entry.card
+    texts = _texts(body.text)
+    prompts = call.tokenize([card.render_translation_prompt(t) for t in texts], param="text")
+    call.log_prompt(texts)
+    # The card's contract: the target follows the prompt and ends with EOS, so greedy until EOS by default.
+    call.submit(prompts, sampling_params({"max_tokens": body.max_tokens, "temperature": body.temperature},
+                                         default_max_tokens=None))
+
+    def build() -> dict[str, Any]:
+        translations = [{"text": run.sequences[0].text.strip(), "finish_reason": run.sequences[0].finish_reason}
+                        for run in call.runs]
+        call.log_output([t["text"] for t in translations])
+        return {"id": call.id, "model": call.entry.name, "source": card.languages.source,
+                "target": card.languages.target, "translations": translations, "usage": call.usage()}
+
+    chunks = _text_chunks(call, False, TokenText(engine.tokenizer), indexed=True) if body.stream else None
+    return await call.respond(request, chunks, build)

@@ -1,0 +1,118 @@
+"""`lmservice`: the one entry point (serve, generate, train).
+
+The composition root: flags and environment are read here, once, into
+`Settings`, and handed down. Each subcommand imports only what it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+import typing
+from collections.abc import Sequence
+
+from lmservice.config import Settings
+
+
+def _flag_type(annotation: object) -> tuple[type, bool, tuple | None]:
+    """(element type, is_list, choices) of a Settings field annotation."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _flag_type(inner[0])
+    if origin is list:
+        elem, _, _ = _flag_type(args[0])
+        return elem, True, None
+    if origin is typing.Literal:
+        return type(args[0]), False, args
+    return annotation, False, None  # type: ignore[return-value]
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field; unset flags are left to the environment and defaults."""
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        elem, is_list, choices = _flag_type(field.annotation)
+        help_text = field.description or ""
+        env = f"LMSERVICE_{name.upper()}"
+        if elem is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=f"{help_text} [{env}]")
+        elif is_list:
+            parser.add_argument(flag, dest=name, action="append", type=str,
+                                default=argparse.SUPPRESS, help=f"{help_text} (repeatable) [{env}]")
+        else:
+            parser.add_argument(flag, dest=name, type=str, choices=choices,
+                                default=argparse.SUPPRESS, help=f"{help_text} [{env}]")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Flags given on the command line override LMSERVICE_* variables, which override defaults."""
+    given = {name: getattr(args, name) for name in Settings.model_fields if hasattr(args, name)}
+    return Settings(**given)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from lmservice.api.server import run  # noqa: PLC0415
+
+    return run(settings_from_args(args))
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from lmservice.generate_cli import run  # noqa: PLC0415
+
+    return run(settings_from_args(args), args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmservice", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="Serve the HTTP API (native + OpenAI-compatible).")
+    add_settings_flags(serve)
+    serve.set_defaults(func=_serve)
+
+    gen = sub.add_parser("generate", help="Generate from a prompt on the command line (no server).")
+    add_settings_flags(gen)
+    gen.add_argument("prompt", nargs="+", help="Prompt text (several: batched together).")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--min-tokens", type=int, default=0)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy.")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--presence-penalty", type=float, default=0.0)
+    gen.add_argument("--frequency-penalty", type=float, default=0.0)
+    gen.add_argument("--sample-seed", type=int, default=None, help="Per-request sampling seed.")
+    gen.add_argument("--stop", action="append", default=[], help="Stop string (repeatable).")
+    gen.add_argument("--n", type=int, default=1, help="Completions per prompt.")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--logprobs", type=int, default=None, help="Print top-n logprobs per token.")
+    gen.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                     help="Print text as it is generated (single prompt).")
+    gen.set_defaults(func=_generate)
+
+    train = sub.add_parser("train", help="Fine-tuning jobs: tokenizer, pretrain, lm, classify, translate.",
+                           add_help=False)
+    train.add_argument("train_args", nargs=argparse.REMAINDER)
+    train.set_defaults(func=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        # The training jobs own their flags; they are never imported by the server.
+        from lmservice.train.cli import main as train_main  # noqa: PLC0415
+
+        return train_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

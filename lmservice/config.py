@@ -1,0 +1,93 @@
+"""The one settings object of the server, read once at the composition root.
+
+Every field is both an environment variable (`LMSERVICE_<FIELD>`) and a CLI
+flag of `lmservice serve` (`--field-name`); flags win over the environment.
+Nothing below the CLI reads the environment.
+
+Engine settings take their defaults from the engine's own configs (EngineConfig,
+SchedulerConfig, RequestLimits) under the same names: every default is written
+once, there. lmservice/serving/bootstrap.py maps the fields across by name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from lmservice.engine.config import EngineConfig
+from lmservice.engine.sampling_params import RequestLimits
+from lmservice.engine.scheduler import SchedulerConfig
+
+# The shipped default model, made by the project's own training jobs.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "base"
+DEFAULT_ADAPTERS_DIR = REPO_ROOT / "models"
+
+
+class Settings(BaseSettings):
+    """Validated configuration of one lmservice process (one base model on one device)."""
+
+    model_config = SettingsConfigDict(env_prefix="LMSERVICE_", env_parse_none_str="", extra="forbid")
+
+    # --- model ---
+    model: Path = Field(DEFAULT_MODEL_DIR, description="Base model directory (Hugging Face GPT-2-family checkpoint).")
+    served_model_name: str | None = Field(None, description="Name of the base model in the API (default: the directory name).")
+    adapter: list[str] = Field(default_factory=list, description="LoRA adapter as NAME=DIR (repeatable).")
+    adapters_dir: Path | None = Field(None, description="Directory whose PEFT adapter sub-directories are all served; also the only place POST /v1/adapters may load from.")
+    max_loras: int = Field(SchedulerConfig.max_loras, ge=1, description="Adapters resident on the device at once (and distinct adapters in one batch).")
+    max_lora_rank: int = Field(EngineConfig.max_lora_rank, ge=1, description="Largest LoRA rank accepted.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device to run on (auto: cuda when available).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights and activations dtype (auto: bfloat16 on CUDA and on CPUs with AMX bf16 tiles, float32 on other CPUs).")
+    quantization: Literal["none", "int8"] = Field("none", description="int8: 8-bit weights with per-channel scales and dynamically quantized activations, quantized at start-up from any checkpoint (CPU only; float32 activations).")
+    threads: int = Field(0, ge=0, description="CPU threads of the model's matmuls and attention (torch/OpenMP); 0: torch's default, one per core. On a 2-core machine --quantization int8 served faster with 1 (docs/benchmarks.md).")
+    linear_backend: Literal["auto", "torch", "onednn"] = Field("auto", description="How float32 projections run on a CPU: torch (its BLAS, MKL on x86) or onednn (oneDNN's matmul; 1.5-2.7x faster than MKL on AMD CPUs). auto: onednn on non-Intel x86 CPUs, torch elsewhere.")
+    attention_backend: Literal["auto", "torch", "native", "triton"] = Field(EngineConfig.attention_backend, description="Kernels: triton on CUDA; on CPUs native (torch ops + a C decode attention that reads the paged KV cache in place, compiled on first use; float32) where a C compiler is found, else torch.")
+    enable_cuda_graphs: bool = Field(EngineConfig.enable_cuda_graphs, description="Capture decode steps as CUDA graphs (CUDA only).")
+    seed: int = Field(EngineConfig.seed, description="Seed of the sampler for requests that carry none.")
+
+    # --- engine ---
+    block_size: int = Field(EngineConfig.block_size, ge=1, description="Tokens per KV-cache block.")
+    kv_cache_memory_mb: int = Field(EngineConfig.kv_cache_memory_mb, ge=1, description="Memory budget of the KV-cache block pool, in MiB.")
+    num_kv_blocks: int | None = Field(EngineConfig.num_kv_blocks, ge=1, description="Exact number of KV blocks (overrides the memory budget).")
+    max_num_batched_tokens: int = Field(SchedulerConfig.max_num_batched_tokens, ge=1, description="Token budget of one engine step (prefill chunks + decodes).")
+    max_num_seqs: int = Field(SchedulerConfig.max_num_seqs, ge=1, description="Most requests running in one engine step.")
+    enable_prefix_caching: bool = Field(EngineConfig.enable_prefix_caching, description="Reuse KV blocks of identical prompt prefixes across requests.")
+    max_waiting_requests: int = Field(SchedulerConfig.max_waiting_requests, ge=1, description="Waiting-queue bound; past it requests get 429.")
+    max_waiting_tokens: int = Field(SchedulerConfig.max_waiting_tokens, ge=1, description="Bound on prompt tokens waiting; past it requests get 429.")
+
+    # --- request limits (400 beyond each, naming the limit) ---
+    max_n: int = Field(RequestLimits.max_n, ge=1, description="Most sequences one request may ask for (n).")
+    max_logit_bias: int = Field(RequestLimits.max_logit_bias, ge=0, description="Most logit_bias entries in one request.")
+    max_stop: int = Field(RequestLimits.max_stop, ge=0, description="Most stop strings (and, separately, stop token ids) in one request.")
+    max_stop_length: int = Field(RequestLimits.max_stop_length, ge=1, description="Most characters in one stop string.")
+    max_structured_spec_bytes: int = Field(65536, ge=1, description="Largest JSON schema, regex, choice list or grammar one request may constrain its output with (compiling is bounded by its size).")
+    max_prompts_per_request: int = Field(256, ge=1, description="Most prompts (or texts) in one completions, classify or translate request.")
+
+    # --- http ---
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to bind.")
+    api_key: list[str] = Field(default_factory=list, description="Accepted API keys (Authorization: Bearer); none means no auth.")
+    admin_key: str | None = Field(None, description="Key for the admin endpoints (POST/DELETE /v1/adapters); unset disables them.")
+    auth_probes: bool = Field(False, description="Require an API key for /health, /ready and /metrics too.")
+    max_body_bytes: int = Field(1_048_576, ge=1, description="Largest request body accepted (413 beyond).")
+    cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS (none: CORS off).")
+    drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish.")
+    header_read_timeout_s: float = Field(10.0, gt=0, description="A connection that has not sent its request headers this long after opening (or after starting its next request) is closed.")
+    log_prompts: bool = Field(False, description="Log prompts and outputs (off: never logged).")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    playground: bool = Field(True, description="Serve the web playground and live dashboard at / (a page that calls the API with the user's key).")
+
+    @field_validator("adapter")
+    @classmethod
+    def _check_adapter(cls, value: list[str]) -> list[str]:
+        for item in value:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"adapter {item!r} must be NAME=DIR")
+        return value
+
+    def adapter_dirs(self) -> dict[str, Path]:
+        return {name: Path(path) for name, _, path in (a.partition("=") for a in self.adapter)}

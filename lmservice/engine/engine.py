@@ -1,0 +1,359 @@
+"""The synchronous engine: add requests, abort them, step. A step reads as schedule, run, update.
+
+`EngineConfig` lives in lmservice/engine/config.py (torch-free, so Settings can read its defaults);
+it is re-exported here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from lmservice.engine.block_pool import BlockPool
+from lmservice.engine.config import EngineConfig
+from lmservice.engine.detokenizer import IncrementalDetokenizer
+from lmservice.engine.engine_request import EngineRequest, EngineTask, RequestValidator
+from lmservice.engine.kv_cache_manager import KVCacheManager
+from lmservice.engine.model_runner import ModelRunner, ModelRunnerOutput, kv_cache_bytes_per_block
+from lmservice.engine.outputs import CompletionDelta, RequestOutput, RequestRejectedError, TokenLogprob
+from lmservice.engine.request import Sequence
+from lmservice.engine.sampling_params import SamplingParams
+from lmservice.engine.scheduler import Scheduler, SchedulerOutput
+from lmservice.engine.stop_strings import StopStrings
+from lmservice.kernels import auto_cpu_backend, load_ops
+from lmservice.kernels.lora import LoRAMapping
+from lmservice.model.card import ModelCard
+from lmservice.model.loader import LoadedModel
+from lmservice.model.lora import LoRAAdapter, LoRATargets
+from lmservice.model.lora_store import LoRAStore
+
+log = logging.getLogger("lmservice.engine")
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_waiting_tokens: int
+    num_kv_blocks_total: int
+    num_kv_blocks_used: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+
+
+@dataclass(eq=False)
+class _Group:
+    """The n sequences of one request and what has not been reported yet."""
+
+    request_id: str
+    seqs: list[Sequence]
+    detoks: list[IncrementalDetokenizer | None]
+    pending_tokens: list[list[int]]
+    pending_logprobs: list[list[TokenLogprob]]
+    prompt_logprobs: list[TokenLogprob | None] | None
+    scores: list[float] | None = None
+    embedding: list[float] | None = None
+    sent_prompt_logprobs: bool = False
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class Engine:
+    """Continuous-batching engine over one base model on one device."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        self.loaded = loaded
+        self.config = config
+        self.tokenizer = loaded.tokenizer
+        self.max_model_len = loaded.config.n_positions
+        self.vocab_size = loaded.config.vocab_size
+        self.eos_token_id = loaded.tokenizer.eos_token_id
+        if self.eos_token_id is None:
+            self.eos_token_id = loaded.config.eos_token_id
+        backend = config.attention_backend
+        if backend == "auto":
+            backend = "triton" if loaded.device.type == "cuda" else auto_cpu_backend(loaded.dtype)
+        if backend == "native" and (loaded.device.type != "cpu" or loaded.dtype != torch.float32):
+            raise ValueError(f"attention_backend native runs float32 models on CPUs, not {loaded.dtype} on "
+                             f"{loaded.device.type}: use torch (or auto)")
+        num_blocks = config.num_kv_blocks or max(
+            1, config.kv_cache_memory_mb * 2**20 // kv_cache_bytes_per_block(loaded.model, config.block_size, loaded.dtype))
+        self.pool = BlockPool(num_blocks, config.block_size)
+        self.validator = RequestValidator(vocab_size=self.vocab_size, max_model_len=self.max_model_len,
+                                          block_size=config.block_size, num_kv_blocks=num_blocks,
+                                          limits=config.limits)
+        self.lora = LoRAStore(LoRATargets.from_config(loaded.config), config.scheduler.max_loras,
+                              config.max_lora_rank, loaded.device, loaded.dtype)
+        self.adapter_load_ids: dict[str, int] = {}  # name -> which load of that name is served now
+        self._num_adapters_loaded = 0
+        self.scheduler = Scheduler(config.scheduler, KVCacheManager(self.pool, config.enable_prefix_caching),
+                                   adapters_fit=self.lora.can_acquire)
+        self.ops = load_ops(backend)
+        self.runner = ModelRunner(
+            model=loaded.model, ops=self.ops, num_blocks=num_blocks, block_size=config.block_size,
+            device=loaded.device, dtype=loaded.dtype, eos_token_id=self.eos_token_id, seed=config.seed,
+            cuda_graph_max_batch=config.scheduler.max_num_seqs if config.enable_cuda_graphs else 0)
+        self.groups: dict[str, _Group] = {}
+        # NOTE: (step index, num_seqs, num_tokens) of recent steps, appended by the engine thread and read
+        # by scrapes (step_samples_since); reading never removes, so any number of readers see every sample.
+        self.step_samples: deque[tuple[int, int, int]] = deque(maxlen=10_000)
+        self.num_steps = 0
+        log.info("engine ready: %d KV blocks of %d tokens, %s kernels", num_blocks, config.block_size, backend)
+        if num_blocks * config.block_size < self.max_model_len:
+            log.warning("the KV cache (%d tokens) is smaller than one full context (%d): long requests are refused",
+                        num_blocks * config.block_size, self.max_model_len)
+
+    # --- adapters ---
+    def add_adapter(self, name: str, path) -> tuple[LoRAAdapter, ModelCard]:
+        """Load a PEFT LoRA directory (and its card) as `name`; a broken one raises ValueError, changing nothing."""
+        card = ModelCard.load(path)
+        adapter = self.lora.load(name, path)
+        if card is None:
+            card = ModelCard.default([f"LABEL_{i}" for i in range(adapter.score_weight.shape[0])]
+                                     if adapter.score_weight is not None else None)
+        self._num_adapters_loaded += 1
+        self.adapter_load_ids[name] = self._num_adapters_loaded
+        if adapter.score_weight is not None:
+            dev, dt = self.loaded.device, self.loaded.dtype
+            bias = adapter.score_bias.to(dev, dt) if adapter.score_bias is not None else None
+            self.runner.score_heads[(name, self._num_adapters_loaded)] = (adapter.score_weight.to(dev, dt), bias)
+        return adapter, card
+
+    def remove_adapter(self, name: str) -> None:
+        """New requests can no longer name it; requests in flight keep it until they end. KeyError if unknown."""
+        load_id = self.adapter_load_ids.pop(name, None)
+        if self.lora.remove(name):
+            self.runner.score_heads.pop((name, load_id), None)
+
+    def _release_adapter(self, key: tuple[str, int | None]) -> None:
+        name, load_id = key
+        self.lora.unpin(name)
+        if self.adapter_load_ids.get(name) != load_id:  # removed (or replaced) while this request ran
+            try:
+                self.lora.get(name)
+            except KeyError:
+                self.runner.score_heads.pop(key, None)
+
+    # --- requests ---
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+               task: EngineTask = "generate", adapter: str | None = None, priority: int = 0,
+               grammar: object | None = None) -> EngineRequest:
+        """The synchronous entry (the CLI, benchmarks, tests): validate, check the waiting-queue bounds and
+        queue; raises RequestRejectedError or QueueFullError, changing nothing."""
+        if request_id in self.groups:
+            raise RequestRejectedError(f"request id {request_id!r} is already in use", "request_id")
+        request = self.validator.check(request_id, prompt_token_ids, params, task=task, adapter=adapter,
+                                       priority=priority, grammar=grammar)
+        self.check_admission(request.num_seqs, request.num_prompt_tokens)
+        self.add_request(request)
+        return request
+
+    def check_admission(self, num_seqs: int, num_prompt_tokens: int) -> None:
+        """QueueFullError when the bounded waiting queue cannot take this many more."""
+        self.scheduler.check_admission(num_seqs, num_prompt_tokens)
+
+    def add_request(self, request: EngineRequest) -> None:
+        """Queue a request that RequestValidator.check made, as it is (no validation, no admission check:
+        the caller did both). KeyError, changing nothing, if its adapter is no longer loaded."""
+        adapter, params = request.adapter, request.params
+        if adapter is not None and adapter not in self.lora:
+            raise KeyError(adapter)
+        if adapter is not None:
+            self.lora.pin(adapter)  # kept until the request ends, even if removed meanwhile
+        seqs = []
+        now = time.monotonic()
+        for i in range(request.num_seqs):
+            seq = Sequence(seq_id=f"{request.request_id}#{i}", group_id=request.request_id, index=i,
+                           prompt_token_ids=list(request.prompt_token_ids), params=params,
+                           max_tokens=request.max_tokens, priority=request.priority, adapter=adapter,
+                           adapter_load_id=self.adapter_load_ids.get(adapter) if adapter else None,
+                           task=request.task, arrival_time=now)
+            if params.seed is not None and not params.is_greedy:
+                seq.generator = torch.Generator().manual_seed((params.seed + i) % 2**64)
+            if request.grammar is not None:
+                seq.grammar = request.grammar.deep_copy()
+            seqs.append(seq)
+        generates = request.task == "generate"
+        stops = StopStrings(params.stop) if params.stop and generates else None
+        detoks = [IncrementalDetokenizer(self.tokenizer, stops, params.include_stop_str_in_output,
+                                         params.skip_special_tokens) if generates else None for _ in seqs]
+        self.groups[request.request_id] = _Group(
+            request.request_id, seqs, detoks, [[] for _ in seqs], [[] for _ in seqs],
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now; its blocks are free before the next step."""
+        group = self.groups.get(request_id)
+        if group is None:
+            return None
+        for seq in group.seqs:
+            self.scheduler.finish(seq, "abort")
+        return self._collect(group)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def has_running(self) -> bool:
+        """Whether any sequence holds KV blocks (a step that scheduled nothing while this is False waits)."""
+        return bool(self.scheduler.running)
+
+    # --- the step ---
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        try:
+            result = self.runner.execute(sched, self.lora_hook(sched))
+        except Exception as e:  # noqa: BLE001 (one bad batch must not stop the server)
+            return self._fail_batch(sched, e)
+        self.step_samples.append((self.num_steps, len(sched.scheduled), sched.num_batched_tokens))
+        self.num_steps += 1
+        return self.update(sched, result)
+
+    def lora_hook(self, sched: SchedulerOutput):
+        """The step's LoRA hook: each sequence's adapter in a device slot, None when no row uses one."""
+        names = [item.seq.adapter for item in sched.scheduled]
+        if all(name is None for name in names):
+            return None
+        slots = self.lora.acquire(names)
+        mapping = LoRAMapping.from_seq_slots(slots, [item.num_new_tokens for item in sched.scheduled],
+                                             self.loaded.device)
+        return self.lora.step_hook(mapping, self.ops.add_lora)
+
+    def update(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestOutput]:
+        now = time.monotonic()
+        touched: dict[str, _Group] = {}
+        for i, item in enumerate(sched.scheduled):
+            seq = item.seq
+            start = seq.num_computed_tokens
+            seq.num_computed_tokens += item.num_new_tokens
+            group = self.groups[seq.group_id]
+            touched[group.request_id] = group
+            if seq.is_finished:  # a sibling's failure already ended it
+                continue
+            try:
+                if i in result.errors:
+                    raise RuntimeError(result.errors[i])
+                if i in result.prompt_logprobs and group.prompt_logprobs is not None and seq.index == 0:
+                    # entry k is position start + 1 + k; a preempted sequence recomputes positions it already reported
+                    chunk = result.prompt_logprobs[i]
+                    group.prompt_logprobs.extend(chunk[len(group.prompt_logprobs) - (start + 1):])
+                if i in result.scores:
+                    group.scores = result.scores[i]
+                    self.scheduler.finish(seq, "stop")
+                elif i in result.embeddings:
+                    group.embedding = result.embeddings[i]
+                    self.scheduler.finish(seq, "stop")
+                elif seq.max_tokens == 0 and seq.num_computed_tokens >= seq.num_tokens:
+                    self.scheduler.finish(seq, "length")  # prompt only (echo + logprobs scoring)
+                elif i in result.sampled:
+                    token_id, logprob = result.sampled[i]
+                    self._append_token(group, seq, token_id, logprob, now)
+            except Exception as e:  # noqa: BLE001 (fails this request alone)
+                log.warning("request %s failed: %s", group.request_id, e)
+                self._fail_group(group, e)
+        return [self._collect(g) for g in touched.values()]
+
+    def _fail_group(self, group: _Group, error: Exception) -> None:
+        group.error = f"{type(error).__name__}: {error}"
+        for seq in group.seqs:
+            self.scheduler.finish(seq, "error")
+
+    def _append_token(self, group: _Group, seq: Sequence, token_id: int, logprob: TokenLogprob | None,
+                      now: float) -> None:
+        params = seq.params
+        seq.output_token_ids.append(token_id)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        group.pending_tokens[seq.index].append(token_id)
+        if logprob is not None:
+            group.pending_logprobs[seq.index].append(logprob)
+        num_out = seq.num_output_tokens
+        if seq.grammar is not None and not seq.grammar.consume_token(token_id):
+            raise RuntimeError(f"the grammar refused token {token_id}: {seq.grammar.get_error()[:200]}")
+        if num_out >= params.min_tokens:
+            if token_id == self.eos_token_id and not params.ignore_eos:
+                return self.scheduler.finish(seq, "stop", None)
+            if token_id in params.stop_token_ids:
+                return self.scheduler.finish(seq, "stop", token_id)
+        stop = group.detoks[seq.index].add_token(token_id, check_stop=num_out >= params.min_tokens)
+        if stop is not None:
+            return self.scheduler.finish(seq, "stop", stop)
+        if seq.grammar is not None and seq.grammar.is_stopped():  # complete: only EOS could follow
+            return self.scheduler.finish(seq, "stop")
+        if num_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            self.scheduler.finish(seq, "length")
+
+    def _collect(self, group: _Group) -> RequestOutput:
+        """The group's RequestOutput event with everything not yet reported."""
+        try:
+            texts = [detok.take_delta(seq.is_finished) if detok is not None else ""
+                     for seq, detok in zip(group.seqs, group.detoks, strict=True)]
+        except Exception as e:  # noqa: BLE001 (a detokenizer error fails this request alone)
+            log.warning("request %s failed while detokenizing: %s", group.request_id, e)
+            if group.finished:  # the last flush failed: report it on the finished request
+                group.error = f"{type(e).__name__}: {e}"
+            else:
+                self._fail_group(group, e)
+            texts = [""] * len(group.seqs)
+        finished = group.finished
+        deltas = []
+        for seq, text in zip(group.seqs, texts, strict=True):
+            tokens = group.pending_tokens[seq.index]
+            if tokens or text or seq.is_finished:
+                logprobs = group.pending_logprobs[seq.index] if seq.params.logprobs is not None else None
+                deltas.append(CompletionDelta(seq.index, text, tokens, logprobs,
+                                              seq.finish_reason, seq.stop_reason))
+                group.pending_tokens[seq.index] = []
+                group.pending_logprobs[seq.index] = []
+        first = group.seqs[0]
+        out = RequestOutput(
+            request_id=group.request_id, outputs=deltas, finished=finished,
+            num_prompt_tokens=first.num_prompt_tokens,
+            num_generated_tokens=sum(s.num_output_tokens for s in group.seqs),
+            num_cached_tokens=first.num_cached_tokens,
+            scores=group.scores, embedding=group.embedding, error=group.error, arrival_time=first.arrival_time,
+            first_scheduled_time=first.first_scheduled_time,
+            first_token_time=min((s.first_token_time for s in group.seqs if s.first_token_time), default=None))
+        if group.prompt_logprobs is not None and not group.sent_prompt_logprobs and (
+                first.num_computed_tokens >= first.num_prompt_tokens or finished):
+            out.prompt_logprobs = list(group.prompt_logprobs)
+            group.sent_prompt_logprobs = True
+        if finished:
+            del self.groups[group.request_id]
+            if first.adapter_key is not None:
+                self._release_adapter(first.adapter_key)
+        return out
+
+    def _fail_batch(self, sched: SchedulerOutput, error: Exception) -> list[RequestOutput]:
+        """A forward that raised: fail its requests alone, keep serving the rest."""
+        log.exception("engine step failed; failing the %d requests of this batch", len(sched.scheduled))
+        groups = {item.seq.group_id: self.groups[item.seq.group_id] for item in sched.scheduled}
+        for group in groups.values():
+            self._fail_group(group, error)
+        return [self._collect(g) for g in groups.values()]
+
+    def stats(self) -> EngineStats:
+        """Counters now: plain reads, safe from another thread, changing nothing."""
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=self.scheduler.num_waiting,
+            num_waiting_tokens=self.scheduler.num_waiting_tokens, num_kv_blocks_total=self.pool.num_blocks,
+            num_kv_blocks_used=self.pool.num_used_blocks, prefix_cache_queries=self.pool.num_queries,
+            prefix_cache_hits=self.pool.num_hits, num_preemptions=self.scheduler.num_preemptions)
+
+    def step_samples_since(self, num_seen: int) -> tuple[list[tuple[int, int]], int]:
+        """(num_seqs, num_tokens) of every kept step (the last 10,000) with index >= num_seen, and the
+        index to pass next time. Nothing is removed: each reader keeps its own cursor."""
+        recent = [sample for sample in list(self.step_samples) if sample[0] >= num_seen]
+        next_seen = recent[-1][0] + 1 if recent else num_seen
+        return [(num_seqs, num_tokens) for _, num_seqs, num_tokens in recent], next_seen

@@ -1,0 +1,213 @@
+"""Runs one scheduled step: flattens the batch, one forward, heads on the rows that need them, sampling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from lmservice.engine.cuda_graphs import DecodeGraphs
+from lmservice.engine.grammar import GrammarMasks
+from lmservice.engine.native_decode import NativeDecoder
+from lmservice.engine.outputs import TokenLogprob
+from lmservice.engine.request import Sequence
+from lmservice.engine.sampler import Sampler, SamplingBatch
+from lmservice.engine.scheduler import SchedulerOutput
+from lmservice.kernels import KernelOps
+from lmservice.model.gpt2 import AttentionMetadata, GPT2ForServing, LoRAHook
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Per scheduled sequence (by position in SchedulerOutput.scheduled)."""
+
+    sampled: dict[int, tuple[int, TokenLogprob | None]] = field(default_factory=dict)
+    scores: dict[int, list[float]] = field(default_factory=dict)
+    embeddings: dict[int, list[float]] = field(default_factory=dict)
+    prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)  # a row that failed alone (e.g. NaN logits)
+
+
+def kv_cache_bytes_per_block(model: GPT2ForServing, block_size: int, dtype: torch.dtype) -> int:
+    c = model.config
+    return 2 * c.n_layer * block_size * c.n_head * c.head_dim * torch.finfo(dtype).bits // 8
+
+
+class ModelRunner:
+    """Owns the model, its KV cache tensors and the sampler."""
+
+    def __init__(self, *, model: GPT2ForServing, ops: KernelOps, num_blocks: int, block_size: int,
+                 device: torch.device, dtype: torch.dtype, eos_token_id: int | None, seed: int = 0,
+                 cuda_graph_max_batch: int = 0) -> None:
+        self.model = model
+        self.ops = ops
+        self.device = device
+        self.block_size = block_size
+        self.eos_token_id = eos_token_id
+        c = model.config
+        # NOTE: one allocation for all layers; layer i's (k, v) are views into it. Not zeroed (a GiB of
+        # zeros is a third of a second of start-up): no kernel reads a slot before it is written (the
+        # kernel tests poison fresh caches with NaN to prove it), and untouched pages cost no memory.
+        self.kv_buffer = torch.empty(c.n_layer, 2, num_blocks, block_size, c.n_head, c.head_dim,
+                                     dtype=dtype, device=device)
+        self.kv_caches = [(self.kv_buffer[i, 0], self.kv_buffer[i, 1]) for i in range(c.n_layer)]
+        self.sampler = Sampler(c.vocab_size, seed)
+        self.grammar_masks = GrammarMasks(c.vocab_size)
+        self.decode_graphs: DecodeGraphs | None = None
+        if cuda_graph_max_batch > 0 and device.type == "cuda":
+            max_blocks = -(-c.n_positions // block_size)
+            self.decode_graphs = DecodeGraphs(model, ops, self.kv_caches, cuda_graph_max_batch, max_blocks, device)
+        # CPU: pure decode steps of a few sequences in one C call (native_decode.py), with the native kernels
+        self.native_decoder = NativeDecoder.build(model, self.kv_caches) if ops.name == "native" else None
+        # classification heads: the base's (key None) and each loaded classification adapter's (its adapter_key)
+        self.score_heads: dict[tuple[str, int] | None, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        if model.score is not None:
+            self.score_heads[None] = (model.score.weight, None)
+
+    def _block_table(self, seqs: list[Sequence]) -> torch.Tensor:
+        width = max(len(s.block_ids) for s in seqs)
+        rows = [s.block_ids + [0] * (width - len(s.block_ids)) for s in seqs]
+        return torch.tensor(rows, dtype=torch.int32)
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput, lora: LoRAHook | None = None) -> ModelRunnerOutput:
+        scheduled = sched.scheduled
+        seqs = [s.seq for s in scheduled]
+        num_new = [s.num_new_tokens for s in scheduled]
+        starts = [s.num_computed_tokens for s in seqs]
+        nd = sched.num_decodes
+
+        input_ids: list[int] = []
+        for seq, start, n in zip(seqs, starts, num_new, strict=True):
+            input_ids.extend(seq.token_slice(start, start + n))
+        seq_lens = torch.tensor([s + n for s, n in zip(starts, num_new, strict=True)], dtype=torch.int32)
+        q_lens = torch.tensor(num_new, dtype=torch.int64)
+        block_tables = self._block_table(seqs)  # (S, max_blocks)
+
+        # positions and slots of every token, computed on tensors
+        seq_idx = torch.repeat_interleave(torch.arange(len(seqs)), q_lens)  # (T,)
+        cu = torch.zeros(len(seqs) + 1, dtype=torch.int64)
+        cu[1:] = q_lens.cumsum(0)
+        positions = torch.arange(len(input_ids)) - cu[seq_idx] + torch.tensor(starts)[seq_idx]  # (T,)
+        slot_mapping = block_tables[seq_idx, positions // self.block_size].long() * self.block_size \
+            + positions % self.block_size
+
+        graphs = self.decode_graphs
+        if graphs is not None and nd == len(seqs) and lora is None and graphs.can_run(nd):
+            hidden = graphs.run(torch.tensor(input_ids), positions, slot_mapping, seq_lens, block_tables)
+        elif self.native_decoder is not None and nd == len(seqs) and lora is None and self.native_decoder.can_run(nd):
+            hidden = self.native_decoder.run(input_ids, positions, slot_mapping, seq_lens, block_tables)
+        else:
+            hidden = self._forward_eager(input_ids, positions, slot_mapping, seq_lens, block_tables, cu, nd, lora)
+        return self._heads(hidden, seqs, starts, num_new, cu)
+
+    def _forward_eager(self, input_ids: list[int], positions: torch.Tensor, slot_mapping: torch.Tensor,
+                       seq_lens: torch.Tensor, block_tables: torch.Tensor, cu: torch.Tensor, nd: int,
+                       lora: LoRAHook | None) -> torch.Tensor:
+        dev = self.device
+        prefill_cu = (cu[nd:] - cu[nd]).to(torch.int32)
+        decode_seq_lens, decode_block_tables = seq_lens[:nd].to(dev), block_tables[:nd].to(dev)
+        meta = AttentionMetadata(
+            slot_mapping=slot_mapping.to(dev),
+            num_decode_tokens=nd,
+            decode_seq_lens=decode_seq_lens,
+            decode_block_tables=decode_block_tables,
+            prefill_cu_seqlens_q=prefill_cu.to(dev),
+            prefill_seq_lens=seq_lens[nd:].to(dev),
+            prefill_block_tables=block_tables[nd:].to(dev),
+            decode_plan=self.ops.plan_decode(decode_seq_lens, decode_block_tables, self.block_size) if nd else None,
+        )
+        return self.model(torch.tensor(input_ids, device=dev), positions.to(dev), meta, self.kv_caches,
+                          self.ops, lora)  # (T, C)
+
+    def _heads(self, hidden: torch.Tensor, seqs: list[Sequence], starts: list[int], num_new: list[int],
+               cu: torch.Tensor) -> ModelRunnerOutput:
+        """Prompt logprobs, classification scores and sampling, on the rows that need them."""
+        out = ModelRunnerOutput()
+        last_row = (cu[1:] - 1).tolist()
+        sample_idx, classify_idx = [], []
+        for i, (seq, start, n) in enumerate(zip(seqs, starts, num_new, strict=True)):
+            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
+                out.prompt_logprobs[i] = self._prompt_logprobs(hidden[cu[i]:cu[i + 1]], seq, start)
+            if seq.task == "embed":
+                self._pool(hidden[cu[i]:cu[i + 1]], seq, start, n, i, out)
+            elif start + n == seq.num_tokens:
+                if seq.task == "classify":
+                    classify_idx.append(i)
+                elif seq.max_tokens > 0:
+                    sample_idx.append(i)
+        if classify_idx:
+            self._classify(hidden, [last_row[i] for i in classify_idx], [seqs[i] for i in classify_idx],
+                           classify_idx, out)
+        if sample_idx:
+            logits = self.model.compute_logits(hidden[[last_row[i] for i in sample_idx]])  # (B, V)
+            finite = torch.isfinite(logits).all(dim=-1)
+            if not bool(finite.all()):
+                for row in (~finite).nonzero().flatten().tolist():
+                    out.errors[sample_idx[row]] = "the model produced non-finite logits"
+                logits = torch.where(finite[:, None], logits, torch.zeros_like(logits))
+            batch = SamplingBatch(
+                params=[seqs[i].params for i in sample_idx],
+                generators=[seqs[i].generator for i in sample_idx],
+                output_token_ids=[seqs[i].output_token_ids for i in sample_idx],
+                prompt_token_ids=[seqs[i].prompt_token_ids for i in sample_idx],
+                eos_token_id=self.eos_token_id,
+                bitmask=self.grammar_masks.fill([seqs[i].grammar for i in sample_idx]),
+                masks=self.grammar_masks,
+            )
+            sampled = self.sampler(logits, batch)
+            for row, message in sampled.errors.items():
+                out.errors.setdefault(sample_idx[row], message)
+            for row, i in enumerate(sample_idx):
+                if i in out.errors:
+                    continue
+                lp = None
+                if sampled.logprobs is not None and seqs[i].params.logprobs is not None:
+                    lp = TokenLogprob(sampled.token_ids[row], sampled.logprobs[row], sampled.top_logprobs[row])
+                out.sampled[i] = (sampled.token_ids[row], lp)
+        return out
+
+    def _pool(self, hidden: torch.Tensor, seq: Sequence, start: int, n: int, i: int, out: ModelRunnerOutput) -> None:
+        """Mean pooling across prefill chunks: the chunk's sum joins the sequence's (restarted when the
+        sequence restarts from position 0, as after a preemption); the last chunk emits the mean, L2-normalised."""
+        chunk = hidden.float().sum(dim=0)  # (C,)
+        seq.pooled_sum = chunk if start == 0 or seq.pooled_sum is None else seq.pooled_sum + chunk
+        if start + n < seq.num_tokens:
+            return
+        mean = seq.pooled_sum / seq.num_tokens
+        seq.pooled_sum = None
+        if not bool(torch.isfinite(mean).all()):
+            out.errors[i] = "the model produced non-finite hidden states"
+            return
+        out.embeddings[i] = F.normalize(mean, dim=0).tolist()
+
+    def _classify(self, hidden: torch.Tensor, rows: list[int], seqs: list[Sequence], idx: list[int],
+                  out: ModelRunnerOutput) -> None:
+        h = hidden[rows]  # (N, C)
+        for row, (i, seq) in enumerate(zip(idx, seqs, strict=True)):
+            head = self.score_heads.get(seq.adapter_key)
+            if head is None:
+                out.errors[i] = f"model {seq.adapter or 'base'} has no classification head"
+                continue
+            weight, bias = head
+            logits = F.linear(h[row], weight, bias).float()  # (num_labels,)
+            if not bool(torch.isfinite(logits).all()):
+                out.errors[i] = "the model produced non-finite scores"
+                continue
+            out.scores[i] = torch.softmax(logits, dim=-1).tolist()
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, seq: Sequence, start: int) -> list[TokenLogprob]:
+        """Logprob of each prompt token given the ones before it, for the chunk's positions."""
+        end = min(start + hidden.shape[0], seq.num_prompt_tokens - 1)  # position p predicts token p + 1
+        if end <= start:
+            return []
+        logprobs = torch.log_softmax(self.model.compute_logits(hidden[: end - start]).float(), dim=-1)
+        targets = torch.tensor(seq.prompt_token_ids[start + 1:end + 1])
+        chosen = logprobs.gather(1, targets[:, None].to(logprobs.device)).squeeze(1).tolist()
+        k = seq.params.prompt_logprobs
+        tops: list[list[tuple[int, float]]] = [[] for _ in chosen]
+        if k:
+            values, indices = logprobs.topk(k, dim=-1)
+            tops = [list(zip(ix, vs, strict=True)) for ix, vs in zip(indices.tolist(), values.tolist(), strict=True)]
+        return [TokenLogprob(t, lp, top) for t, lp, top in zip(targets.tolist(), chosen, tops, strict=True)]

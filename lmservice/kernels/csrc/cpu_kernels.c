@@ -1,0 +1,454 @@
+/* Native CPU kernels (lmservice/kernels/cpu_native.py builds and loads them): the paged decode attention, linears for
+ * a few rows, and a whole GPT-2 decode step made of them, further down.
+ *
+ * Decode attention over the paged KV cache, for CPUs: each sequence's one query token against its
+ * context, read in place through its block table (no gathered copy of K or V).
+ *
+ * Layouts (fp32, row-major):
+ *   q        (num_seqs, num_heads, head_dim), seq stride `q_seq_stride` elements, heads packed
+ *   k_cache  (num_blocks, block_size, num_heads, head_dim), contiguous; v_cache the same
+ *   tables   (num_seqs, table_stride) int32 block ids; only the first ceil(seq_len / block_size) are read
+ *   seq_lens (num_seqs,) int32, >= 1, context length including the query token
+ *   out      (num_seqs, num_heads, head_dim), contiguous
+ *
+ * One work item is a sequence and a group of `heads_per_item` consecutive heads, spread over `num_threads`
+ * OpenMP threads (the runtime torch itself uses, so the two never run a team each on the same cores). The
+ * caller makes groups small only when there are few sequences: a whole token row (all heads) is one
+ * contiguous run of memory, read in order. For an item: scores = q . k * scale for every context row and
+ * head, softmax with the max subtracted, then the weighted sum of the V rows. Rows at or past seq_len are
+ * never read, so whatever stale blocks hold (NaN after a failed request) cannot leak in.
+ * `scratch` holds heads_per_item * max_seq_len floats per thread.
+ */
+#include <float.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static void decode_attention(const float *q, int64_t q_seq_stride, const float *k_cache, const float *v_cache,
+                                const int32_t *tables, int64_t table_stride, const int32_t *seq_lens, float *out,
+                                int64_t num_seqs, int64_t num_heads, int64_t head_dim, int64_t block_size,
+                                int64_t heads_per_item, float scale, float *scratch, int64_t max_seq_len,
+                                int num_threads) {
+    const int64_t token_stride = num_heads * head_dim;  /* floats per cached token */
+    const int64_t block_stride = block_size * token_stride;
+    const int64_t groups = (num_heads + heads_per_item - 1) / heads_per_item;
+#pragma omp parallel num_threads(num_threads)
+    {
+#ifdef _OPENMP
+        extern int omp_get_thread_num(void);
+        float *const own = scratch + (int64_t)omp_get_thread_num() * heads_per_item * max_seq_len;
+#else
+        float *const own = scratch;
+#endif
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t s = 0; s < num_seqs; s++) {
+            for (int64_t g = 0; g < groups; g++) {
+                const int64_t h0 = g * heads_per_item;
+                const int64_t nh = num_heads - h0 < heads_per_item ? num_heads - h0 : heads_per_item;
+                const float *qs = q + s * q_seq_stride + h0 * head_dim;
+                const int32_t *table = tables + s * table_stride;
+                const int64_t len = seq_lens[s];
+                float top[nh];
+                for (int64_t h = 0; h < nh; h++) top[h] = -FLT_MAX;  /* not -INFINITY: built with -ffast-math */
+                /* scores: the group's heads side by side in each token's row, read in order */
+                for (int64_t start = 0; start < len; start += block_size) {
+                    const float *k = k_cache + (int64_t)table[start / block_size] * block_stride + h0 * head_dim;
+                    const int64_t rows = len - start < block_size ? len - start : block_size;
+                    for (int64_t r = 0; r < rows; r++, k += token_stride) {
+                        for (int64_t h = 0; h < nh; h++) {
+                            const float *kh = k + h * head_dim, *qh = qs + h * head_dim;
+                            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                            for (int64_t d = 0; d < head_dim; d++) dot += qh[d] * kh[d];
+                            dot *= scale;
+                            own[h * max_seq_len + start + r] = dot;
+                            top[h] = dot > top[h] ? dot : top[h];
+                        }
+                    }
+                }
+                float inv[nh];
+                for (int64_t h = 0; h < nh; h++) {
+                    float *sc = own + h * max_seq_len, total = 0.0f;
+                    const float m = top[h];
+#pragma omp simd reduction(+ : total)
+                    for (int64_t t = 0; t < len; t++) {
+                        const float e = expf(sc[t] - m);
+                        sc[t] = e;
+                        total += e;
+                    }
+                    inv[h] = 1.0f / total;
+                }
+                float *o = out + (s * num_heads + h0) * head_dim;
+                memset(o, 0, (size_t)(nh * head_dim) * sizeof(float));
+                for (int64_t start = 0; start < len; start += block_size) {
+                    const float *v = v_cache + (int64_t)table[start / block_size] * block_stride + h0 * head_dim;
+                    const int64_t rows = len - start < block_size ? len - start : block_size;
+                    for (int64_t r = 0; r < rows; r++, v += token_stride) {
+                        for (int64_t h = 0; h < nh; h++) {
+                            const float w = own[h * max_seq_len + start + r];
+                            const float *vh = v + h * head_dim;
+                            float *oh = o + h * head_dim;
+#pragma omp simd
+                            for (int64_t d = 0; d < head_dim; d++) oh[d] += w * vh[d];
+                        }
+                    }
+                }
+                for (int64_t h = 0; h < nh; h++) {
+                    float *oh = o + h * head_dim;
+#pragma omp simd
+                    for (int64_t d = 0; d < head_dim; d++) oh[d] *= inv[h];
+                }
+            }
+        }
+    }
+}
+
+void paged_decode_attention_f32(const float *q, int64_t q_seq_stride, const float *k_cache, const float *v_cache,
+                                const int32_t *tables, int64_t table_stride, const int32_t *seq_lens, float *out,
+                                int64_t num_seqs, int64_t num_heads, int64_t head_dim, int64_t block_size,
+                                int64_t heads_per_item, float scale, float *scratch, int64_t max_seq_len,
+                                int num_threads) {
+    decode_attention(q, q_seq_stride, k_cache, v_cache, tables, table_stride, seq_lens, out, num_seqs, num_heads,
+                     head_dim, block_size, heads_per_item, scale, scratch, max_seq_len, num_threads);
+}
+
+/* Linears for a few rows (decode batches): y (rows, out) = x (rows, in) @ W.T + bias, W (out, in) row-major.
+ * Each thread walks its share of the output channels in order, and each weight row is read from memory
+ * once, for all rows of x (up to 4 dot products accumulating in registers): the call streams the weights
+ * at memory speed, one sequential stream per thread. (Tiles of several weight rows at once, as a GEMM
+ * micro-kernel would take, read 1.5-2x slower here: measured, docs/benchmarks.md.) `accumulate`: y += the
+ * result instead of y = (the residual adds of the decode step). */
+#if defined(__AVX512F__)
+#define VW 16
+typedef __m512 vf;
+#define VZERO() _mm512_setzero_ps()
+#define VLOAD(p) _mm512_loadu_ps(p)
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VSUM(a) _mm512_reduce_add_ps(a)
+#elif defined(__AVX2__) && defined(__FMA__)
+#define VW 8
+typedef __m256 vf;
+#define VZERO() _mm256_setzero_ps()
+#define VLOAD(p) _mm256_loadu_ps(p)
+#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+static inline float vsum256(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#define VSUM(a) vsum256(a)
+#else /* portable C; the compiler vectorizes what it can */
+#define VW 1
+typedef float vf;
+#define VZERO() 0.0f
+#define VLOAD(p) (*(p))
+#define VFMA(a, b, c) ((a) * (b) + (c))
+#define VSUM(a) (a)
+#endif
+#define ROWS_PER_PASS 4
+/* for each pass over (up to) ROWS_PER_PASS rows from r0: CALL(r0, R) with R a literal, so that the always
+ * inlined dot_rows_* unroll for it */
+#define FOR_ROW_PASSES(rows, CALL)                                                        \
+    for (int64_t r0 = 0; r0 < (rows); r0 += ROWS_PER_PASS) {                              \
+        switch ((rows) - r0 < ROWS_PER_PASS ? (rows) - r0 : ROWS_PER_PASS) {              \
+            case 1: CALL(r0, 1); break;                                                   \
+            case 2: CALL(r0, 2); break;                                                   \
+            case 3: CALL(r0, 3); break;                                                   \
+            default: CALL(r0, 4); break;                                                  \
+        }                                                                                 \
+    }
+
+static inline void store(float *y, float v, int accumulate) {
+    if (accumulate) *y += v; else *y = v;
+}
+
+/* rows r0 .. r0+R of x against weight row o; R is a constant at every call (always inlined), so the loop over
+ * it unrolls and the accumulators live in registers */
+static inline __attribute__((always_inline)) void dot_rows_f32(const float *x, int64_t in, const float *wo,
+                                                               float b, float *y, int64_t out, const int R,
+                                                               int accumulate) {
+    vf acc[ROWS_PER_PASS];
+    for (int r = 0; r < R; r++) acc[r] = VZERO();
+    int64_t i = 0;
+    for (; i + VW <= in; i += VW) {
+        const vf wv = VLOAD(wo + i);
+        for (int r = 0; r < R; r++) acc[r] = VFMA(VLOAD(x + r * in + i), wv, acc[r]);
+    }
+    for (int r = 0; r < R; r++) {
+        float dot = VSUM(acc[r]);
+        for (int64_t j = i; j < in; j++) dot += x[r * in + j] * wo[j];
+        store(y + r * out, dot + b, accumulate);
+    }
+}
+
+/* From TILE_MIN_ROWS rows on, OUT_TILE weight rows at a time: with one weight row per pass every row of x
+ * is re-read (from L2 once x outgrows L1: 4 rows of 3072) for each output channel, and those reads, not the
+ * weights, bound the call; a tile shares each load of x among OUT_TILE channels. Below it one sequential
+ * weight stream per thread reads faster (measured, docs/benchmarks.md). */
+#if VW == 16
+#define OUT_TILE 4
+#elif VW == 8
+#define OUT_TILE 2 /* 16 ymm registers: 4 x 2 accumulators, 2 weights, 1 input */
+#else
+#define OUT_TILE 1
+#endif
+#define TILE_MIN_ROWS 5
+
+static inline __attribute__((always_inline)) void dot_tile_f32(const float *x, int64_t in, const float *w,
+                                                               const float *bias, float *y, int64_t out,
+                                                               const int R, int accumulate) {
+    vf acc[ROWS_PER_PASS][OUT_TILE];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < OUT_TILE; t++) acc[r][t] = VZERO();
+    int64_t i = 0;
+    for (; i + VW <= in; i += VW) {
+        vf wv[OUT_TILE];
+        for (int t = 0; t < OUT_TILE; t++) wv[t] = VLOAD(w + t * in + i);
+        for (int r = 0; r < R; r++) {
+            const vf xv = VLOAD(x + r * in + i);
+            for (int t = 0; t < OUT_TILE; t++) acc[r][t] = VFMA(xv, wv[t], acc[r][t]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < OUT_TILE; t++) {
+            float dot = VSUM(acc[r][t]);
+            for (int64_t j = i; j < in; j++) dot += x[r * in + j] * w[t * in + j];
+            store(y + r * out + t, bias ? dot + bias[t] : dot, accumulate);
+        }
+}
+
+static void linear_f32(const float *x, int64_t rows, int64_t in, const float *w, const float *bias, float *y,
+                       int64_t out, int accumulate, int num_threads) {
+    if (OUT_TILE > 1 && rows >= TILE_MIN_ROWS) {
+        const int64_t tiles = out / OUT_TILE;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+        for (int64_t t = 0; t <= tiles; t++) {
+            const int64_t o = t * OUT_TILE;
+            if (t < tiles) {
+#define TILE_PASS(r0, R) \
+    dot_tile_f32(x + (r0) * in, in, w + o * in, bias ? bias + o : NULL, y + (r0) * out + o, out, R, accumulate)
+                FOR_ROW_PASSES(rows, TILE_PASS)
+            } else { /* the channels past the last whole tile (a vocabulary of 50257) */
+                for (int64_t oo = o; oo < out; oo++) {
+                    const float *wo = w + oo * in;
+                    const float b = bias ? bias[oo] : 0.0f;
+#define TAIL_PASS(r0, R) dot_rows_f32(x + (r0) * in, in, wo, b, y + (r0) * out + oo, out, R, accumulate)
+                    FOR_ROW_PASSES(rows, TAIL_PASS)
+                }
+            }
+        }
+        return;
+    }
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t o = 0; o < out; o++) {
+        const float *wo = w + o * in;
+        const float b = bias ? bias[o] : 0.0f;
+#define F32_PASS(r0, R) dot_rows_f32(x + (r0) * in, in, wo, b, y + (r0) * out + o, out, R, accumulate)
+        FOR_ROW_PASSES(rows, F32_PASS)
+    }
+}
+
+void linear_few_rows_f32(const float *x, int64_t rows, int64_t in, const float *w, const float *bias, float *y,
+                         int64_t out, int num_threads) {
+    linear_f32(x, rows, in, w, bias, y, out, 0, num_threads);
+}
+
+/* int8 weights (one fp32 scale per output channel) against int8 activations, on AVX-512 VNNI: each row of x
+ * is quantized once per call (symmetric, one scale per row) and shifted to u8 by +128 for vpdpbusd's
+ * u8 x s8 products into int32 lanes; `wsum` (per channel, the sum of its int8 weights) takes the shift back
+ * out: y = x_scale * w_scale * (sum (xq + 128) w - 128 wsum) + bias. The weights are packed
+ * (lmservice/kernels/cpu_native.py pack_int8_weight): (ceil(out / 16), in4 = ceil(in / 4), 16, 4), so a 64-byte vector
+ * holds 4 consecutive inputs of 16 channels and one vpdpbusd adds 4 products to each of the 16 channels'
+ * lanes against a broadcast group of 4 bytes of x: no horizontal sums at the end (they made the row-major
+ * version 2x slower than FBGEMM at 16-32 rows), and each 16-channel tile is one contiguous stream. Without
+ * VNNI the library has no int8 kernel (native_q8() says so). */
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+int native_q8(void) { return 1; }
+
+/* A row holding NaN or infinity gets a NaN scale (and zeros), so that its outputs are NaN, as fp32's would be,
+ * and the runner fails that request alone. The test is on the bits: -ffast-math lets the compiler assume
+ * every float is finite, and the abs-max of the bit patterns orders finite values below inf and NaN. */
+static void quantize_rows(const float *x, int64_t rows, int64_t in, int64_t in4, uint8_t *xq, float *xs) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * in;
+        uint8_t *q = xq + r * in4 * 4;
+        memset(q + in, 128, (size_t)(in4 * 4 - in)); /* the pad: 128 is zero once shifted back */
+        const uint32_t *bits = (const uint32_t *)xr;
+        uint32_t top = 0;
+#pragma omp simd reduction(max : top)
+        for (int64_t i = 0; i < in; i++) {
+            const uint32_t magnitude = bits[i] & 0x7fffffffu;
+            top = magnitude > top ? magnitude : top;
+        }
+        if (top >= 0x7f800000u) {
+            const uint32_t nan_bits = 0x7fc00000u;
+            memcpy(&xs[r], &nan_bits, sizeof nan_bits);
+            memset(q, 128, (size_t)in);
+            continue;
+        }
+        float largest;
+        memcpy(&largest, &top, sizeof largest);
+        const float s = largest > 0.0f ? largest / 127.0f : 1.0f, inv = 1.0f / s;
+        xs[r] = s;
+#pragma omp simd
+        for (int64_t i = 0; i < in; i++) q[i] = (uint8_t)((int32_t)nearbyintf(xr[i] * inv) + 128);
+    }
+}
+
+/* One 16-channel tile (wt: in4 * 64 bytes) against rows r0 .. r0+R of xq (rows of in4 * 4 bytes); R is a
+ * constant at every call, so the accumulators live in registers. */
+#define PACKED_ROWS 8
+static inline __attribute__((always_inline)) void tile_q8(const uint8_t *xq, int64_t in4, const float *xs,
+                                                          const int8_t *wt, const int32_t *wsum,
+                                                          const float *scale, const float *bias, float *y,
+                                                          int64_t out, int64_t o0, const int R, int accumulate) {
+    __m512i acc[PACKED_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < in4; k++) {
+        const __m512i wv = _mm512_loadu_si512(wt + k * 64);
+        for (int r = 0; r < R; r++) {
+            int32_t group;
+            memcpy(&group, xq + r * in4 * 4 + k * 4, sizeof group);
+            acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_set1_epi32(group), wv);
+        }
+    }
+    const int64_t n = out - o0 < 16 ? out - o0 : 16;
+    const __mmask16 m = (__mmask16)(n == 16 ? 0xffff : (1u << n) - 1);
+    const __m512 sc = _mm512_maskz_loadu_ps(m, scale + o0);
+    const __m512i shift = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(m, wsum + o0), 7); /* 128 * wsum */
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + o0) : _mm512_setzero_ps();
+    for (int r = 0; r < R; r++) {
+        float *yr = y + r * out + o0;
+        __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r], shift)),
+                                   _mm512_mul_ps(sc, _mm512_set1_ps(xs[r])), b);
+        if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, yr));
+        _mm512_mask_storeu_ps(yr, m, v);
+    }
+}
+
+/* xq: scratch of rows * in4 * 4 bytes, xs: of rows floats */
+static void linear_q8(const float *x, int64_t rows, int64_t in, const int8_t *wp, const int32_t *wsum,
+                      const float *scale, const float *bias, float *y, int64_t out, uint8_t *xq, float *xs,
+                      int accumulate, int num_threads) {
+    const int64_t in4 = (in + 3) / 4, tiles = (out + 15) / 16;
+    quantize_rows(x, rows, in, in4, xq, xs);
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        const int8_t *wt = wp + t * in4 * 64;
+        for (int64_t r0 = 0; r0 < rows; r0 += PACKED_ROWS) {
+            const uint8_t *xr = xq + r0 * in4 * 4;
+            float *yr = y + r0 * out;
+            switch (rows - r0 < PACKED_ROWS ? rows - r0 : PACKED_ROWS) {
+#define PACKED_CASE(R) \
+    case R: tile_q8(xr, in4, xs + r0, wt, wsum, scale, bias, yr, out, t * 16, R, accumulate); break;
+                PACKED_CASE(1) PACKED_CASE(2) PACKED_CASE(3) PACKED_CASE(4)
+                PACKED_CASE(5) PACKED_CASE(6) PACKED_CASE(7) PACKED_CASE(8)
+            }
+        }
+    }
+}
+
+void linear_few_rows_q8(const float *x, int64_t rows, int64_t in, const int8_t *wp, const int32_t *wsum,
+                        const float *scale, const float *bias, float *y, int64_t out, uint8_t *xq, float *xs,
+                        int num_threads) {
+    linear_q8(x, rows, in, wp, wsum, scale, bias, y, out, xq, xs, 0, num_threads);
+}
+#else
+int native_q8(void) { return 0; }
+#endif
+
+/* A whole GPT-2 decode step for a few sequences, one token each: every layer's LayerNorms, projections (fp32,
+ * or int8 through linear_q8), KV-cache write, attention and GELU in one call, so the step costs no Python
+ * and no dispatch per op. The arithmetic is the op-by-op path's: the same kernels above, torch's LayerNorm
+ * and tanh GELU formulas. lmservice/kernels/cpu_native.py mirrors these structs. */
+typedef struct {
+    const float *w;       /* fp32 weight (out, in), or NULL for int8 */
+    const int8_t *wq;     /* int8 weight packed (ceil(out / 16), ceil(in / 4), 16, 4), or NULL */
+    const int32_t *wsum;  /* int8: per channel, the sum of its weights */
+    const float *scale;   /* int8: per channel scale */
+    const float *bias;    /* or NULL */
+    int64_t in, out;
+} native_linear;
+
+typedef struct {
+    const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
+    native_linear c_attn, attn_proj, c_fc, mlp_proj;
+    float *k_cache, *v_cache; /* (num_blocks, block_size, n_head, head_dim) */
+    float attn_scale;
+} native_layer;
+
+static void apply_linear(const native_linear *l, const float *x, int64_t rows, float *y, int accumulate,
+                         uint8_t *xq, float *xs, int num_threads) {
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+    if (l->wq) {
+        linear_q8(x, rows, l->in, l->wq, l->wsum, l->scale, l->bias, y, l->out, xq, xs, accumulate, num_threads);
+        return;
+    }
+#else
+    (void)xq, (void)xs;
+#endif
+    linear_f32(x, rows, l->in, l->w, l->bias, y, l->out, accumulate, num_threads);
+}
+
+static void layer_norm(const float *x, int64_t rows, int64_t n, const float *w, const float *b, float eps,
+                       float *y) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * n;
+        float *yr = y + r * n;
+        float sum = 0.0f, sq = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < n; i++) sum += xr[i];
+        const float mean = sum / (float)n;
+#pragma omp simd reduction(+ : sq)
+        for (int64_t i = 0; i < n; i++) sq += (xr[i] - mean) * (xr[i] - mean);
+        const float rstd = 1.0f / sqrtf(sq / (float)n + eps);
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
+    }
+}
+
+static void gelu_tanh(float *x, int64_t n, int num_threads) {
+    const float k = 0.7978845608028654f; /* sqrt(2 / pi) */
+#pragma omp parallel for simd num_threads(num_threads) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const float v = x[i];
+        x[i] = 0.5f * v * (1.0f + tanhf(k * (v + 0.044715f * v * v * v)));
+    }
+}
+
+/* h (rows, n_embd): the token + position embeddings in, the residual stream after the last layer out;
+ * out (rows, n_embd): ln_f(h). slots (rows,): each token's cache slot (block * block_size + offset).
+ * work: rows * (5 * n_embd + n_inner) floats; qwork: rows * (max(n_embd, n_inner) + 3) bytes + rows floats;
+ * attn_scratch: num_threads * heads_per_item * max_seq_len floats. */
+void gpt2_decode_step(const native_layer *layers, int64_t n_layers, const float *lnf_w, const float *lnf_b,
+                      float eps, float *h, float *out, int64_t rows, int64_t n_embd, int64_t n_head,
+                      int64_t n_inner, const int64_t *slots, const int32_t *tables, int64_t table_stride,
+                      const int32_t *seq_lens, int64_t block_size, int64_t heads_per_item, int64_t max_seq_len,
+                      float *work, uint8_t *qwork, float *attn_scratch, int num_threads) {
+    const int64_t head_dim = n_embd / n_head;
+    float *x = work, *qkv = x + rows * n_embd, *att = qkv + rows * 3 * n_embd, *f = att + rows * n_embd;
+    const int64_t widest = n_inner > n_embd ? n_inner : n_embd;
+    float *xs = (float *)(qwork + ((rows * (widest + 3) + 63) & ~(int64_t)63));
+    for (int64_t l = 0; l < n_layers; l++) {
+        const native_layer *L = layers + l;
+        layer_norm(h, rows, n_embd, L->ln1_w, L->ln1_b, eps, x);
+        apply_linear(&L->c_attn, x, rows, qkv, 0, qwork, xs, num_threads);
+        for (int64_t r = 0; r < rows; r++) {
+            if (slots[r] < 0) continue;
+            memcpy(L->k_cache + slots[r] * n_embd, qkv + r * 3 * n_embd + n_embd, (size_t)n_embd * sizeof(float));
+            memcpy(L->v_cache + slots[r] * n_embd, qkv + r * 3 * n_embd + 2 * n_embd, (size_t)n_embd * sizeof(float));
+        }
+        decode_attention(qkv, 3 * n_embd, L->k_cache, L->v_cache, tables, table_stride, seq_lens, att, rows, n_head,
+                         head_dim, block_size, heads_per_item, L->attn_scale, attn_scratch, max_seq_len,
+                         num_threads);
+        apply_linear(&L->attn_proj, att, rows, h, 1, qwork, xs, num_threads);
+        layer_norm(h, rows, n_embd, L->ln2_w, L->ln2_b, eps, x);
+        apply_linear(&L->c_fc, x, rows, f, 0, qwork, xs, num_threads);
+        gelu_tanh(f, rows * n_inner, num_threads);
+        apply_linear(&L->mlp_proj, f, rows, h, 1, qwork, xs, num_threads);
+    }
+    layer_norm(h, rows, n_embd, lnf_w, lnf_b, eps, out);
+}

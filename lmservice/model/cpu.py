@@ -1,0 +1,21 @@
+"""What this CPU can do, read once from /proc/cpuinfo (the processor differs between machines: AMD with
+AVX2 only, Intel with AVX-512, VNNI and AMX). Off Linux the set is empty and every choice made from it
+falls back to the safe one (fp32, 7-bit activations for int8)."""
+
+from __future__ import annotations
+
+from lmservice.kernels.cpuinfo import cpu_flags, cpuinfo_field
+
+# bf16 matmul tiles in hardware (AMX). avx512_bf16 alone (dot-product instructions, e.g. AMD Zen 4) is not
+# counted: bf16 has not been measured faster than fp32 on such a CPU yet.
+BF16_FLAGS = frozenset({"amx_bf16"})
+__all__ = ["BF16_FLAGS", "cpu_flags", "cpu_vendor", "has_bf16_matmul"]
+
+
+def cpu_vendor() -> str:
+    """GenuineIntel, AuthenticAMD, ... ("" where unknown)."""
+    return cpuinfo_field("vendor_id")
+
+
+def has_bf16_matmul() -> bool:
+    return bool(BF16_FLAGS & cpu_flags())

@@ -1,0 +1,69 @@
+"""fp32 projections on oneDNN instead of torch's BLAS (`--linear-backend`), applied after loading by swapping modules.
+
+`auto` picks oneDNN for fp32 on x86 CPUs that are not Intel's: MKL (torch's BLAS there) takes its fast
+paths only on Intel CPUs, and on an AMD EPYC the decode step's projections and LM head ran 1.5-2.7x
+faster through oneDNN (docs/benchmarks.md). Intel CPUs keep MKL, measured fast there. bf16 and fp16
+already go to oneDNN inside F.linear; int8 has its own modules (quantize.py).
+
+The swapped module holds the same weight and bias tensors (a tied LM head stays tied), so state_dict
+names, LoRA hooks and the Triton path's fused bias are untouched.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+from torch import nn
+
+from lmservice.kernels.cpu_native import FEW_ROWS, linear_few_rows, native_library
+from lmservice.kernels.linear import linear_onednn, onednn_available
+from lmservice.model.cpu import cpu_vendor
+
+LINEAR_BACKENDS = ("auto", "torch", "onednn")
+
+
+class OneDNNLinear(nn.Module):
+    """nn.Linear's forward through lmservice.kernels.linear.linear_onednn; same parameters, same results (fp32 rounding aside).
+
+    Calls of at most lmservice.kernels.cpu_native.FEW_ROWS rows (decode steps of a few sequences) go to the native
+    `linear_few_rows` where it is built: it streams the weights at ~27 GB/s where oneDNN's small-M GEMM
+    read 13-20 GB/s (docs/benchmarks.md).
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.few_rows = FEW_ROWS if native_library() is not None and self.weight.is_contiguous() else 0
+
+    def forward(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        bias = self.bias if with_bias else None
+        if x.numel() <= self.few_rows * self.in_features:
+            return linear_few_rows(x, self.weight, bias)
+        return linear_onednn(x, self.weight, bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN"
+
+
+def resolve_linear_backend(backend: str, device: torch.device, dtype: torch.dtype, quantization: str) -> str:
+    """What `backend` means for this model: "onednn" or "torch". auto: oneDNN for fp32 on non-Intel x86."""
+    if backend not in LINEAR_BACKENDS:
+        raise ValueError(f"linear backend {backend!r} is not one of {', '.join(LINEAR_BACKENDS)}")
+    if backend == "torch" or quantization != "none" or device.type != "cpu" or dtype != torch.float32:
+        return "torch"
+    if not onednn_available():
+        if backend == "onednn":
+            raise ValueError("--linear-backend onednn: this torch build has no oneDNN (mkldnn)")
+        return "torch"
+    if backend == "onednn":
+        return "onednn"
+    is_x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return "onednn" if is_x86 and cpu_vendor() not in ("GenuineIntel", "") else "torch"
+
+
+def use_onednn(model: nn.Module) -> int:
+    """Swap every projection and the LM head of a GPT2ForServing for OneDNNLinear; returns how many."""
+    return model.swap_linears(OneDNNLinear)

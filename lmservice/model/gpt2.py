@@ -1,0 +1,185 @@
+"""GPT-2 for serving: one flat batch of tokens from many sequences, attention over the paged KV cache.
+
+Parameter names are Hugging Face's (`transformer.wte`, `transformer.h.N.attn.c_attn`,
+`lm_head`, `score`), so checkpoints load by name. HF stores c_attn / c_proj / c_fc
+as Conv1D with (in, out) weights; the loader transposes them into nn.Linear's
+(out, in) once, at load.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmservice.kernels import KernelOps
+from lmservice.model.config import GPT2Config
+
+
+@dataclass
+class AttentionMetadata:
+    """How the step's flat token batch maps onto sequences and the cache.
+
+    NOTE: the first `num_decode_tokens` tokens are single-token queries, one per
+    sequence (decodes); the rest are prefill chunks packed back to back.
+    slot_mapping[t] = -1 marks padding that must not be written.
+    """
+
+    slot_mapping: torch.Tensor  # (num_tokens,) int64
+    num_decode_tokens: int
+    decode_seq_lens: torch.Tensor  # (num_decodes,) int32
+    decode_block_tables: torch.Tensor  # (num_decodes, max_blocks) int32
+    prefill_cu_seqlens_q: torch.Tensor  # (num_prefills + 1,) int32, offsets from the first prefill token
+    prefill_seq_lens: torch.Tensor  # (num_prefills,) int32
+    prefill_block_tables: torch.Tensor  # (num_prefills, max_blocks) int32
+    decode_plan: object = None  # ops.plan_decode(decode_seq_lens, decode_block_tables, block_size), once per step
+
+    @property
+    def num_prefill_seqs(self) -> int:
+        return self.prefill_seq_lens.shape[0]
+
+
+class LoRAHook(Protocol):
+    """Adds each token's adapter delta to a projection's or an embedding's output (lmservice/model/lora.py)."""
+
+    def apply(self, module_key: str, x: torch.Tensor, y: torch.Tensor) -> None: ...
+
+    def apply_embedding(self, module_key: str, indices: torch.Tensor, y: torch.Tensor) -> None: ...
+
+
+def _linear(module: nn.Module, key: str, x: torch.Tensor, lora: LoRAHook | None, bias: bool = True) -> torch.Tensor:
+    if isinstance(module, nn.Linear):
+        y = F.linear(x, module.weight, module.bias if bias else None)
+    else:  # a quantized projection (lmservice/model/quantize.py)
+        y = module(x, with_bias=bias)
+    if lora is not None:
+        lora.apply(key, x, y)
+    return y
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.n_head, self.head_dim, self.n_embd = config.n_head, config.head_dim, config.n_embd
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        scale = 1.0 / math.sqrt(self.head_dim) if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            scale /= float(layer_idx + 1)
+        self.scale = scale
+        self.prefix = f"h.{layer_idx}."
+
+    def forward(self, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
+                ops: KernelOps, lora: LoRAHook | None) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        qkv = _linear(self.c_attn, self.prefix + "attn.c_attn", x, lora)  # (T, 3C)
+        q, k, v = qkv.view(num_tokens, 3, self.n_head, self.head_dim).unbind(1)  # each (T, nh, hd)
+        k_cache, v_cache = kv_cache
+        # Write first, then attend: prefix-cached and chunked prefills read their
+        # context (and same-step siblings' blocks) from the cache alone.
+        ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        nd = meta.num_decode_tokens
+        if nd == num_tokens:
+            out = ops.decode_attention(q, k_cache, v_cache, meta.decode_seq_lens, meta.decode_block_tables, self.scale,
+                                       meta.decode_plan)
+        elif nd == 0:
+            out = ops.prefill_attention(q, k_cache, v_cache, meta.prefill_cu_seqlens_q, meta.prefill_seq_lens,
+                                        meta.prefill_block_tables, self.scale)
+        else:
+            out = torch.empty_like(q)
+            out[:nd] = ops.decode_attention(q[:nd], k_cache, v_cache, meta.decode_seq_lens,
+                                            meta.decode_block_tables, self.scale, meta.decode_plan)
+            out[nd:] = ops.prefill_attention(q[nd:], k_cache, v_cache, meta.prefill_cu_seqlens_q,
+                                             meta.prefill_seq_lens, meta.prefill_block_tables, self.scale)
+        return _linear(self.c_proj, self.prefix + "attn.c_proj", out.reshape(num_tokens, self.n_embd), lora)
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.n_inner)
+        self.c_proj = nn.Linear(config.n_inner, config.n_embd)
+        self.activation = config.activation_function
+        self.prefix = f"h.{layer_idx}."
+
+    def forward(self, x: torch.Tensor, ops: KernelOps, lora: LoRAHook | None) -> torch.Tensor:
+        if self.activation in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+            fused = ops.gelu_adds_bias
+            h = _linear(self.c_fc, self.prefix + "mlp.c_fc", x, lora, bias=not fused)  # (T, n_inner)
+            h = ops.bias_gelu(h, self.c_fc.bias if fused else None)
+        else:
+            h = _linear(self.c_fc, self.prefix + "mlp.c_fc", x, lora)
+            h = F.gelu(h) if self.activation == "gelu" else F.relu(h)
+        return _linear(self.c_proj, self.prefix + "mlp.c_proj", h, lora)
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = GPT2Attention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = GPT2MLP(config, layer_idx)
+
+
+class GPT2Transformer(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        # NOTE: `_weight` skips reset_parameters: the checkpoint assigns every weight (lmservice/model/loader.py),
+        # and a random init on the meta device makes torch 2.13 import torch._dynamo (2 s of start-up).
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd,
+                                _weight=torch.empty(config.vocab_size, config.n_embd))
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd,
+                                _weight=torch.empty(config.n_positions, config.n_embd))
+        self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+
+
+class GPT2ForServing(nn.Module):
+    """GPT-2 with an LM head and, for classifier checkpoints, a score head.
+
+    forward() maps a flat batch of tokens (T,) to final hidden states (T, C);
+    the heads are applied afterwards only to the rows that need them.
+    """
+
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = GPT2Transformer(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.score = nn.Linear(config.n_embd, config.num_labels, bias=False) if config.is_classifier else None
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], ops: KernelOps,
+                lora: LoRAHook | None = None) -> torch.Tensor:
+        t = self.transformer
+        h = t.wte(input_ids) + t.wpe(positions)  # (T, C)
+        if lora is not None:
+            lora.apply_embedding("wte", input_ids, h)
+            lora.apply_embedding("wpe", positions, h)
+        residual = None
+        for block, kv_cache in zip(t.h, kv_caches, strict=True):
+            x, residual = ops.add_layer_norm(h, residual, block.ln_1.weight, block.ln_1.bias, block.ln_1.eps)
+            h = block.attn(x, kv_cache, meta, ops, lora)
+            x, residual = ops.add_layer_norm(h, residual, block.ln_2.weight, block.ln_2.bias, block.ln_2.eps)
+            h = block.mlp(x, ops, lora)
+        out, _ = ops.add_layer_norm(h, residual, t.ln_f.weight, t.ln_f.bias, t.ln_f.eps)
+        return out
+
+    def swap_linears(self, make: Callable[[nn.Module], nn.Module]) -> int:
+        """Replace every projection and the LM head by make(module) (int8, oneDNN); returns how many."""
+        count = 0
+        for block in self.transformer.h:
+            for owner, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")):
+                setattr(owner, name, make(getattr(owner, name)))
+                count += 1
+        self.lm_head = make(self.lm_head)
+        return count + 1
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return _linear(self.lm_head, "lm_head", hidden, None)  # (N, vocab)

@@ -1,0 +1,107 @@
+"""8-bit weights for the loaded model (`--quantization int8`), applied after loading by swapping modules.
+
+Every projection (c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj) and the LM head becomes an `Int8Linear`:
+the weight stored as int8 with one fp32 scale per output channel (symmetric, scale = max|w| / 127),
+and each call quantizing its input dynamically (per tensor, uint8) before an int8 x int8 GEMM with
+int32 accumulation: torch's x86 quantized engine (FBGEMM / oneDNN, VNNI or AMX where the CPU has them).
+Measured on GPT-2 small's projections (`python benchmarks/linear.py`, docs/benchmarks.md, an AMX Xeon)
+this is 2.6-4.5x faster than fp32 at 1 and at 32 rows (only the small 768 x 768 one loses at 1 row,
+0.75x), while weight-only int8 (`torch._weight_int8pack_mm`, bf16 activations) was 4-6x slower than it
+at 32 rows: at decode batch sizes the step is bound by reading weights, and int8 reads a quarter of them.
+Calls of at most NATIVE_ROWS rows (decode steps) take our own C kernel instead where the CPU has AVX-512
+VNNI (lmservice/kernels/cpu_native.py linear_few_rows_int8: packed weights, each input row quantized with its own
+scale), faster than FBGEMM there on an AMD EPYC (docs/benchmarks.md); prefills stay on FBGEMM.
+
+Embeddings, LayerNorms, the KV cache and classification score heads stay in fp32; LoRA adapters add
+their fp32 delta to the quantized projection's output, unchanged. The scheduler never sees any of it.
+
+The reference for the kernel is `Int8Linear.reference`: the same quantized weights and the same
+quantized input, dequantized and multiplied in fp32 (tests/model/test_quantize.py).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmservice.kernels.cpu_native import (
+    int8_kernel_available,
+    linear_few_rows_int8,
+    pack_int8_weight,
+    unpack_int8_weight,
+)
+from lmservice.model.cpu import cpu_flags
+
+QUANTIZATIONS = ("none", "int8")
+NATIVE_ROWS = 32
+
+
+class Int8Linear(nn.Module):
+    """y = x @ dequant(W).T + b with W int8 per output channel; x quantized per call (see module docstring)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        weight = weight.detach().float()
+        self.out_features, self.in_features = weight.shape
+        scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # (out,)
+        with warnings.catch_warnings():  # NOTE: torch marks quantized tensors deprecated (torchao is their
+            warnings.simplefilter("ignore", UserWarning)  # successor); the pinned torch 2.13 has them
+            qweight = torch.quantize_per_channel(weight, scales.double(), torch.zeros_like(scales, dtype=torch.long),
+                                                 axis=0, dtype=torch.qint8)
+        weight_int8 = qweight.int_repr()  # (out, in)
+        # for the native kernel (lmservice/kernels/cpu_native.py pack_int8_weight); FBGEMM packs its own copy below
+        self.register_buffer("weight_packed", pack_int8_weight(weight_int8), persistent=False)
+        self.register_buffer("scales", scales, persistent=False)  # (out,) fp32
+        self.register_buffer("weight_sums", weight_int8.sum(dim=1, dtype=torch.int32), persistent=False)
+        self.bias = None if bias is None else bias.detach().float()
+        self._packed = torch.ops.quantized.linear_prepack(qweight, self.bias)
+        self._packed_no_bias = torch.ops.quantized.linear_prepack(qweight, None) if bias is not None else self._packed
+        # NOTE: with 8-bit activations the non-VNNI AVX2 kernel sums pairs of u8 x s8 products in int16,
+        # which can saturate; 7-bit activations (reduce_range) avoid that. VNNI / AMX accumulate in int32.
+        self.reduce_range = not ({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
+        # calls of at most this many rows go to the native int8 kernel (per-row activation scales): faster than
+        # FBGEMM up to 32 rows on GPT-2 small's projections (docs/benchmarks.md); prefills stay on FBGEMM
+        self.native_rows = NATIVE_ROWS if int8_kernel_available() else 0
+
+    @property
+    def weight_int8(self) -> torch.Tensor:
+        """The (out, in) int8 weight (unpacked on each read: for references and tests)."""
+        return unpack_int8_weight(self.weight_packed, self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        if x.numel() <= self.native_rows * self.in_features:
+            return linear_few_rows_int8(x.float(), self.weight_packed, self.weight_sums, self.scales,
+                                        self.bias if with_bias else None)
+        packed = self._packed if with_bias else self._packed_no_bias
+        shape = x.shape
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]).float(), packed, self.reduce_range)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def reference(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        """The kernel's own dequantized path: x quantized as the kernel that takes it does, then dequantized
+        weights and input multiplied in fp32. FBGEMM: per tensor, affine uint8 over [min(x, 0), max(x, 0)];
+        the native kernel (at most native_rows rows): per row, symmetric int8, scale max |x| / 127."""
+        w_deq = self.weight_int8.float() * self.scales[:, None]
+        bias = self.bias if with_bias else None
+        if x.numel() <= self.native_rows * self.in_features:
+            scale = (x.abs().amax(dim=-1, keepdim=True) / 127.0).masked_fill_(x.abs().amax(dim=-1, keepdim=True) == 0, 1.0)
+            return F.linear(torch.round(x / scale) * scale, w_deq, bias)
+        levels = 127 if self.reduce_range else 255
+        low, high = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+        scale = max((high - low) / levels, 1e-12)
+        zero_point = min(max(round(-low / scale), 0), levels)
+        xq = torch.clamp(torch.round(x / scale) + zero_point, 0, levels)
+        x_deq = (xq - zero_point) * scale
+        return F.linear(x_deq, w_deq, bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+def quantize_int8(model: nn.Module) -> int:
+    """Swap every projection and the LM head of a GPT2ForServing for Int8Linear; returns how many.
+    CPU only: torch's quantized GEMMs have no CUDA kernels."""
+    return model.swap_linears(lambda linear: Int8Linear(linear.weight, linear.bias))
