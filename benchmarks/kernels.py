@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         for part, arg in parts:
             try:
                 rows.extend(part(setup, name, arg))
-            except Exception as e:  # one broken part must not hide the others' rows
+            except Exception as e:  # noqa: BLE001 (one broken part must not hide the others' rows)
                 rows.append(Row(f"error in {part.__name__}", name, "-", "-", "-",
                                 check=f"{type(e).__name__}: {str(e)[:300]}", check_ok=False))
             if setup.cuda:

@@ -13,7 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from lmservice.api.errors import install_handlers
 from lmservice.api.middleware import RequestContextMiddleware
 from lmservice.api.playground import router as playground_router
-from lmservice.api.routes import admin, embeddings, native, openai, probes, tokenize
+from lmservice.api.routes import admin, embeddings, openai, probes, tasks, tokenize
 from lmservice.api.state import ServerState
 from lmservice.config import Settings
 from lmservice.metrics import Metrics
@@ -38,7 +38,7 @@ def create_app(settings: Settings, serving: Serving | None = None, metrics: Metr
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if state.engine is None:
-            from lmservice.serving.bootstrap import build_serving  # noqa: PLC0415  (heavy: torch, the model)
+            from lmservice.serving.bootstrap import build_serving  # here: torch and the model are heavy
 
             state.serve(build_serving(settings))
         engine, models = state.started()
@@ -58,7 +58,7 @@ def create_app(settings: Settings, serving: Serving | None = None, metrics: Metr
     )
     app.state.server = state
     install_handlers(app)
-    for module in (probes, native, openai, embeddings, tokenize, admin):
+    for module in (probes, tasks, openai, embeddings, tokenize, admin):
         app.include_router(module.router)
     if settings.playground:
         app.include_router(playground_router)

@@ -172,7 +172,7 @@ class EngineCall:
             try:
                 async for out in self.events(run):
                     await queue.put((i, out, None))
-            except Exception as e:  # surfaced to the consumer below
+            except Exception as e:  # noqa: BLE001 (surfaced to the consumer below)
                 await queue.put((i, None, e))
             await queue.put((i, None, None))
 

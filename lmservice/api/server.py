@@ -121,7 +121,7 @@ def run(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT; 0 after a clean drain, 1 when the model cannot be loaded or
     a second signal forced the exit."""
     configure_logging(settings.log_level)
-    from lmservice.serving.bootstrap import build_serving  # noqa: PLC0415  (torch and the model: only when serving)
+    from lmservice.serving.bootstrap import build_serving  # here: torch and the model only when serving
 
     try:
         # Loaded before uvicorn starts so that a bad model or adapter is one clear line and exit 1.

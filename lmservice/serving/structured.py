@@ -100,7 +100,7 @@ class GrammarCompiler:
         self.num_compiled = 0
 
     def _ll(self):
-        import llguidance  # noqa: PLC0415 (only with structured output)
+        import llguidance  # here: only with structured output
 
         with self._lock:
             if self._ll_tokenizer is None:
@@ -130,9 +130,9 @@ class GrammarCompiler:
         return template
 
     def _build(self, spec: StructuredSpec):
-        import llguidance  # noqa: PLC0415
-        import llguidance.torch as llt  # noqa: PLC0415
-        import torch  # noqa: PLC0415
+        import llguidance  # here, as in _ll: only with structured output
+        import llguidance.torch as llt
+        import torch
 
         matcher_cls = llguidance.LLMatcher
         try:

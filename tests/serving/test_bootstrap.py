@@ -91,7 +91,7 @@ def test_the_engine_thread_owns_the_only_openmp_team(tmp_path):
     """build_serving loads on a thread that ends (lmservice/serving/bootstrap.py): a parallel op at load leaves no
     OpenMP team on the main thread beside the engine thread's, so with one thread per core libgomp keeps its
     workers spinning between the step's parallel regions instead of putting them to sleep at every one."""
-    from lmservice.kernels.cpu_native import int8_kernel_available, native_library  # noqa: PLC0415
+    from lmservice.kernels.cpu_native import int8_kernel_available, native_library
 
     if native_library() is None or not int8_kernel_available() or not Path("/proc/self/task").is_dir():
         pytest.skip("needs the native int8 kernels and Linux's /proc")

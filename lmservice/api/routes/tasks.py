@@ -1,4 +1,4 @@
-"""Native endpoints: /v1/generate, /v1/classify, /v1/translate.
+"""Task endpoints (generate, classify, translate): /v1/generate, /v1/classify, /v1/translate.
 
 Each takes "model" to pick the base model or an adapter; without it the first
 model able to do the task answers (for translate: the first whose languages match).
@@ -16,7 +16,7 @@ from lmservice.api.engine_client import EngineCall
 from lmservice.api.errors import APIError
 from lmservice.api.logprobs import TokenText, native_logprobs
 from lmservice.api.schemas.common import ERROR_RESPONSES
-from lmservice.api.schemas.native import (
+from lmservice.api.schemas.tasks import (
     ClassifyRequest,
     ClassifyResponse,
     GenerateRequest,
@@ -27,7 +27,7 @@ from lmservice.api.schemas.native import (
 from lmservice.engine.sampling_params import SamplingParams
 from lmservice.serving.sampling import sampling_params
 
-router = APIRouter(dependencies=[Depends(require_api_key)], tags=["native"])
+router = APIRouter(dependencies=[Depends(require_api_key)], tags=["tasks"])
 
 
 def _responses(model: type, stream_example: str | None = None) -> dict:

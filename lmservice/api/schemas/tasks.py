@@ -1,4 +1,4 @@
-"""Native endpoints' bodies: generate, classify, translate."""
+"""Bodies of the task endpoints: generate, classify, translate."""
 
 from __future__ import annotations
 
