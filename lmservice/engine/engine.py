@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmservice.engine.adapters import AdapterTable
 from lmservice.engine.block_pool import BlockPool
 from lmservice.engine.config import EngineConfig
 from lmservice.engine.detokenizer import IncrementalDetokenizer
@@ -25,11 +26,9 @@ from lmservice.engine.sampling_params import SamplingParams
 from lmservice.engine.scheduler import Scheduler, SchedulerOutput
 from lmservice.engine.stop_strings import StopStrings
 from lmservice.kernels import auto_cpu_backend, load_ops
-from lmservice.kernels.lora import LoRAMapping
 from lmservice.model.card import ModelCard
 from lmservice.model.loader import LoadedModel
 from lmservice.model.lora import LoRAAdapter, LoRATargets
-from lmservice.model.lora_store import LoRAStore
 
 log = logging.getLogger("lmservice.engine")
 
@@ -90,17 +89,18 @@ class Engine:
         self.validator = RequestValidator(vocab_size=self.vocab_size, max_model_len=self.max_model_len,
                                           block_size=config.block_size, num_kv_blocks=num_blocks,
                                           limits=config.limits)
-        self.lora = LoRAStore(LoRATargets.from_config(loaded.config), config.scheduler.max_loras,
-                              config.max_lora_rank, loaded.device, loaded.dtype)
-        self.adapter_load_ids: dict[str, int] = {}  # name -> which load of that name is served now
-        self._num_adapters_loaded = 0
+        score = loaded.model.score
+        self.adapters = AdapterTable(LoRATargets.from_config(loaded.config), config.scheduler.max_loras,
+                                     config.max_lora_rank, loaded.device, loaded.dtype,
+                                     base_score_head=(score.weight, None) if score is not None else None)
         self.scheduler = Scheduler(config.scheduler, KVCacheManager(self.pool, config.enable_prefix_caching),
-                                   adapters_fit=self.lora.can_acquire)
+                                   adapters_fit=self.adapters.can_acquire)
         self.ops = load_ops(backend)
         self.runner = ModelRunner(
             model=loaded.model, ops=self.ops, num_blocks=num_blocks, block_size=config.block_size,
             device=loaded.device, dtype=loaded.dtype, eos_token_id=self.eos_token_id, seed=config.seed,
-            cuda_graph_max_batch=config.scheduler.max_num_seqs if config.enable_cuda_graphs else 0)
+            cuda_graph_max_batch=config.scheduler.max_num_seqs if config.enable_cuda_graphs else 0,
+            adapters=self.adapters)
         self.groups: dict[str, _Group] = {}
         # NOTE: (step index, num_seqs, num_tokens) of recent steps, appended by the engine thread and read
         # by scrapes (step_samples_since); reading never removes, so any number of readers see every sample.
@@ -115,32 +115,15 @@ class Engine:
     def add_adapter(self, name: str, path) -> tuple[LoRAAdapter, ModelCard]:
         """Load a PEFT LoRA directory (and its card) as `name`; a broken one raises ValueError, changing nothing."""
         card = ModelCard.load(path)
-        adapter = self.lora.load(name, path)
+        adapter = self.adapters.load(name, path)
         if card is None:
             card = ModelCard.default([f"LABEL_{i}" for i in range(adapter.score_weight.shape[0])]
                                      if adapter.score_weight is not None else None)
-        self._num_adapters_loaded += 1
-        self.adapter_load_ids[name] = self._num_adapters_loaded
-        if adapter.score_weight is not None:
-            dev, dt = self.loaded.device, self.loaded.dtype
-            bias = adapter.score_bias.to(dev, dt) if adapter.score_bias is not None else None
-            self.runner.score_heads[(name, self._num_adapters_loaded)] = (adapter.score_weight.to(dev, dt), bias)
         return adapter, card
 
     def remove_adapter(self, name: str) -> None:
         """New requests can no longer name it; requests in flight keep it until they end. KeyError if unknown."""
-        load_id = self.adapter_load_ids.pop(name, None)
-        if self.lora.remove(name):
-            self.runner.score_heads.pop((name, load_id), None)
-
-    def _release_adapter(self, key: tuple[str, int | None]) -> None:
-        name, load_id = key
-        self.lora.unpin(name)
-        if self.adapter_load_ids.get(name) != load_id:  # removed (or replaced) while this request ran
-            try:
-                self.lora.get(name)
-            except KeyError:
-                self.runner.score_heads.pop(key, None)
+        self.adapters.remove(name)
 
     # --- requests ---
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
@@ -164,17 +147,15 @@ class Engine:
         """Queue a request that RequestValidator.check made, as it is (no validation, no admission check:
         the caller did both). KeyError, changing nothing, if its adapter is no longer loaded."""
         adapter, params = request.adapter, request.params
-        if adapter is not None and adapter not in self.lora:
-            raise KeyError(adapter)
-        if adapter is not None:
-            self.lora.pin(adapter)  # kept until the request ends, even if removed meanwhile
+        # kept until the request ends, even if removed meanwhile; KeyError when it is unknown or removed
+        adapter_key = self.adapters.pin(adapter) if adapter is not None else None
         seqs = []
         now = time.monotonic()
         for i in range(request.num_seqs):
             seq = Sequence(seq_id=f"{request.request_id}#{i}", group_id=request.request_id, index=i,
                            prompt_token_ids=list(request.prompt_token_ids), params=params,
                            max_tokens=request.max_tokens, priority=request.priority, adapter=adapter,
-                           adapter_load_id=self.adapter_load_ids.get(adapter) if adapter else None,
+                           adapter_load_id=adapter_key[1] if adapter_key else None,
                            task=request.task, arrival_time=now)
             if params.seed is not None and not params.is_greedy:
                 seq.generator = torch.Generator().manual_seed((params.seed + i) % 2**64)
@@ -213,22 +194,14 @@ class Engine:
         if sched.is_empty:
             return []
         try:
-            result = self.runner.execute(sched, self.lora_hook(sched))
+            lora = self.adapters.step_hook([item.seq.adapter for item in sched.scheduled],
+                                           [item.num_new_tokens for item in sched.scheduled], self.ops.add_lora)
+            result = self.runner.execute(sched, lora)
         except Exception as e:  # noqa: BLE001 (one bad batch must not stop the server)
             return self._fail_batch(sched, e)
         self.step_samples.append((self.num_steps, len(sched.scheduled), sched.num_batched_tokens))
         self.num_steps += 1
         return self.update(sched, result)
-
-    def lora_hook(self, sched: SchedulerOutput):
-        """The step's LoRA hook: each sequence's adapter in a device slot, None when no row uses one."""
-        names = [item.seq.adapter for item in sched.scheduled]
-        if all(name is None for name in names):
-            return None
-        slots = self.lora.acquire(names)
-        mapping = LoRAMapping.from_seq_slots(slots, [item.num_new_tokens for item in sched.scheduled],
-                                             self.loaded.device)
-        return self.lora.step_hook(mapping, self.ops.add_lora)
 
     def update(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestOutput]:
         now = time.monotonic()
@@ -332,7 +305,7 @@ class Engine:
         if finished:
             del self.groups[group.request_id]
             if first.adapter_key is not None:
-                self._release_adapter(first.adapter_key)
+                self.adapters.release(first.adapter_key)
         return out
 
     def _fail_batch(self, sched: SchedulerOutput, error: Exception) -> list[RequestOutput]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from lmservice.engine.adapters import AdapterTable
 from lmservice.engine.cuda_graphs import DecodeGraphs
 from lmservice.engine.grammar import GrammarMasks
 from lmservice.engine.native_decode import NativeDecoder
@@ -39,7 +40,7 @@ class ModelRunner:
 
     def __init__(self, *, model: GPT2ForServing, ops: KernelOps, num_blocks: int, block_size: int,
                  device: torch.device, dtype: torch.dtype, eos_token_id: int | None, seed: int = 0,
-                 cuda_graph_max_batch: int = 0) -> None:
+                 cuda_graph_max_batch: int = 0, adapters: AdapterTable) -> None:
         self.model = model
         self.ops = ops
         self.device = device
@@ -60,10 +61,7 @@ class ModelRunner:
             self.decode_graphs = DecodeGraphs(model, ops, self.kv_caches, cuda_graph_max_batch, max_blocks, device)
         # CPU: pure decode steps of a few sequences in one C call (native_decode.py), with the native kernels
         self.native_decoder = NativeDecoder.build(model, self.kv_caches) if ops.name == "native" else None
-        # classification heads: the base's (key None) and each loaded classification adapter's (its adapter_key)
-        self.score_heads: dict[tuple[str, int] | None, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        if model.score is not None:
-            self.score_heads[None] = (model.score.weight, None)
+        self.adapters = adapters  # the owner of the classification heads (the base's and each adapter's)
 
     def _block_table(self, seqs: list[Sequence]) -> torch.Tensor:
         width = max(len(s.block_ids) for s in seqs)
@@ -186,7 +184,7 @@ class ModelRunner:
                   out: ModelRunnerOutput) -> None:
         h = hidden[rows]  # (N, C)
         for row, (i, seq) in enumerate(zip(idx, seqs, strict=True)):
-            head = self.score_heads.get(seq.adapter_key)
+            head = self.adapters.score_head(seq.adapter_key)
             if head is None:
                 out.errors[i] = f"model {seq.adapter or 'base'} has no classification head"
                 continue

@@ -98,9 +98,12 @@ class LoRAStore:
             raise KeyError(name)
         self._slots.pin(name)
 
-    def unpin(self, name: str) -> None:
+    def unpin(self, name: str) -> bool:
+        """A request naming `name` ended. True when that was the last use of a removed adapter: it is gone now."""
         if self._slots.unpin(name) == 0 and name in self._removing:
             self._drop(name)
+            return True
+        return False
 
     # --- device slots --------------------------------------------------------------------------------
 

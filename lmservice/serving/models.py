@@ -2,10 +2,13 @@
 
 A request names a model (or none: the first able to do its task); the registry
 resolves it to a `ModelEntry` before anything reaches the engine, and the engine
-sees only the adapter's name. Adapters are added and removed while serving: the
-engine loads or drops the weights on its own thread (`AsyncEngine.call`), the
-registry changes its table on the event loop, so a name is resolvable exactly
-while its adapter is loaded.
+sees only the adapter's name. The registry holds names only (each with its card and
+tasks); everything else about an adapter (its loads, the requests pinned to it, its
+device slot, its score head) has one owner, the engine's AdapterTable
+(lmservice/engine/adapters.py). Adapters are added and removed while serving: the
+engine loads or drops them on its own thread (`AsyncEngine.call`), the registry
+changes its table on the event loop, so a name is resolvable exactly while its
+adapter is loaded.
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ def test_mixed_adapters_in_one_batch_match_peft(lora_setup, max_loras, backend):
         assert results[rid]["tokens"][0] == reference(base, dirs.get(name), p), f"{rid} adapter={name}"
     assert engine.pool.num_used_blocks == 0
     if max_loras == 2:
-        assert len(engine.lora.resident_names()) == 2  # swapped LRU through 2 device slots
+        assert len(engine.adapters.resident_names()) == 2  # swapped LRU through 2 device slots
 
 
 def test_same_prompt_under_two_adapters_keeps_own_kv(lora_setup):
