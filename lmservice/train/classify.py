@@ -22,7 +22,7 @@ from datasets import Dataset, Value
 from transformers import GPT2ForSequenceClassification, PreTrainedTokenizerBase
 
 from lmservice.model.card import ModelCard
-from lmservice.train.data import DataError, limit, load_table, split_heldout
+from lmservice.train.data import DataError, limit, load_table, split_heldout, text_fix_note
 from lmservice.train.evaluate import classification_metrics, predict_labels
 from lmservice.train.examples import PadCollator, encode_texts
 from lmservice.train.modeling import load_for_training, lora_finalizer
@@ -43,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _load(path: Path, args: argparse.Namespace) -> Dataset:
-    ds = load_table(path, [args.text_column, args.label_column], header=not args.no_header)
+    ds = load_table(path, [args.text_column, args.label_column], header=not args.no_header,
+                    fix=[args.text_column] if args.fix_text else [])
     # Labels compare as strings: `--labels 0 1` must match an int column as well as a string one.
     ds = ds.cast_column(args.label_column, Value("string"))
     return ds.map(lambda r: {args.label_column: (r[args.label_column] or "").strip()})
@@ -109,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     card = ModelCard(task="classify", labels=names, data={
         "train": str(args.train), "eval": eval_name, "text_column": args.text_column,
         "label_column": args.label_column, "label_values": labels, "num_train_examples": len(train_ds),
-        "num_eval_examples": len(eval_ds), "preprocessing": "text stripped of surrounding whitespace"})
+        "num_eval_examples": len(eval_ds), "preprocessing": "text stripped of surrounding whitespace",
+        "text_fix": text_fix_note(args.fix_text)})
     job = Job(name="classify", model=model, tokenizer=tokenizer, train_dataset=train_ds, eval_dataset=eval_ds,
               collator=collator, card=card, base_model=str(args.base), extra_metrics=extra_metrics,
               finalize=lora_finalizer(args, "SEQ_CLS", ["score"]))

@@ -25,7 +25,7 @@ JOBS = {
 
 # What the `train` extra (pyproject.toml) adds to the server's install, as import names. The quick start
 # installs the package without it, so the jobs check for it first and name the install command.
-TRAIN_EXTRA_MODULES = ("datasets", "accelerate", "sacrebleu", "matplotlib", "tqdm")
+TRAIN_EXTRA_MODULES = ("datasets", "ftfy", "accelerate", "sacrebleu", "matplotlib", "tqdm")
 INSTALL_TRAIN_EXTRA = "pip install 'lmservice[train]' (from a checkout: pip install -e '.[train]')"
 
 

@@ -20,6 +20,12 @@ _HYPERPARAMETERS = (
 )
 
 
+def add_text_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-fix-text", dest="fix_text", action="store_false",
+                   help="Train on the text as it is; by default ftfy repairs mojibake, HTML entities and curly "
+                        "quotes as the data loads (recorded in the card as data.text_fix).")
+
+
 def add_base_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", type=Path, required=True,
                    help="GPT-2-family checkpoint dir to start from (recorded as given in the artifact).")
@@ -28,6 +34,7 @@ def add_base_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_training_arguments(p: argparse.ArgumentParser, lr: float, lora: bool = True) -> None:
+    add_text_arguments(p)
     p.add_argument("--output", type=Path, required=True, help="Artifact directory to write (atomically).")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing --output.")
     p.add_argument("--epochs", type=float, default=1.0)

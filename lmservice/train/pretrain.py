@@ -11,7 +11,7 @@ from pathlib import Path
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase, default_data_collator
 
 from lmservice.model.card import ModelCard
-from lmservice.train.data import DataError, limit, load_text, split_heldout
+from lmservice.train.data import DataError, limit, load_text, split_heldout, text_fix_note
 from lmservice.train.examples import pack
 from lmservice.train.modeling import load_tokenizer
 from lmservice.train.options import add_training_arguments
@@ -73,9 +73,9 @@ def run(args: argparse.Namespace) -> int:
     if block_size > config.n_positions:
         raise DataError(f"--block-size {block_size} exceeds --n-positions {config.n_positions}")
 
-    train_ds = pack(load_text(args.train, sample_by=args.sample_by), tokenizer, block_size)
+    train_ds = pack(load_text(args.train, sample_by=args.sample_by, fix=args.fix_text), tokenizer, block_size)
     if args.eval:
-        eval_ds = pack(load_text(args.eval, sample_by=args.sample_by), tokenizer, block_size)
+        eval_ds = pack(load_text(args.eval, sample_by=args.sample_by, fix=args.fix_text), tokenizer, block_size)
         eval_name = ", ".join(map(str, args.eval))
     else:
         train_ds, eval_ds = split_heldout(train_ds, args.eval_fraction, args.seed)
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     card = ModelCard(task="generate", data={
         "train": [str(p) for p in args.train], "eval": eval_name,
         "train_tokens": len(train_ds) * block_size, "eval_tokens": len(eval_ds) * block_size,
-        "block_size": block_size,
+        "block_size": block_size, "text_fix": text_fix_note(args.fix_text),
     })
     job = Job(name="pretrain", model=model, tokenizer=tokenizer, train_dataset=train_ds, eval_dataset=eval_ds,
               collator=default_data_collator, card=card, report_perplexity=True)

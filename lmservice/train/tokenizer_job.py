@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerFast
 
 from lmservice.train.artifact import atomic_directory
 from lmservice.train.data import DataError, load_text
+from lmservice.train.options import add_text_arguments
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -27,9 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-frequency", type=int, default=2)
     p.add_argument("--model-max-length", type=int, default=1024, help="Recorded in tokenizer_config.json.")
     p.add_argument("--overwrite", action="store_true")
+    add_text_arguments(p)
 
 
-def train_tokenizer(paths: list[Path], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+def train_tokenizer(paths: list[Path], vocab_size: int, min_frequency: int = 2, fix: bool = True) -> Tokenizer:
     if vocab_size <= 256 + 1:
         raise DataError(f"--vocab-size must exceed the 256 byte tokens + 1 special, got {vocab_size}")
     tok = Tokenizer(models.BPE())
@@ -43,7 +45,7 @@ def train_tokenizer(paths: list[Path], vocab_size: int, min_frequency: int = 2) 
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, even unseen ones
         show_progress=False,
     )
-    ds = load_text(paths, sample_by="line")
+    ds = load_text(paths, sample_by="line", fix=fix)
     tok.train_from_iterator((ds[i : i + 1000]["text"] for i in range(0, len(ds), 1000)), trainer=trainer)
     return tok
 
@@ -60,7 +62,7 @@ def as_hf_tokenizer(tok: Tokenizer, model_max_length: int) -> PreTrainedTokenize
 
 
 def run(args: argparse.Namespace) -> int:
-    tok = train_tokenizer(args.train, args.vocab_size, args.min_frequency)
+    tok = train_tokenizer(args.train, args.vocab_size, args.min_frequency, fix=args.fix_text)
     hf_tok = as_hf_tokenizer(tok, args.model_max_length)
     with atomic_directory(args.output, overwrite=args.overwrite) as tmp:
         hf_tok.save_pretrained(tmp)

@@ -15,7 +15,7 @@ from datasets import Dataset
 from transformers import GPT2LMHeadModel
 
 from lmservice.model.card import Languages, ModelCard
-from lmservice.train.data import DataError, limit, load_parallel, load_table, split_heldout
+from lmservice.train.data import DataError, limit, load_parallel, load_table, split_heldout, text_fix_note
 from lmservice.train.evaluate import greedy_generate, translation_metrics
 from lmservice.train.examples import PadCollator, encode_prompt_completion
 from lmservice.train.modeling import load_for_training, lora_finalizer
@@ -41,16 +41,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_training_arguments(p, lr=1e-3)
 
 
-def _pairs(table: Path | None, src: Path | None, tgt: Path | None, which: str) -> Dataset | None:
+def _pairs(table: Path | None, src: Path | None, tgt: Path | None, which: str, fix: bool) -> Dataset | None:
     if table is not None and (src or tgt):
         raise DataError(f"give --{which} or --{which}-src/--{which}-tgt, not both")
     if table is not None:
-        return load_table(table, ["src", "tgt"]).select_columns(["src", "tgt"])
+        return load_table(table, ["src", "tgt"], fix=["src", "tgt"] if fix else []).select_columns(["src", "tgt"])
     if src is None and tgt is None:
         return None
     if src is None or tgt is None:
         raise DataError(f"--{which}-src and --{which}-tgt go together")
-    return load_parallel(src, tgt)
+    return load_parallel(src, tgt, fix=fix)
 
 
 def default_template(source_lang: str, target_lang: str) -> str:
@@ -64,10 +64,10 @@ def run(args: argparse.Namespace) -> int:
     template = args.prompt_template or default_template(args.source_lang, args.target_lang)
     if "{text}" not in template:
         raise DataError(f"--prompt-template must contain {{text}}: {template!r}")
-    train_pairs = _pairs(args.train, args.train_src, args.train_tgt, "train")
+    train_pairs = _pairs(args.train, args.train_src, args.train_tgt, "train", args.fix_text)
     if train_pairs is None:
         raise DataError("no training data: give --train (src/tgt table) or --train-src and --train-tgt")
-    eval_pairs = _pairs(args.eval, args.eval_src, args.eval_tgt, "eval")
+    eval_pairs = _pairs(args.eval, args.eval_src, args.eval_tgt, "eval", args.fix_text)
     if eval_pairs is not None:
         eval_name = str(args.eval or f"{args.eval_src} -> {args.eval_tgt}")
     else:
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     card = ModelCard(task="translate", prompt_template=template,
                      languages=Languages(source=args.source_lang, target=args.target_lang),
                      data={"train": str(args.train or f"{args.train_src} -> {args.train_tgt}"), "eval": eval_name,
-                           "num_train_examples": len(train_ds),
+                           "num_train_examples": len(train_ds), "text_fix": text_fix_note(args.fix_text),
                            "format": 'prompt_template.replace("{text}", src) + " " + tgt + eos'})
     job = Job(name="translate", model=model, tokenizer=tokenizer, train_dataset=train_ds, eval_dataset=eval_ds,
               collator=PadCollator(tokenizer.pad_token_id), card=card, base_model=str(args.base),
