@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -139,6 +140,7 @@ def test_the_docs_have_the_examples_this_test_checks():
 
 @pytest.mark.parametrize("example", [e for e in EXAMPLES if e.kind == "curl"], ids=lambda e: e.id)
 def test_curl_example(example: Example, server):
+    assert shutil.which("curl"), "the docs' examples use curl: install it (apt-get install curl)"
     command = example.code.replace("localhost:8000", server.url.removeprefix("http://"))
     command = command.replace("curl ", f"curl --max-time 120 -w '{STATUS_MARK}%{{http_code}}' ", 1)
     out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=150)
