@@ -1,4 +1,4 @@
-"""Build, check and time lmservice's Triton kernels; prints issue 6's table last.
+"""Build, check and time lmservice's Triton kernels; prints the summary table last.
 
     python benchmarks/kernels.py            # on a CUDA GPU: GPT-2 small and xl shapes, bf16, < 5 min
     python benchmarks/kernels.py --dry-run  # on CPU under TRITON_INTERPRET=1: every part on tiny shapes

@@ -4,7 +4,7 @@
 and c_fc in every layer; rows either interleaved (row i has adapter i % N) or ordered by adapter, as a
 runner that sorts its batch by adapter slot gives them (contiguous groups: no gather/scatter). For each N: the base projections alone (F.linear),
 and the same with the LoRA hook after each, through the LoRAStore's stacked buffers. The whole-engine
-benchmark of issue 5 (throughput vs merged single-adapter models) runs the engine instead.
+benchmark (throughput vs merged single-adapter models, benchmarks/multi_lora.py) runs the engine instead.
 
     python benchmarks/lora.py                                  # CPU, torch path
     python benchmarks/lora.py --device cuda --kernels torch triton   # GPU, both paths

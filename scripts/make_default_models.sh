@@ -40,7 +40,7 @@ SST2_DEV_SENTENCES="$WORK/sst2_dev_sentences.tsv"
 python scripts/sst2_sentences.py "$DATA/sst2/dev.tsv" --write "$SST2_DEV_SENTENCES" >/dev/null
 
 TRAIN="python -m lmservice.cli train"
-BASE="$MODELS/base"
+BASE=${BASE:-$MODELS/base}  # the adapters' base: train them on the installed models/base so their cards name it
 
 for step in "${STEPS[@]}"; do
 case $step in

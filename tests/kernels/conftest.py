@@ -10,7 +10,7 @@ import os
 import sys
 
 os.environ["TRITON_INTERPRET"] = "1"
-for _name in [m for m in sys.modules if m.startswith("kernels.triton_")]:
+for _name in [m for m in sys.modules if m.startswith("lmservice.kernels.triton_")]:
     del sys.modules[_name]  # decorated for the compiler by an earlier import: import afresh
 
 
