@@ -14,6 +14,28 @@ from dataclasses import dataclass, field
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 MAX_LOGPROBS = 20  # as OpenAI
 
+# NOTE: the one list of the sampling fields a client sets by name on every generating endpoint (OpenAI's
+# names, plus vLLM's extras), each with what the API documents about it. The HTTP schema's fields
+# (lmservice/api/schemas/common.py) and the request -> SamplingParams mapping (lmservice/serving/sampling.py)
+# are built from it, with the types and defaults of SamplingParams below. The other SamplingParams fields are
+# the endpoints' own (n, logprobs, prompt_logprobs) or not a client's to set.
+SAMPLING_FIELDS: dict[str, str] = {
+    "max_tokens": "Most tokens to generate (default: per endpoint).",
+    "temperature": "0 is greedy.",
+    "top_p": "",
+    "top_k": "0 or -1: off.",
+    "min_p": "",
+    "presence_penalty": "",
+    "frequency_penalty": "",
+    "repetition_penalty": "",
+    "logit_bias": "Token id (as a string) -> bias in [-100, 100].",
+    "seed": "Per-request sampling seed: same seed, same tokens.",
+    "stop": "A string or a list of strings; never part of the output.",
+    "stop_token_ids": "",
+    "min_tokens": "",
+    "ignore_eos": "",
+}
+
 
 @dataclass(frozen=True, kw_only=True)
 class RequestLimits:

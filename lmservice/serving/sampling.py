@@ -11,12 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lmservice.engine.outputs import RequestRejectedError
-from lmservice.engine.sampling_params import SamplingParams
-
-# The fields every generating endpoint accepts, under SamplingParams' own names.
-SAMPLING_FIELDS = ("max_tokens", "min_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                   "presence_penalty", "frequency_penalty", "logit_bias", "seed", "stop", "stop_token_ids",
-                   "ignore_eos")
+from lmservice.engine.sampling_params import SAMPLING_FIELDS, SamplingParams
 
 
 def stop_list(value: Any) -> list[str]:

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import base64
 import struct
-from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
 from lmservice.api.auth import require_api_key, server_state
-from lmservice.api.engine_client import EngineCall
 from lmservice.api.errors import APIError
 from lmservice.api.schemas.common import ERROR_RESPONSES
-from lmservice.api.schemas.embeddings import EmbeddingRequest, EmbeddingResponse
+from lmservice.api.schemas.embeddings import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
+from lmservice.api.submission import Submission
 from lmservice.engine.sampling_params import SamplingParams
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["openai"])
@@ -40,18 +39,18 @@ def _encode(vector: list[float], encoding_format: str) -> list[float] | str:
 @router.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERROR_RESPONSES)
 async def embeddings(body: EmbeddingRequest, request: Request):
     _, models = server_state(request).started()
-    call = EngineCall.open(request, models.resolve(body.model, "embed"), "embd")
+    sub = Submission.open(request, models.resolve(body.model, "embed"), "embd")
     if body.dimensions is not None:
         raise APIError(400, f"dimensions: not supported; the model's embeddings have its hidden size "
-                            f"({call.entry.name})", param="dimensions")
-    call.submit(call.tokenize(_inputs(body.input), param="input"), SamplingParams(max_tokens=0, temperature=0.0),
-                task="embed")
+                            f"({sub.entry.name})", param="dimensions")
+    call = sub.submit(sub.tokenize(_inputs(body.input), param="input"), SamplingParams(max_tokens=0, temperature=0.0),
+                      task="embed")
 
-    def build() -> dict[str, Any]:
-        usage = call.usage()
-        data = [{"object": "embedding", "index": i, "embedding": _encode(run.embedding or [], body.encoding_format)}
+    def build() -> EmbeddingResponse:
+        num_prompt_tokens = call.usage().prompt_tokens
+        data = [Embedding(index=i, embedding=_encode(run.embedding or [], body.encoding_format))
                 for i, run in enumerate(call.runs)]
-        return {"object": "list", "data": data, "model": call.entry.name,
-                "usage": {"prompt_tokens": usage["prompt_tokens"], "total_tokens": usage["prompt_tokens"]}}
+        return EmbeddingResponse(data=data, model=call.entry.name,
+                                 usage=EmbeddingUsage(prompt_tokens=num_prompt_tokens, total_tokens=num_prompt_tokens))
 
     return await call.respond(request, None, build)

@@ -13,18 +13,23 @@ from fastapi import APIRouter, Depends, Request
 
 from lmservice.api.auth import require_api_key, server_state
 from lmservice.api.chat import render_chat_prompt
-from lmservice.api.engine_client import EngineCall, PromptRun
+from lmservice.api.engine_client import EngineCall
 from lmservice.api.errors import APIError, model_not_found
 from lmservice.api.logprobs import TokenText, chat_logprobs, completion_logprobs
+from lmservice.api.results import PromptRun
 from lmservice.api.schemas.common import ERROR_RESPONSES
 from lmservice.api.schemas.openai import (
+    AssistantMessage,
+    ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    CompletionChoice,
     CompletionRequest,
     CompletionResponse,
     ModelInfo,
     ModelList,
 )
+from lmservice.api.submission import Submission
 from lmservice.engine.outputs import CompletionDelta, TokenLogprob
 from lmservice.engine.sampling_params import MAX_LOGPROBS
 from lmservice.serving.sampling import sampling_params
@@ -34,8 +39,7 @@ router = APIRouter(dependencies=[Depends(require_api_key)], tags=["openai"])
 _STREAM_DOC = {"text/event-stream": {"example": 'data: {"id": "cmpl-3f2a", "choices": [...]}\n\ndata: [DONE]\n\n'}}
 
 
-def _responses(model: type) -> dict:
-    return {200: {"model": model, "content": _STREAM_DOC}, **ERROR_RESPONSES}
+_RESPONSES = {200: {"content": _STREAM_DOC}, **ERROR_RESPONSES}
 
 
 def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
@@ -57,6 +61,7 @@ async def _deltas(call: EngineCall) -> AsyncIterator[tuple[int, int, CompletionD
 
 
 def _chunk_head(call: EngineCall, obj: str) -> dict[str, Any]:
+    """The fields every chunk of a stream starts with (a final answer has them too, from its model)."""
     return {"id": call.id, "object": obj, "created": call.created, "model": call.entry.name}
 
 
@@ -69,19 +74,19 @@ def _echoed(run: PromptRun, ids: list[int], lps: list[TokenLogprob]) -> tuple[li
     return run.prompt_token_ids + ids, list(prompt_lps) + lps
 
 
-@router.post("/v1/completions", responses=_responses(CompletionResponse))
+@router.post("/v1/completions", response_model=CompletionResponse, responses=_RESPONSES)
 async def completions(body: CompletionRequest, request: Request):
     engine, models = server_state(request).started()
-    call = EngineCall.open(request, models.resolve(body.model, "generate"), "cmpl")
-    prompts = call.tokenize(_prompt_list(body.prompt))
+    sub = Submission.open(request, models.resolve(body.model, "generate"), "cmpl")
+    prompts = sub.tokenize(_prompt_list(body.prompt))
     echo_logprobs = body.echo and body.logprobs is not None
-    await call.constrain(dict(body))
-    call.submit(prompts, sampling_params(dict(body), default_max_tokens=16, n=body.n, logprobs=body.logprobs,
-                                         prompt_logprobs=body.logprobs if echo_logprobs else None))
+    await sub.constrain(dict(body))
+    call = sub.submit(prompts, sampling_params(dict(body), default_max_tokens=16, n=body.n, logprobs=body.logprobs,
+                                               prompt_logprobs=body.logprobs if echo_logprobs else None))
     prompt_texts = [engine.tokenizer.decode(ids) for ids in prompts] if body.echo else None
     token_text = TokenText(engine.tokenizer)
 
-    def build() -> dict[str, Any]:
+    def build() -> CompletionResponse:
         choices = []
         for i, run in enumerate(call.runs):
             for j, seq in enumerate(run.sequences):
@@ -92,10 +97,11 @@ async def completions(body: CompletionRequest, request: Request):
                     if echo_logprobs:
                         ids, lps = _echoed(run, ids, lps)
                     logprobs = completion_logprobs(token_text, ids, lps)
-                choices.append({"index": i * run.params.n + j, "text": prefix + seq.text, "logprobs": logprobs,
-                                "finish_reason": seq.finish_reason})
-        call.log_output([c["text"] for c in choices])
-        return {**_chunk_head(call, "text_completion"), "choices": choices, "usage": call.usage()}
+                choices.append(CompletionChoice(index=i * run.params.n + j, text=prefix + seq.text, logprobs=logprobs,
+                                                finish_reason=seq.finish_reason))
+        call.log_output([c.text for c in choices])
+        return CompletionResponse(id=call.id, created=call.created, model=call.entry.name, choices=choices,
+                                  usage=call.usage())
 
     chunks = None
     if body.stream:
@@ -123,33 +129,34 @@ async def _completion_chunks(call: EngineCall, body: CompletionRequest, prompt_t
         yield {**head, "choices": [{"index": index, "text": text, "logprobs": logprobs,
                                     "finish_reason": delta.finish_reason}], "usage": None}
     if include_usage:
-        yield {**head, "choices": [], "usage": call.usage()}
+        yield {**head, "choices": [], "usage": call.usage().model_dump()}
 
 
 # ---------------------------------------------------------------- chat
 
 
-@router.post("/v1/chat/completions", responses=_responses(ChatCompletionResponse))
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_RESPONSES)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     engine, models = server_state(request).started()
-    call = EngineCall.open(request, models.resolve(body.model, "generate"), "chatcmpl")
-    prompts = call.tokenize([render_chat_prompt(engine.tokenizer, body.messages)], param="messages")
+    sub = Submission.open(request, models.resolve(body.model, "generate"), "chatcmpl")
+    prompts = sub.tokenize([render_chat_prompt(engine.tokenizer, body.messages)], param="messages")
     if body.max_completion_tokens is not None:
         body.max_tokens = body.max_completion_tokens
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     if top_logprobs is not None and not 0 <= top_logprobs <= MAX_LOGPROBS:
         raise APIError(400, f"top_logprobs: must be between 0 and {MAX_LOGPROBS}, got {top_logprobs}",
                        param="top_logprobs")
-    await call.constrain(dict(body))
-    call.submit(prompts, sampling_params(dict(body), default_max_tokens=None, n=body.n, logprobs=top_logprobs))
+    await sub.constrain(dict(body))
+    call = sub.submit(prompts, sampling_params(dict(body), default_max_tokens=None, n=body.n, logprobs=top_logprobs))
     token_text = TokenText(engine.tokenizer)
 
-    def build() -> dict[str, Any]:
-        choices = [{"index": j, "message": {"role": "assistant", "content": seq.text},
-                    "logprobs": chat_logprobs(token_text, seq.logprobs) if body.logprobs else None,
-                    "finish_reason": seq.finish_reason} for j, seq in enumerate(call.runs[0].sequences)]
-        call.log_output([c["message"]["content"] for c in choices])
-        return {**_chunk_head(call, "chat.completion"), "choices": choices, "usage": call.usage()}
+    def build() -> ChatCompletionResponse:
+        choices = [ChatChoice(index=j, message=AssistantMessage(content=seq.text),
+                              logprobs=chat_logprobs(token_text, seq.logprobs) if body.logprobs else None,
+                              finish_reason=seq.finish_reason) for j, seq in enumerate(call.runs[0].sequences)]
+        call.log_output([c.message.content for c in choices])
+        return ChatCompletionResponse(id=call.id, created=call.created, model=call.entry.name, choices=choices,
+                                      usage=call.usage())
 
     chunks = None
     if body.stream:
@@ -171,28 +178,27 @@ async def _chat_chunks(call: EngineCall, body: ChatCompletionRequest, token_text
         yield {**head, "choices": [{"index": index, "delta": {"content": delta.text} if delta.text else {},
                                     "logprobs": logprobs, "finish_reason": delta.finish_reason}]}
     if include_usage:
-        yield {**head, "choices": [], "usage": call.usage()}
+        yield {**head, "choices": [], "usage": call.usage().model_dump()}
 
 
 # ---------------------------------------------------------------- models
 
 
-def _model_info(request: Request) -> list[dict[str, Any]]:
+def _model_info(request: Request) -> list[ModelInfo]:
     state = server_state(request)
     engine, models = state.started()
     return [ModelInfo(id=e.name, created=int(state.started_at), parent=e.parent, root=e.parent or e.name,
-                      tasks=list(e.tasks), max_model_len=engine.max_model_len).model_dump()
-            for e in models.models()]
+                      tasks=list(e.tasks), max_model_len=engine.max_model_len) for e in models.models()]
 
 
 @router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
-async def list_models(request: Request):
-    return {"object": "list", "data": _model_info(request)}
+async def list_models(request: Request) -> ModelList:
+    return ModelList(data=_model_info(request))
 
 
 @router.get("/v1/models/{model:path}", response_model=ModelInfo, responses=ERROR_RESPONSES)
-async def get_model(model: str, request: Request):
+async def get_model(model: str, request: Request) -> ModelInfo:
     for info in _model_info(request):
-        if info["id"] == model:
+        if info.id == model:
             return info
     raise model_not_found(model)

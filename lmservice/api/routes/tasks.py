@@ -19,22 +19,24 @@ from lmservice.api.schemas.common import ERROR_RESPONSES
 from lmservice.api.schemas.tasks import (
     ClassifyRequest,
     ClassifyResponse,
+    ClassifyResult,
     GenerateRequest,
     GenerateResponse,
     TranslateRequest,
     TranslateResponse,
+    Translation,
 )
+from lmservice.api.submission import Submission
 from lmservice.engine.sampling_params import SamplingParams
 from lmservice.serving.sampling import sampling_params
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["tasks"])
 
 
-def _responses(model: type, stream_example: str | None = None) -> dict:
-    ok: dict[str, Any] = {"model": model}
-    if stream_example:
-        ok["content"] = {"text/event-stream": {"example": stream_example}}
-    return {200: ok, **ERROR_RESPONSES}
+def _responses(stream_example: str | None = None) -> dict:
+    if not stream_example:
+        return ERROR_RESPONSES
+    return {200: {"content": {"text/event-stream": {"example": stream_example}}}, **ERROR_RESPONSES}
 
 
 def _texts(text: str | list[str]) -> list[str]:
@@ -61,29 +63,30 @@ async def _text_chunks(call: EngineCall, with_logprobs: bool, token_text: TokenT
             if with_logprobs:
                 chunk["logprobs"] = native_logprobs(token_text, logprobs)
             yield chunk
-    yield {"id": call.id, "model": call.entry.name, "text": "", "finish_reason": None, "usage": call.usage()}
+    yield {"id": call.id, "model": call.entry.name, "text": "", "finish_reason": None,
+           "usage": call.usage().model_dump()}
 
 
 # ---------------------------------------------------------------- generate
 
 
-@router.post("/v1/generate", responses=_responses(
-    GenerateResponse, 'data: {"id": "gen-1a2b", "text": " there", "finish_reason": null}\n\n'
+@router.post("/v1/generate", response_model=GenerateResponse, responses=_responses(
+    'data: {"id": "gen-1a2b", "text": " there", "finish_reason": null}\n\n'
     'data: {"id": "gen-1a2b", "text": "", "finish_reason": null, "usage": {...}}\n\ndata: [DONE]\n\n'))
 async def generate(body: GenerateRequest, request: Request):
     engine, models = server_state(request).started()
-    call = EngineCall.open(request, models.resolve(body.model, "generate"), "gen")
-    await call.constrain(dict(body))
-    call.submit(call.tokenize([body.prompt]), sampling_params(dict(body), default_max_tokens=64,
-                                                              logprobs=body.logprobs))
+    sub = Submission.open(request, models.resolve(body.model, "generate"), "gen")
+    await sub.constrain(dict(body))
+    call = sub.submit(sub.tokenize([body.prompt]), sampling_params(dict(body), default_max_tokens=64,
+                                                                   logprobs=body.logprobs))
     token_text = TokenText(engine.tokenizer)
 
-    def build() -> dict[str, Any]:
+    def build() -> GenerateResponse:
         seq = call.runs[0].sequences[0]
         call.log_output(seq.text)
-        return {"id": call.id, "model": call.entry.name, "text": seq.text, "finish_reason": seq.finish_reason,
-                "usage": call.usage(),
-                "logprobs": native_logprobs(token_text, seq.logprobs) if body.logprobs is not None else None}
+        return GenerateResponse(
+            id=call.id, model=call.entry.name, text=seq.text, finish_reason=seq.finish_reason, usage=call.usage(),
+            logprobs=native_logprobs(token_text, seq.logprobs) if body.logprobs is not None else None)
 
     chunks = _text_chunks(call, body.logprobs is not None, token_text, indexed=False) if body.stream else None
     return await call.respond(request, chunks, build)
@@ -92,26 +95,26 @@ async def generate(body: GenerateRequest, request: Request):
 # ---------------------------------------------------------------- classify
 
 
-@router.post("/v1/classify", responses=_responses(ClassifyResponse))
+@router.post("/v1/classify", response_model=ClassifyResponse, responses=_responses())
 async def classify(body: ClassifyRequest, request: Request):
     _, models = server_state(request).started()
-    call = EngineCall.open(request, models.resolve(body.model, "classify"), "cls")
-    labels = list(call.entry.card.labels or [])
+    sub = Submission.open(request, models.resolve(body.model, "classify"), "cls")
+    labels = list(sub.entry.card.labels or [])
     # Classification is one prefill: nothing is sampled, so the params only carry the defaults.
-    call.submit(call.tokenize(_texts(body.text), param="text"), SamplingParams(max_tokens=0, temperature=0.0),
-                task="classify")
+    call = sub.submit(sub.tokenize(_texts(body.text), param="text"), SamplingParams(max_tokens=0, temperature=0.0),
+                      task="classify")
 
-    def build() -> dict[str, Any]:
+    def build() -> ClassifyResponse:
         results = []
         for run in call.runs:
             scores = run.scores or []
             if len(scores) != len(labels) or not scores:
                 raise APIError(500, f"model {call.entry.name!r} returned {len(scores)} scores for {len(labels)} labels")
             best = max(range(len(scores)), key=scores.__getitem__)
-            results.append({"label": labels[best], "score": scores[best],
-                            "scores": dict(zip(labels, scores, strict=True))})
-        call.log_output([r["label"] for r in results])
-        return {"id": call.id, "model": call.entry.name, "results": results, "usage": call.usage()}
+            results.append(ClassifyResult(label=labels[best], score=scores[best],
+                                          scores=dict(zip(labels, scores, strict=True))))
+        call.log_output([r.label for r in results])
+        return ClassifyResponse(id=call.id, model=call.entry.name, results=results, usage=call.usage())
 
     return await call.respond(request, None, build)
 
@@ -119,26 +122,26 @@ async def classify(body: ClassifyRequest, request: Request):
 # ---------------------------------------------------------------- translate
 
 
-@router.post("/v1/translate", responses=_responses(
-    TranslateResponse, 'data: {"id": "tr-5c3d", "index": 0, "text": " Ein", "finish_reason": null}\n\n'
+@router.post("/v1/translate", response_model=TranslateResponse, responses=_responses(
+    'data: {"id": "tr-5c3d", "index": 0, "text": " Ein", "finish_reason": null}\n\n'
     'data: [DONE]\n\n'))
 async def translate(body: TranslateRequest, request: Request):
     engine, models = server_state(request).started()
-    call = EngineCall.open(request, models.resolve_translation(body.model, body.source, body.target), "tr")
-    card = call.entry.card
+    sub = Submission.open(request, models.resolve_translation(body.model, body.source, body.target), "tr")
+    card = sub.entry.card
     texts = _texts(body.text)
-    prompts = call.tokenize([card.render_translation_prompt(t) for t in texts], param="text")
-    call.log_prompt(texts)
+    prompts = sub.tokenize([card.render_translation_prompt(t) for t in texts], param="text")
+    sub.recorder.log_prompt(texts)
     # The card's contract: the target follows the prompt and ends with EOS, so greedy until EOS by default.
-    call.submit(prompts, sampling_params({"max_tokens": body.max_tokens, "temperature": body.temperature},
-                                         default_max_tokens=None))
+    call = sub.submit(prompts, sampling_params({"max_tokens": body.max_tokens, "temperature": body.temperature},
+                                               default_max_tokens=None))
 
-    def build() -> dict[str, Any]:
-        translations = [{"text": run.sequences[0].text.strip(), "finish_reason": run.sequences[0].finish_reason}
+    def build() -> TranslateResponse:
+        translations = [Translation(text=run.sequences[0].text.strip(), finish_reason=run.sequences[0].finish_reason)
                         for run in call.runs]
-        call.log_output([t["text"] for t in translations])
-        return {"id": call.id, "model": call.entry.name, "source": card.languages.source,
-                "target": card.languages.target, "translations": translations, "usage": call.usage()}
+        call.log_output([t.text for t in translations])
+        return TranslateResponse(id=call.id, model=call.entry.name, source=card.languages.source,
+                                 target=card.languages.target, translations=translations, usage=call.usage())
 
     chunks = _text_chunks(call, False, TokenText(engine.tokenizer), indexed=True) if body.stream else None
     return await call.respond(request, chunks, build)

@@ -23,7 +23,7 @@ router = APIRouter(dependencies=[Depends(require_api_key)], tags=["tokenize"])
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
-async def tokenize(body: TokenizeRequest, request: Request):
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     engine, models = server_state(request).started()
     models.get(body.model)
     tokenizer = engine.tokenizer
@@ -33,15 +33,15 @@ async def tokenize(body: TokenizeRequest, request: Request):
         text = body.prompt
     ids = tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
     strs = [tokenizer.convert_ids_to_tokens(t) for t in ids] if body.return_token_strs else None
-    return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids, "token_strs": strs}
+    return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids, token_strs=strs)
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES)
-async def detokenize(body: DetokenizeRequest, request: Request):
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     engine, models = server_state(request).started()
     models.get(body.model)
     vocab = engine.validator.vocab_size
     bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
     if bad is not None:
         raise APIError(400, f"tokens: token id {bad} is outside the vocabulary [0, {vocab})", param="tokens")
-    return {"prompt": engine.tokenizer.decode(body.tokens)}
+    return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, get_args, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+
+from lmservice.engine.sampling_params import SAMPLING_FIELDS, SamplingParams
 
 
 def _invalid_unicode_at(value: Any, path: str) -> str | None:
@@ -44,34 +47,38 @@ class RequestBody(BaseModel):
         return value
 
 
-class SamplingFields(RequestBody):
-    """Sampling parameters accepted by every generating endpoint (OpenAI names, plus vLLM's extras).
+# JSON shapes other than SamplingParams' own (lmservice/serving/sampling.py converts them); null: the default.
+_JSON_TYPES: dict[str, Any] = {"logit_bias": dict[str, float] | None, "stop": Any, "stop_token_ids": list[int] | None}
+
+
+def _sampling_field(name: str, description: str, param: dataclasses.Field, hint: Any) -> tuple[Any, Any]:
+    json_type = _JSON_TYPES.get(name, hint)
+    # a field that may be null defaults to null: the endpoint's default (max_tokens) or the engine's applies
+    nullable = json_type is Any or type(None) in get_args(json_type)
+    return json_type, Field(None if nullable else param.default, description=description or None)
+
+
+_SAMPLING_HINTS = get_type_hints(SamplingParams)
+_SAMPLING_PARAMS = {f.name: f for f in dataclasses.fields(SamplingParams)}
+
+SamplingFields = create_model(
+    "SamplingFields", __base__=RequestBody, __module__=__name__,
+    __doc__="""Sampling parameters accepted by every generating endpoint: SAMPLING_FIELDS, with SamplingParams'
+    types and defaults (lmservice/engine/sampling_params.py).
 
     Ranges are checked by SamplingParams.validate() so that a bad value is a 400 naming the
     parameter and its limit (the OpenAI convention), not a schema error; wrong JSON types,
     non-finite numbers and invalid Unicode are 422.
-    """
-
-    max_tokens: int | None = Field(None, description="Most tokens to generate (default: per endpoint).")
-    temperature: float = Field(1.0, description="0 is greedy.")
-    top_p: float = 1.0
-    top_k: int = Field(0, description="0 or -1: off.")
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) -> bias in [-100, 100].")
-    seed: int | None = Field(None, description="Per-request sampling seed: same seed, same tokens.")
-    stop: Any = Field(None, description="A string or a list of strings; never part of the output.")
-    stop_token_ids: list[int] | None = None
-    min_tokens: int = 0
-    ignore_eos: bool = False
-    response_format: dict[str, Any] | None = Field(
+    """,
+    **{name: _sampling_field(name, description, _SAMPLING_PARAMS[name], _SAMPLING_HINTS[name])
+       for name, description in SAMPLING_FIELDS.items()},
+    response_format=(dict[str, Any] | None, Field(
         None, description='OpenAI\'s: {"type": "json_object"} or {"type": "json_schema", "json_schema": '
-                          '{"name", "schema", "strict"}} (docs/api.md#structured-output).')
-    structured_outputs: dict[str, Any] | None = Field(
+                          '{"name", "schema", "strict"}} (docs/api.md#structured-output).')),
+    structured_outputs=(dict[str, Any] | None, Field(
         None, description="vLLM's: exactly one of json (a JSON Schema), regex, choice (a list of strings), "
-                          "grammar (Lark, or GBNF).")
+                          "grammar (Lark, or GBNF).")),
+)
 
 
 class Usage(BaseModel):
