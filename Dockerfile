@@ -36,18 +36,19 @@ ENV PATH=/opt/venv/bin:$PATH
 # torch first, from its own index, in a layer of its own: it is most of the image and changes least.
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY lmservice ./lmservice
 # `train` extras so that `lmservice train` runs from this image; Triton only where there is a GPU for it.
-# Then the native CPU kernels (C decode attention, few-row linears, the whole decode step: docs/kernels.md),
-# built once per x86-64 level, since the runtime stage has no compiler: the server loads the best one its CPU
-# runs (LMSERVICE_PREBUILT_KERNELS). Named by the hash of the C source: /src's is the installed one.
+# Installing the package builds the native CPU kernels (C decode attention, few-row linears, the whole decode
+# step: docs/kernels.md) with this stage's gcc, one library per x86-64 level, into the package
+# (lmservice/kernels/_native/); the runtime stage has no compiler, and the server loads the best one its CPU
+# runs. The check (outside /src, so that it imports the installed package) fails the build without them.
 # DL3013 (pin versions in pip) does not apply: this installs the local package, whose dependencies
 # pyproject.toml pins.
 # hadolint ignore=DL3013
 RUN extras="train"; [ "${TORCH_VARIANT}" = "cpu" ] || extras="train,triton"; \
     pip install --no-cache-dir ".[${extras}]" \
-    && python -m lmservice.kernels.cpu_native --prebuild /opt/venv/lmservice-kernels
+    && cd / && python -c "import lmservice.kernels.cpu_native as n; assert n.native_library() is not None"
 
 FROM ${PYTHON_IMAGE} AS runtime
 ARG TORCH_VARIANT=cpu
@@ -75,7 +76,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HUB_OFFLINE=1 \
     TRITON_CACHE_DIR=/cache/triton \
     TORCHINDUCTOR_CACHE_DIR=/cache/inductor \
-    LMSERVICE_PREBUILT_KERNELS=/opt/venv/lmservice-kernels \
     MPLCONFIGDIR=/cache/matplotlib \
     LMSERVICE_HOST=0.0.0.0 \
     LMSERVICE_PORT=8000 \

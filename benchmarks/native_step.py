@@ -5,9 +5,13 @@
 
 1. linears: the 49 weights of one GPT-2-small decode step (48 projections + the LM head), per row count:
    fp32 through oneDNN and through the few-rows C linear; int8 through FBGEMM (quantized::linear_dynamic)
-   and through the C int8 x int8 kernel (AVX-512 VNNI only).
+   and through the C int8 x int8 kernel (where the library has it: AVX-512 VNNI).
 2. steps: engine decode steps at each batch size with the whole-step C call (lmservice/engine/native_decode.py)
-   against the op-by-op path, the same engine switching between them every round.
+   against the op-by-op path, the same engine switching between them every round; a row per dtype that has
+   a C step on this CPU (int8 needs the int8 kernel), the others named below the table.
+
+The library is the one the engine would load (the best build for this CPU; LMSERVICE_CPU_ISA=x86-64-v3
+measures the AVX2 build on a bigger CPU).
 """
 
 from __future__ import annotations
@@ -49,25 +53,23 @@ def linears(shape: str, rows_list: list[int], rounds: int) -> None:
     torch.manual_seed(0)
     weights = [torch.randn(o, i) * 0.02 for o, i in shapes]
     biases = [torch.randn(o) * 0.02 for o, _ in shapes]
-    quantized = [Int8Linear(w, b) for w, b in zip(weights, biases, strict=True)]
+    quantized = [Int8Linear(w, b) for w, b in zip(weights, biases, strict=True)]  # on FBGEMM at any row count
     fp32_mb = sum(w.numel() for w in weights) * 4 / 1e6
-    int8 = cpu_native.int8_kernel_available()
-    print(f"{len(weights)} weights, {fp32_mb:.0f} MB in fp32; ms for all of them (GB/s of weights read)\n")
+    lib = cpu_native.native_library()
+    print(f"{len(weights)} weights, {fp32_mb:.0f} MB in fp32; ms for all of them (GB/s of weights read); "
+          f"the {lib.variant} build\n")
     print("| rows | fp32 oneDNN | fp32 C | int8 FBGEMM | int8 C |")
     print("| ---: | ---: | ---: | ---: | ---: |")
     for rows in rows_list:
         xs = {k: torch.randn(rows, k) for k in {i for _, i in shapes}}
         calls = {
             "fp32 oneDNN": lambda xs=xs: [linear_onednn(xs[w.shape[1]], w, b) for w, b in zip(weights, biases, strict=True)],
-            "fp32 C": lambda xs=xs: [cpu_native.linear_few_rows(xs[w.shape[1]], w, b)
-                               for w, b in zip(weights, biases, strict=True)],
+            "fp32 C": lambda xs=xs: [lib.linear_f32(xs[w.shape[1]], w, b) for w, b in zip(weights, biases, strict=True)],
             "int8 FBGEMM": lambda xs=xs: [q(xs[q.in_features]) for q in quantized],
         }
-        if int8:
-            calls["int8 C"] = lambda xs=xs: [cpu_native.linear_few_rows_int8(xs[q.in_features], q.weight_packed, q.weight_sums,
-                                                                       q.scales, q.bias) for q in quantized]
-        for q in quantized:  # the FBGEMM column measures FBGEMM whatever the row count
-            q.native_rows = 0
+        if lib.has_int8:
+            calls["int8 C"] = lambda xs=xs: [lib.linear_int8(xs[q.in_features], q.weight_packed, q.weight_sums,
+                                                             q.scales, q.bias) for q in quantized]
         best = _best_ms(calls, rounds)
         cells = [f"{best[k]:.1f} ({(fp32_mb if k.startswith('fp32') else fp32_mb / 4) / best[k]:.0f})" if k in best
                  else "-" for k in ("fp32 oneDNN", "fp32 C", "int8 FBGEMM", "int8 C")]
@@ -78,15 +80,16 @@ def steps(model_dir: Path, shape: str, dtypes: list[str], batches: list[int], ro
     print("\n| dtype | batch | op by op ms/step (median, min) | C step ms/step (median, min) | C / op by op |")
     print("| --- | ---: | ---: | ---: | ---: |")
     vocab = SHAPES[shape]["vocab_size"]
+    without: list[str] = []
     for dtype in dtypes:
         loaded = load(model_dir, dtype)
         for batch in batches:
             engine = Engine(loaded, EngineConfig.from_fields(kv_cache_memory_mb=1024, max_num_batched_tokens=8192,
                                                              enable_prefix_caching=False))
-            decoder = engine.runner.native_decoder
+            decoder = engine.runner.fast_path
             if decoder is None:
-                print(f"| {dtype} | {batch} | no C step for this model here | | |")
-                continue
+                without.append(dtype)
+                break
             g = torch.Generator().manual_seed(batch)
             params = SamplingParams(temperature=0.0, max_tokens=rounds * 24 + 8, ignore_eos=True)
             for i, p in enumerate(torch.randint(0, vocab - 1, (batch, prompt_len), generator=g).tolist()):
@@ -104,6 +107,8 @@ def steps(model_dir: Path, shape: str, dtypes: list[str], batches: list[int], ro
             op, c = statistics.median(times["op"]), statistics.median(times["C"])
             print(f"| {dtype} | {batch} | {op:.1f} ({min(times['op']):.1f}) | {c:.1f} ({min(times['C']):.1f}) | "
                   f"{c / op:.2f} |", flush=True)
+    if without:
+        print(f"\nno C step on this CPU for: {', '.join(without)} (int8 needs the int8 kernel, AVX-512 VNNI)")
 
 
 def main() -> None:
@@ -119,7 +124,7 @@ def main() -> None:
     args = ap.parse_args()
     apply_threads(args)
     if cpu_native.native_library() is None:
-        sys.exit("the native kernels are not built here (no C compiler?)")
+        sys.exit("no native kernels are built for this CPU (no C compiler at install time?)")
     if args.only != "steps":
         linears(args.shape, args.rows, args.rounds)
     if args.only != "linears":

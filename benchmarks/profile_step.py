@@ -5,7 +5,7 @@ prefilled first, then --steps decode steps profiled. Printed per dtype and batch
 time per step and the share of each group (self CPU time of its ops); "Python and
 scheduling" is the wall time no op accounts for (the engine's own bookkeeping).
 
-    python benchmarks/profile_step.py --threads 2 --dtypes float32 int8 --batch 1 32 [--attention-backends torch native]
+    python benchmarks/profile_step.py --threads 2 --dtypes float32 int8 --batch 1 32 [--cpu-kernels torch native]
 """
 
 from __future__ import annotations
@@ -47,10 +47,10 @@ def group_of(name: str) -> str:
 
 
 def profile_steps(model_dir: Path, dtype: str, batch: int, prompt_len: int, steps: int, vocab: int,
-                  backend: str = "auto") -> tuple[float, dict]:
+                  cpu_kernels: str = "auto") -> tuple[float, dict]:
     loaded = load(model_dir, dtype)
     engine = Engine(loaded, EngineConfig.from_fields(kv_cache_memory_mb=1024, max_num_batched_tokens=8192,
-                                                     enable_prefix_caching=False, attention_backend=backend))
+                                                     enable_prefix_caching=False, cpu_kernels=cpu_kernels))
     g = torch.Generator().manual_seed(batch)
     params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
     for i, p in enumerate(torch.randint(0, vocab - 1, (batch, prompt_len), generator=g).tolist()):
@@ -78,24 +78,24 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "int8"])
-    ap.add_argument("--attention-backends", nargs="+", default=["auto"],
-                    help="engine attention_backend(s), side by side: auto, torch, native")
+    ap.add_argument("--cpu-kernels", nargs="+", default=["auto"], choices=["auto", "torch", "native"],
+                    help="engine cpu_kernels setting(s), side by side: torch runs no C code, native the C kernels")
     add_threads_flag(ap)
     args = ap.parse_args()
     apply_threads(args)
     names = [g for g, _ in GROUPS] + ["other ops (tensor building, embeddings)", "Python and scheduling"]
-    print("| dtype | batch | attention | ms/step | " + " | ".join(names) + " |")
+    print("| dtype | batch | cpu kernels | ms/step | " + " | ".join(names) + " |")
     print("| --- | --- | ---: | ---: |" + " ---: |" * len(names))
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
         make_model(model_dir, args.shape)
         for dtype in args.dtypes:
             for batch in args.batch:
-                for backend in args.attention_backends:
+                for cpu_kernels in args.cpu_kernels:
                     wall, shares = profile_steps(model_dir, dtype, batch, args.prompt_len, args.steps,
-                                                 SHAPES[args.shape]["vocab_size"], backend)
+                                                 SHAPES[args.shape]["vocab_size"], cpu_kernels)
                     cells = " | ".join(f"{shares.get(n, 0.0):.1f} ({shares.get(n, 0.0) / wall:.0%})" for n in names)
-                    print(f"| {dtype} | {batch} | {backend} | {wall:.1f} | {cells} |", flush=True)
+                    print(f"| {dtype} | {batch} | {cpu_kernels} | {wall:.1f} | {cells} |", flush=True)
 
 
 if __name__ == "__main__":

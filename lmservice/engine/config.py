@@ -26,6 +26,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_lora_rank: int = 64
     attention_backend: str = "auto"  # auto | torch | native | triton
+    cpu_kernels: str = "auto"  # auto | native | torch: whether the native C kernels run (lmservice/kernels/cpu_policy.py)
     enable_cuda_graphs: bool = True  # decode steps as CUDA graphs (CUDA only)
     seed: int = 0  # of the sampler, for requests that carry none
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

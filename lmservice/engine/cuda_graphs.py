@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from lmservice.engine.fast_path import StepBatch
 from lmservice.kernels import KernelOps
 from lmservice.model.gpt2 import AttentionMetadata, GPT2ForServing
 
@@ -22,6 +23,10 @@ _BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
 class DecodeGraphs:
+    """One of the decode fast paths (fast_path.py): pure decode steps without LoRA, up to max_batch sequences."""
+
+    name = "CUDA graphs"
+
     def __init__(self, model: GPT2ForServing, ops: KernelOps, kv_caches: list, max_batch: int, max_blocks: int,
                  device: torch.device, capture: bool = True) -> None:
         self.model, self.ops, self.kv_caches = model, ops, kv_caches
@@ -65,21 +70,20 @@ class DecodeGraphs:
         self.graphs[b] = graph
         return graph.pool()
 
-    def can_run(self, num_seqs: int) -> bool:
-        return num_seqs <= self.buckets[-1]
+    def can_run(self, batch: StepBatch) -> bool:
+        return batch.is_plain_decode and batch.num_decodes <= self.buckets[-1]
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-            seq_lens: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    def run(self, batch: StepBatch) -> torch.Tensor:
         """Hidden states (n, C) of n decode tokens, one per sequence."""
-        n, width = block_tables.shape
+        n, width = batch.block_tables.shape
         b = next(size for size in self.buckets if size >= n)
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(positions)
-        self.slot_mapping[:n].copy_(slot_mapping)
+        self.input_ids[:n].copy_(torch.tensor(batch.input_ids))
+        self.positions[:n].copy_(batch.positions)
+        self.slot_mapping[:n].copy_(batch.slot_mapping)
         self.slot_mapping[n:b].fill_(-1)  # padding rows write nothing
-        self.seq_lens[:n].copy_(seq_lens)
+        self.seq_lens[:n].copy_(batch.seq_lens)
         self.seq_lens[n:b].zero_()  # and attend to nothing
-        self.block_tables[:n, :width].copy_(block_tables)
+        self.block_tables[:n, :width].copy_(batch.block_tables)
         if not self.capture:
             return self._forward(b)[:n]
         self.graphs[b].replay()

@@ -25,7 +25,7 @@ from lmservice.engine.request import Sequence
 from lmservice.engine.sampling_params import SamplingParams
 from lmservice.engine.scheduler import Scheduler, SchedulerOutput
 from lmservice.engine.stop_strings import StopStrings
-from lmservice.kernels import auto_cpu_backend, load_ops
+from lmservice.kernels import choose_kernels
 from lmservice.model.card import ModelCard
 from lmservice.model.loader import LoadedModel
 from lmservice.model.lora import LoRAAdapter, LoRATargets
@@ -77,12 +77,9 @@ class Engine:
         self.eos_token_id = loaded.tokenizer.eos_token_id
         if self.eos_token_id is None:
             self.eos_token_id = loaded.config.eos_token_id
-        backend = config.attention_backend
-        if backend == "auto":
-            backend = "triton" if loaded.device.type == "cuda" else auto_cpu_backend(loaded.dtype)
-        if backend == "native" and (loaded.device.type != "cpu" or loaded.dtype != torch.float32):
-            raise ValueError(f"attention_backend native runs float32 models on CPUs, not {loaded.dtype} on "
-                             f"{loaded.device.type}: use torch (or auto)")
+        # the kernel set and the CPU-kernel policy, decided once (lmservice/kernels/cpu_policy.py)
+        self.ops, self.cpu_kernels = choose_kernels(config.attention_backend, config.cpu_kernels, loaded.device,
+                                                    loaded.dtype)
         num_blocks = config.num_kv_blocks or max(
             1, config.kv_cache_memory_mb * 2**20 // kv_cache_bytes_per_block(loaded.model, config.block_size, loaded.dtype))
         self.pool = BlockPool(num_blocks, config.block_size)
@@ -95,18 +92,18 @@ class Engine:
                                      base_score_head=(score.weight, None) if score is not None else None)
         self.scheduler = Scheduler(config.scheduler, KVCacheManager(self.pool, config.enable_prefix_caching),
                                    adapters_fit=self.adapters.can_acquire)
-        self.ops = load_ops(backend)
         self.runner = ModelRunner(
             model=loaded.model, ops=self.ops, num_blocks=num_blocks, block_size=config.block_size,
             device=loaded.device, dtype=loaded.dtype, eos_token_id=self.eos_token_id, seed=config.seed,
             cuda_graph_max_batch=config.scheduler.max_num_seqs if config.enable_cuda_graphs else 0,
-            adapters=self.adapters)
+            adapters=self.adapters, cpu_kernels=self.cpu_kernels)
         self.groups: dict[str, _Group] = {}
         # NOTE: (step index, num_seqs, num_tokens) of recent steps, appended by the engine thread and read
         # by scrapes (step_samples_since); reading never removes, so any number of readers see every sample.
         self.step_samples: deque[tuple[int, int, int]] = deque(maxlen=10_000)
         self.num_steps = 0
-        log.info("engine ready: %d KV blocks of %d tokens, %s kernels", num_blocks, config.block_size, backend)
+        log.info("engine ready: %d KV blocks of %d tokens, %s kernels; CPU kernels %s", num_blocks,
+                 config.block_size, self.ops.name, self.cpu_kernels.describe())
         if num_blocks * config.block_size < self.max_model_len:
             log.warning("the KV cache (%d tokens) is smaller than one full context (%d): long requests are refused",
                         num_blocks * config.block_size, self.max_model_len)

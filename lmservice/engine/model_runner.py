@@ -1,7 +1,13 @@
-"""Runs one scheduled step: flattens the batch, one forward, heads on the rows that need them, sampling."""
+"""Runs one scheduled step: flattens the batch, one forward, heads on the rows that need them, sampling.
+
+The forward is one of three paths: a decode fast path (fast_path.py: CUDA graphs on a GPU, the whole step in
+C on a CPU), chosen once here, for the steps it accepts; else the op-by-op forward of the model through the
+kernel set (KernelOps), whose linears run C only as the CPU-kernel policy says.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -9,14 +15,17 @@ import torch.nn.functional as F
 
 from lmservice.engine.adapters import AdapterTable
 from lmservice.engine.cuda_graphs import DecodeGraphs
+from lmservice.engine.fast_path import DecodeFastPath, StepBatch
 from lmservice.engine.grammar import GrammarMasks
 from lmservice.engine.native_decode import NativeDecoder
 from lmservice.engine.outputs import TokenLogprob
 from lmservice.engine.request import Sequence
 from lmservice.engine.sampler import Sampler, SamplingBatch
 from lmservice.engine.scheduler import SchedulerOutput
-from lmservice.kernels import KernelOps
+from lmservice.kernels import TORCH_CPU_KERNELS, CpuKernels, KernelOps
 from lmservice.model.gpt2 import AttentionMetadata, GPT2ForServing, LoRAHook
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,13 +45,16 @@ def kv_cache_bytes_per_block(model: GPT2ForServing, block_size: int, dtype: torc
 
 
 class ModelRunner:
-    """Owns the model, its KV cache tensors and the sampler."""
+    """Owns the model, its KV cache tensors, the decode fast path and the sampler. The CPU-kernel policy is
+    handed to the model's layers here."""
 
     def __init__(self, *, model: GPT2ForServing, ops: KernelOps, num_blocks: int, block_size: int,
                  device: torch.device, dtype: torch.dtype, eos_token_id: int | None, seed: int = 0,
-                 cuda_graph_max_batch: int = 0, adapters: AdapterTable) -> None:
+                 cuda_graph_max_batch: int = 0, adapters: AdapterTable,
+                 cpu_kernels: CpuKernels = TORCH_CPU_KERNELS) -> None:
         self.model = model
         self.ops = ops
+        model.use_cpu_kernels(cpu_kernels)
         self.device = device
         self.block_size = block_size
         self.eos_token_id = eos_token_id
@@ -55,12 +67,13 @@ class ModelRunner:
         self.kv_caches = [(self.kv_buffer[i, 0], self.kv_buffer[i, 1]) for i in range(c.n_layer)]
         self.sampler = Sampler(c.vocab_size, seed)
         self.grammar_masks = GrammarMasks(c.vocab_size)
-        self.decode_graphs: DecodeGraphs | None = None
+        self.fast_path: DecodeFastPath | None = None
         if cuda_graph_max_batch > 0 and device.type == "cuda":
             max_blocks = -(-c.n_positions // block_size)
-            self.decode_graphs = DecodeGraphs(model, ops, self.kv_caches, cuda_graph_max_batch, max_blocks, device)
-        # CPU: pure decode steps of a few sequences in one C call (native_decode.py), with the native kernels
-        self.native_decoder = NativeDecoder.build(model, self.kv_caches) if ops.name == "native" else None
+            self.fast_path = DecodeGraphs(model, ops, self.kv_caches, cuda_graph_max_batch, max_blocks, device)
+        else:
+            self.fast_path = NativeDecoder.build(model, self.kv_caches, cpu_kernels)
+        log.info("decode fast path: %s", self.fast_path.name if self.fast_path else "none (every step op by op)")
         self.adapters = adapters  # the owner of the classification heads (the base's and each adapter's)
 
     def _block_table(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -91,23 +104,20 @@ class ModelRunner:
         slot_mapping = block_tables[seq_idx, positions // self.block_size].long() * self.block_size \
             + positions % self.block_size
 
-        graphs = self.decode_graphs
-        if graphs is not None and nd == len(seqs) and lora is None and graphs.can_run(nd):
-            hidden = graphs.run(torch.tensor(input_ids), positions, slot_mapping, seq_lens, block_tables)
-        elif self.native_decoder is not None and nd == len(seqs) and lora is None and self.native_decoder.can_run(nd):
-            hidden = self.native_decoder.run(input_ids, positions, slot_mapping, seq_lens, block_tables)
+        batch = StepBatch(input_ids, positions, slot_mapping, seq_lens, block_tables, nd, lora)
+        if self.fast_path is not None and self.fast_path.can_run(batch):
+            hidden = self.fast_path.run(batch)
         else:
-            hidden = self._forward_eager(input_ids, positions, slot_mapping, seq_lens, block_tables, cu, nd, lora)
+            hidden = self._forward_eager(batch, cu)
         return self._heads(hidden, seqs, starts, num_new, cu)
 
-    def _forward_eager(self, input_ids: list[int], positions: torch.Tensor, slot_mapping: torch.Tensor,
-                       seq_lens: torch.Tensor, block_tables: torch.Tensor, cu: torch.Tensor, nd: int,
-                       lora: LoRAHook | None) -> torch.Tensor:
-        dev = self.device
+    def _forward_eager(self, batch: StepBatch, cu: torch.Tensor) -> torch.Tensor:
+        dev, nd = self.device, batch.num_decodes
+        seq_lens, block_tables = batch.seq_lens, batch.block_tables
         prefill_cu = (cu[nd:] - cu[nd]).to(torch.int32)
         decode_seq_lens, decode_block_tables = seq_lens[:nd].to(dev), block_tables[:nd].to(dev)
         meta = AttentionMetadata(
-            slot_mapping=slot_mapping.to(dev),
+            slot_mapping=batch.slot_mapping.to(dev),
             num_decode_tokens=nd,
             decode_seq_lens=decode_seq_lens,
             decode_block_tables=decode_block_tables,
@@ -116,8 +126,8 @@ class ModelRunner:
             prefill_block_tables=block_tables[nd:].to(dev),
             decode_plan=self.ops.plan_decode(decode_seq_lens, decode_block_tables, self.block_size) if nd else None,
         )
-        return self.model(torch.tensor(input_ids, device=dev), positions.to(dev), meta, self.kv_caches,
-                          self.ops, lora)  # (T, C)
+        return self.model(torch.tensor(batch.input_ids, device=dev), batch.positions.to(dev), meta, self.kv_caches,
+                          self.ops, batch.lora)  # (T, C)
 
     def _heads(self, hidden: torch.Tensor, seqs: list[Sequence], starts: list[int], num_new: list[int],
                cu: torch.Tensor) -> ModelRunnerOutput:

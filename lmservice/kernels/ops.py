@@ -9,6 +9,8 @@ import torch
 
 from lmservice.kernels.activation import bias_gelu_torch
 from lmservice.kernels.attention import decode_attention_torch, plan_decode_torch, prefill_attention_torch
+from lmservice.kernels.cpu_native import NativeLibrary, plan_decode_native
+from lmservice.kernels.cpu_policy import CpuKernels, choose_cpu_kernels
 from lmservice.kernels.kv_cache import write_kv_cache_torch
 from lmservice.kernels.lora import add_lora_torch
 from lmservice.kernels.norm import add_layer_norm_torch
@@ -46,29 +48,37 @@ TORCH_OPS = KernelOps(
 )
 
 
-def auto_cpu_backend(dtype: torch.dtype) -> str:
-    """The CPU kernel set for a model of `dtype`: native for float32 where the C library builds, else torch."""
-    if dtype != torch.float32:
-        return "torch"
-    from lmservice.kernels.cpu_native import native_library  # noqa: PLC0415 (builds it on first use)
-
-    return "native" if native_library() is not None else "torch"
+def native_ops(library: NativeLibrary) -> KernelOps:
+    """torch's set with the C decode attention of `library` (CPU, fp32), which reads the paged cache in place."""
+    return replace(TORCH_OPS, name="native", decode_attention=library.decode_attention, plan_decode=plan_decode_native)
 
 
 def load_ops(backend: str) -> KernelOps:
-    """`torch`, `native` (torch's set with the C decode attention of lmservice/kernels/cpu_native.py: CPU, fp32) or
-    `triton`; the Triton set and the native library are loaded only when asked for."""
+    """`torch` or `triton` (the Triton set is imported only when asked for). The native set comes with the
+    CPU-kernel policy: choose_kernels."""
     if backend == "torch":
         return TORCH_OPS
-    if backend == "native":
-        from lmservice.kernels.cpu_native import decode_attention_native, native_library, plan_decode_native  # noqa: PLC0415
-
-        if native_library() is None:
-            raise RuntimeError("the native CPU kernels could not be built (no C compiler?): use attention_backend torch")
-        return replace(TORCH_OPS, name="native", decode_attention=decode_attention_native,
-                       plan_decode=plan_decode_native)
     if backend == "triton":
-        from lmservice.kernels.triton_ops import TRITON_OPS  # noqa: PLC0415 (triton is optional)
+        from lmservice.kernels.triton_ops import TRITON_OPS  # here: triton is optional
 
         return TRITON_OPS
-    raise ValueError(f"unknown attention backend {backend!r} (expected torch, native or triton)")
+    raise ValueError(f"unknown kernel set {backend!r} (expected torch or triton)")
+
+
+def choose_kernels(attention_backend: str, cpu_kernels: str, device: torch.device,
+                   dtype: torch.dtype) -> tuple[KernelOps, CpuKernels]:
+    """The kernel set and the CPU-kernel policy of a model on `device` in `dtype`, decided together, once.
+
+    `cpu_kernels` (auto | native | torch, lmservice/kernels/cpu_policy.py) decides whether C code runs on a
+    CPU; `attention_backend` picks Triton or the CPU set: auto is Triton on CUDA; `native` is a second
+    spelling of cpu_kernels native and `torch` one of cpu_kernels torch (torch asked for: no C code at
+    all). Contradicting values are a ValueError."""
+    implied = {"native": "native", "torch": "torch", "triton": "torch"}.get(attention_backend)
+    if implied is not None and cpu_kernels not in ("auto", implied):
+        raise ValueError(f"attention_backend {attention_backend} contradicts cpu_kernels {cpu_kernels}")
+    if attention_backend == "triton" or (attention_backend == "auto" and device.type == "cuda"):
+        return load_ops("triton"), choose_cpu_kernels(implied or cpu_kernels, device, dtype)
+    if attention_backend not in ("auto", "native", "torch"):
+        raise ValueError(f"unknown attention backend {attention_backend!r} (expected auto, torch, native or triton)")
+    policy = choose_cpu_kernels(implied or cpu_kernels, device, dtype)
+    return (TORCH_OPS if policy.library is None else native_ops(policy.library)), policy

@@ -6,7 +6,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu")
+from lmservice.kernels.activation import TANH_GELU
+
+_ACTIVATIONS = (*TANH_GELU, "gelu", "relu")
 _ARCHITECTURES = ("GPT2LMHeadModel", "GPT2ForSequenceClassification", "GPT2Model")
 
 

@@ -1,8 +1,8 @@
 """fp32 projections on oneDNN instead of torch's BLAS (`--linear-backend`), applied after loading by swapping modules.
 
 `auto` picks oneDNN for fp32 on x86 CPUs that are not Intel's: MKL (torch's BLAS there) takes its fast
-paths only on Intel CPUs, and on an AMD EPYC the decode step's projections and LM head ran 1.5-2.7x
-faster through oneDNN (docs/benchmarks.md). Intel CPUs keep MKL, measured fast there. bf16 and fp16
+paths only on Intel CPUs, and on an AMD EPYC the decode step's projections and LM head ran faster through
+oneDNN (docs/benchmarks.md). Intel CPUs keep MKL, measured fast there. bf16 and fp16
 already go to oneDNN inside F.linear; int8 has its own modules (quantize.py).
 
 The swapped module holds the same weight and bias tensors (a tied LM head stays tied), so state_dict
@@ -16,7 +16,7 @@ import platform
 import torch
 from torch import nn
 
-from lmservice.kernels.cpu_native import FEW_ROWS, linear_few_rows, native_library
+from lmservice.kernels import TORCH_CPU_KERNELS, CpuKernels
 from lmservice.kernels.linear import linear_onednn, onednn_available
 from lmservice.model.cpu import cpu_vendor
 
@@ -26,22 +26,26 @@ LINEAR_BACKENDS = ("auto", "torch", "onednn")
 class OneDNNLinear(nn.Module):
     """nn.Linear's forward through lmservice.kernels.linear.linear_onednn; same parameters, same results (fp32 rounding aside).
 
-    Calls of at most lmservice.kernels.cpu_native.FEW_ROWS rows (decode steps of a few sequences) go to the native
-    `linear_few_rows` where it is built: it streams the weights at ~27 GB/s where oneDNN's small-M GEMM
-    read 13-20 GB/s (docs/benchmarks.md).
+    Calls of at most the CPU-kernel policy's `linear_f32_rows` rows (decode steps of a few sequences) go to
+    the native C linear, which streams each weight row once for all rows, faster than oneDNN's small-M GEMM
+    there (docs/kernels.md). Until the policy is handed over (use_cpu_kernels) every call is oneDNN's.
     """
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, kernels: CpuKernels = TORCH_CPU_KERNELS) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        self.few_rows = FEW_ROWS if native_library() is not None and self.weight.is_contiguous() else 0
+        self.use_cpu_kernels(kernels)
+
+    def use_cpu_kernels(self, kernels: CpuKernels) -> None:
+        self.kernels = kernels
+        self.few_rows = kernels.linear_f32_rows if self.weight.is_contiguous() else 0
 
     def forward(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
         bias = self.bias if with_bias else None
         if x.numel() <= self.few_rows * self.in_features:
-            return linear_few_rows(x, self.weight, bias)
+            return self.kernels.library.linear_f32(x, self.weight, bias)
         return linear_onednn(x, self.weight, bias)
 
     def extra_repr(self) -> str:

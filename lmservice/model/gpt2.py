@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmservice.kernels import KernelOps
+from lmservice.kernels import CpuKernels, KernelOps
+from lmservice.kernels.activation import TANH_GELU
+from lmservice.kernels.cpu_native import DecodeStepWeights, LayerWeights, LinearWeights
 from lmservice.model.config import GPT2Config
 
 
@@ -38,10 +40,6 @@ class AttentionMetadata:
     prefill_seq_lens: torch.Tensor  # (num_prefills,) int32
     prefill_block_tables: torch.Tensor  # (num_prefills, max_blocks) int32
     decode_plan: object = None  # ops.plan_decode(decode_seq_lens, decode_block_tables, block_size), once per step
-
-    @property
-    def num_prefill_seqs(self) -> int:
-        return self.prefill_seq_lens.shape[0]
 
 
 class LoRAHook(Protocol):
@@ -108,7 +106,7 @@ class GPT2MLP(nn.Module):
         self.prefix = f"h.{layer_idx}."
 
     def forward(self, x: torch.Tensor, ops: KernelOps, lora: LoRAHook | None) -> torch.Tensor:
-        if self.activation in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        if self.activation in TANH_GELU:
             fused = ops.gelu_adds_bias
             h = _linear(self.c_fc, self.prefix + "mlp.c_fc", x, lora, bias=not fused)  # (T, n_inner)
             h = ops.bias_gelu(h, self.c_fc.bias if fused else None)
@@ -158,7 +156,7 @@ class GPT2ForServing(nn.Module):
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], ops: KernelOps,
                 lora: LoRAHook | None = None) -> torch.Tensor:
         t = self.transformer
-        h = t.wte(input_ids) + t.wpe(positions)  # (T, C)
+        h = self.embed(input_ids, positions)  # (T, C)
         if lora is not None:
             lora.apply_embedding("wte", input_ids, h)
             lora.apply_embedding("wpe", positions, h)
@@ -171,15 +169,59 @@ class GPT2ForServing(nn.Module):
         out, _ = ops.add_layer_norm(h, residual, t.ln_f.weight, t.ln_f.bias, t.ln_f.eps)
         return out
 
+    def embed(self, input_ids: torch.Tensor | list[int], positions: torch.Tensor) -> torch.Tensor:
+        """Token + position embeddings (T, C): a fresh tensor."""
+        t = self.transformer
+        return t.wte.weight[input_ids] + t.wpe.weight[positions]
+
+    def _projection_slots(self) -> list[tuple[nn.Module, str]]:
+        slots = [(owner, name) for block in self.transformer.h for owner, name in
+                 ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj"))]
+        return [*slots, (self, "lm_head")]
+
     def swap_linears(self, make: Callable[[nn.Module], nn.Module]) -> int:
         """Replace every projection and the LM head by make(module) (int8, oneDNN); returns how many."""
-        count = 0
-        for block in self.transformer.h:
-            for owner, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")):
-                setattr(owner, name, make(getattr(owner, name)))
-                count += 1
-        self.lm_head = make(self.lm_head)
-        return count + 1
+        slots = self._projection_slots()
+        for owner, name in slots:
+            setattr(owner, name, make(getattr(owner, name)))
+        return len(slots)
+
+    def use_cpu_kernels(self, kernels: CpuKernels) -> None:
+        """Hand the CPU-kernel policy (lmservice/kernels/cpu_policy.py) to every projection that can run C
+        (OneDNNLinear, Int8Linear). Until then they run torch ops only. NOTE: the model serves one engine."""
+        for owner, name in self._projection_slots():
+            hand = getattr(getattr(owner, name), "use_cpu_kernels", None)
+            if hand is not None:
+                hand(kernels)
+
+    def decode_step_weights(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> DecodeStepWeights | None:
+        """What a whole decode step in C (lmservice/kernels/cpu_native.py NativeDecodeStep) reads of this model
+        and its caches; None where a layer is not one it computes: an activation other than tanh GELU,
+        LayerNorms of different eps, weights or caches that are not float32 on the CPU."""
+        c, t = self.config, self.transformer
+        eps = {m.eps for b in t.h for m in (b.ln_1, b.ln_2)} | {t.ln_f.eps}
+        if c.activation_function not in TANH_GELU or t.wte.weight.dtype != torch.float32 or len(eps) != 1:
+            return None
+        layers = []
+        for block, (k_cache, v_cache) in zip(t.h, kv_caches, strict=True):
+            linears = [_native_weights(m) for m in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)]
+            if any(lw is None for lw in linears) or k_cache.device.type != "cpu" or k_cache.dtype != torch.float32:
+                return None
+            layers.append(LayerWeights((block.ln_1.weight, block.ln_1.bias), (block.ln_2.weight, block.ln_2.bias),
+                                       *linears, k_cache, v_cache, block.attn.scale))
+        return DecodeStepWeights(layers, (t.ln_f.weight, t.ln_f.bias), eps.pop(), c.n_head, c.n_inner)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return _linear(self.lm_head, "lm_head", hidden, None)  # (N, vocab)
+
+
+def _native_weights(module: nn.Module) -> LinearWeights | None:
+    """A projection's weights as the C decode step reads them: a quantized module says (native_weights);
+    otherwise fp32 (out, in) contiguous weights, or None."""
+    export = getattr(module, "native_weights", None)
+    if export is not None:
+        return export()
+    weight = module.weight
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" or not weight.is_contiguous():
+        return None
+    return LinearWeights(weight, module.bias)

@@ -4,13 +4,12 @@ Every projection (c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj) and the LM head bec
 the weight stored as int8 with one fp32 scale per output channel (symmetric, scale = max|w| / 127),
 and each call quantizing its input dynamically (per tensor, uint8) before an int8 x int8 GEMM with
 int32 accumulation: torch's x86 quantized engine (FBGEMM / oneDNN, VNNI or AMX where the CPU has them).
-Measured on GPT-2 small's projections (`python benchmarks/linear.py`, docs/benchmarks.md, an AMX Xeon)
-this is 2.6-4.5x faster than fp32 at 1 and at 32 rows (only the small 768 x 768 one loses at 1 row,
-0.75x), while weight-only int8 (`torch._weight_int8pack_mm`, bf16 activations) was 4-6x slower than it
-at 32 rows: at decode batch sizes the step is bound by reading weights, and int8 reads a quarter of them.
-Calls of at most NATIVE_ROWS rows (decode steps) take our own C kernel instead where the CPU has AVX-512
-VNNI (lmservice/kernels/cpu_native.py linear_few_rows_int8: packed weights, each input row quantized with its own
-scale), faster than FBGEMM there on an AMD EPYC (docs/benchmarks.md); prefills stay on FBGEMM.
+At decode batch sizes the step is bound by reading weights, and int8 reads a quarter of them: faster
+than fp32, and than weight-only int8 with bf16 activations (`python benchmarks/linear.py`, docs/benchmarks.md).
+Calls of at most the CPU-kernel policy's `linear_int8_rows` rows (decode steps) take our own C kernel
+instead where the CPU has AVX-512 VNNI (lmservice/kernels/cpu_native.py NativeLibrary.linear_int8: packed
+weights, each input row quantized with its own scale), faster than FBGEMM there (docs/kernels.md); prefills
+stay on FBGEMM. Until the policy is handed over (use_cpu_kernels) every call is FBGEMM's.
 
 Embeddings, LayerNorms, the KV cache and classification score heads stay in fp32; LoRA adapters add
 their fp32 delta to the quantized projection's output, unchanged. The scheduler never sees any of it.
@@ -27,22 +26,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmservice.kernels.cpu_native import (
-    int8_kernel_available,
-    linear_few_rows_int8,
-    pack_int8_weight,
-    unpack_int8_weight,
-)
+from lmservice.kernels import TORCH_CPU_KERNELS, CpuKernels
+from lmservice.kernels.cpu_native import LinearWeights, pack_int8_weight, unpack_int8_weight
 from lmservice.model.cpu import cpu_flags
 
 QUANTIZATIONS = ("none", "int8")
-NATIVE_ROWS = 32
 
 
 class Int8Linear(nn.Module):
     """y = x @ dequant(W).T + b with W int8 per output channel; x quantized per call (see module docstring)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernels: CpuKernels = TORCH_CPU_KERNELS) -> None:
         super().__init__()
         weight = weight.detach().float()
         self.out_features, self.in_features = weight.shape
@@ -62,9 +56,17 @@ class Int8Linear(nn.Module):
         # NOTE: with 8-bit activations the non-VNNI AVX2 kernel sums pairs of u8 x s8 products in int16,
         # which can saturate; 7-bit activations (reduce_range) avoid that. VNNI / AMX accumulate in int32.
         self.reduce_range = not ({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
-        # calls of at most this many rows go to the native int8 kernel (per-row activation scales): faster than
-        # FBGEMM up to 32 rows on GPT-2 small's projections (docs/benchmarks.md); prefills stay on FBGEMM
-        self.native_rows = NATIVE_ROWS if int8_kernel_available() else 0
+        self.use_cpu_kernels(kernels)
+
+    def use_cpu_kernels(self, kernels: CpuKernels) -> None:
+        """Calls of at most kernels.linear_int8_rows rows go to the native int8 kernel (per-row activation
+        scales); the rest (prefills) to FBGEMM."""
+        self.kernels = kernels
+        self.native_rows = kernels.linear_int8_rows
+
+    def native_weights(self) -> LinearWeights:
+        """The packed weights as the C decode step reads them."""
+        return LinearWeights(self.weight_packed, self.bias, self.scales, self.weight_sums, self.in_features)
 
     @property
     def weight_int8(self) -> torch.Tensor:
@@ -73,8 +75,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
         if x.numel() <= self.native_rows * self.in_features:
-            return linear_few_rows_int8(x.float(), self.weight_packed, self.weight_sums, self.scales,
-                                        self.bias if with_bias else None)
+            return self.kernels.library.linear_int8(x.float(), self.weight_packed, self.weight_sums, self.scales,
+                                                    self.bias if with_bias else None)
         packed = self._packed if with_bias else self._packed_no_bias
         shape = x.shape
         y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]).float(), packed, self.reduce_range)

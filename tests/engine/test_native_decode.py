@@ -1,29 +1,35 @@
 """The whole-stack C decode step (lmservice/engine/native_decode.py, lmservice/kernels/cpu_native.py gpt2_decode_step):
-the same hidden states and KV writes as the op-by-op forward, for fp32 and int8 projections, and the
-runner sending it exactly the steps it is for."""
+the same hidden states and KV writes as the op-by-op forward, for fp32 and int8 projections, the runner
+sending it exactly the steps it is for, and `cpu_kernels torch` running no C code at all (counted)."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
 from lmservice.engine.engine import Engine, EngineConfig
-from lmservice.engine.native_decode import MAX_ROWS, NativeDecoder
+from lmservice.engine.fast_path import StepBatch
+from lmservice.engine.native_decode import NativeDecoder
 from lmservice.engine.sampling_params import SamplingParams
-from lmservice.kernels import load_ops
-from lmservice.kernels.cpu_native import FEW_ROWS, int8_kernel_available, native_library
+from lmservice.kernels import CpuKernels, native_ops
+from lmservice.kernels.cpu_native import native_library
+from lmservice.kernels.cpu_policy import DECODE_STEP_ROWS
 from lmservice.model.gpt2 import AttentionMetadata
 from lmservice.model.loader import load_model
-from lmservice.model.quantize import Int8Linear
 from tests.helpers import make_gpt2_dir, prompts, run_to_completion
 
-pytestmark = pytest.mark.skipif(native_library() is None, reason="no C compiler: the native kernels are not built")
+LIB = native_library()
+pytestmark = pytest.mark.skipif(LIB is None, reason="no native kernels built for this CPU (no C compiler at install "
+                                                    "time): the engine uses torch ops")
+INT8 = LIB is not None and LIB.has_int8
 
 # n_embd 72: dot products with a tail past the vector width (72 % 16, 72 % 64) and head_dim 18
 SHAPE = dict(vocab_size=500, n_positions=96, n_embd=72, n_layer=3, n_head=4)
 QUANTIZATIONS = ["none", pytest.param("int8", marks=pytest.mark.skipif(
-    not int8_kernel_available(), reason="the int8 kernel needs AVX-512 VNNI"))]
+    not INT8, reason=f"the {LIB and LIB.variant} build has no int8 kernel (it needs AVX-512 VNNI)"))]
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +56,16 @@ def _decode_batch(rows: int, block_size: int, num_blocks: int, g: torch.Generato
 def test_decode_step_matches_the_op_by_op_forward(model_dir, quantization, rows, block_size):
     loaded = load_model(model_dir, "cpu", "float32", quantization=quantization)
     model, c = loaded.model, loaded.config
-    for module in model.modules():  # past FEW_ROWS the op-by-op int8 path is FBGEMM's: take the same kernel
-        if isinstance(module, Int8Linear):
-            module.native_rows = rows
+    kernels = CpuKernels.using(LIB)
+    # the op-by-op int8 path on the C int8 kernel at every row count (the C step's), not FBGEMM's
+    model.use_cpu_kernels(replace(kernels, linear_int8_rows=rows if INT8 else 0))
     num_blocks = rows * -(-c.n_positions // block_size)
     g = torch.Generator().manual_seed(rows * 100 + block_size)
     caches = [(torch.randn(num_blocks, block_size, c.n_head, c.head_dim, generator=g),
                torch.randn(num_blocks, block_size, c.n_head, c.head_dim, generator=g)) for _ in range(c.n_layer)]
     ids, positions, slots, seq_lens, tables = _decode_batch(rows, block_size, num_blocks, g)
 
-    ops = load_ops("native")
+    ops = native_ops(LIB)
     meta = AttentionMetadata(slot_mapping=slots, num_decode_tokens=rows, decode_seq_lens=seq_lens,
                              decode_block_tables=tables, prefill_cu_seqlens_q=torch.zeros(1, dtype=torch.int32),
                              prefill_seq_lens=torch.zeros(0, dtype=torch.int32),
@@ -68,9 +74,9 @@ def test_decode_step_matches_the_op_by_op_forward(model_dir, quantization, rows,
     op_caches = [(k.clone(), v.clone()) for k, v in caches]
     with torch.inference_mode():
         want = model(torch.tensor(ids), positions, meta, op_caches, ops)
-        decoder = NativeDecoder.build(model, caches)
+        decoder = NativeDecoder.build(model, caches, kernels)
         assert decoder is not None
-        got = decoder.run(ids, positions, slots, seq_lens, tables)
+        got = decoder.run(StepBatch(ids, positions, slots, seq_lens, tables, rows, None))
     # int8: both paths quantize each row the same way (the same int8 kernel)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
     for (k, v), (k_ref, v_ref) in zip(caches, op_caches, strict=True):
@@ -79,15 +85,16 @@ def test_decode_step_matches_the_op_by_op_forward(model_dir, quantization, rows,
 
 
 def test_greedy_tokens_match_transformers_through_the_native_step(model_dir):
-    """Few sequences at a time, so most steps are pure decodes of <= FEW_ROWS rows: transformers' tokens."""
+    """Few sequences at a time, so most steps are pure decodes of a few rows: transformers' tokens."""
     hf = GPT2LMHeadModel.from_pretrained(model_dir).eval()
     ps = prompts(6, SHAPE["vocab_size"], 1, 30, seed=5)
     engine = Engine(load_model(model_dir, "cpu", "float32"),
-                    EngineConfig.from_fields(num_kv_blocks=64, max_num_seqs=3, attention_backend="native"))
+                    EngineConfig.from_fields(num_kv_blocks=64, max_num_seqs=3, cpu_kernels="native"))
     runner = engine.runner
+    assert isinstance(runner.fast_path, NativeDecoder)
     calls = []
-    run = runner.native_decoder.run
-    runner.native_decoder.run = lambda ids, *a: calls.append(len(ids)) or run(ids, *a)
+    run = runner.fast_path.run
+    runner.fast_path.run = lambda batch: calls.append(batch.num_decodes) or run(batch)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     out = run_to_completion(engine, [(str(i), p, params) for i, p in enumerate(ps)], stagger=2)
     with torch.no_grad():
@@ -102,32 +109,65 @@ def test_greedy_tokens_match_transformers_through_the_native_step(model_dir):
 def test_steps_it_is_not_for_take_the_op_by_op_path(model_dir):
     """Prefills, mixed steps and more than max_rows decodes never reach the native step."""
     engine = Engine(load_model(model_dir, "cpu", "float32"),
-                    EngineConfig.from_fields(num_kv_blocks=128, attention_backend="native"))
+                    EngineConfig.from_fields(num_kv_blocks=128, cpu_kernels="native"))
     runner = engine.runner
-    runner.native_decoder.max_rows = FEW_ROWS
+    max_rows = 4
+    runner.fast_path.max_rows = max_rows
     seen = []
-    run = runner.native_decoder.run
-    runner.native_decoder.run = lambda ids, *a: seen.append(len(ids)) or run(ids, *a)
+    run = runner.fast_path.run
+    runner.fast_path.run = lambda batch: seen.append(batch.num_decodes) or run(batch)
     forward = runner._forward_eager
     eager = []
-    runner._forward_eager = lambda ids, *a: eager.append((len(ids), a[-2])) or forward(ids, *a)
-    # all prefilled together, then FEW_ROWS + 2 decodes until the two short ones end: FEW_ROWS
+    runner._forward_eager = lambda batch, cu: eager.append((len(batch.input_ids), batch.num_decodes)) or forward(batch, cu)
+    # all prefilled together, then max_rows + 2 decodes until the two short ones end: max_rows
     requests = [(str(i), p, SamplingParams(temperature=0.0, max_tokens=3 if i < 2 else 6, ignore_eos=True))
-                for i, p in enumerate(prompts(FEW_ROWS + 2, SHAPE["vocab_size"], 2, 9))]
+                for i, p in enumerate(prompts(max_rows + 2, SHAPE["vocab_size"], 2, 9))]
     run_to_completion(engine, requests)
-    assert eager and all(tokens > nd or nd > FEW_ROWS for tokens, nd in eager)  # a prefill in it, or too many rows
-    assert any(nd == FEW_ROWS + 2 for _, nd in eager) and seen and set(seen) == {FEW_ROWS}
+    assert eager and all(tokens > nd or nd > max_rows for tokens, nd in eager)  # a prefill in it, or too many rows
+    assert any(nd == max_rows + 2 for _, nd in eager) and seen and set(seen) == {max_rows}
 
 
 def test_not_built_for_what_it_does_not_compute(tmp_path, model_dir):
     exact_gelu = make_gpt2_dir(tmp_path / "gelu", seed=1, activation_function="gelu", **SHAPE)
     engine = Engine(load_model(exact_gelu, "cpu", "float32"), EngineConfig.from_fields(num_kv_blocks=16,
-                                                                                      attention_backend="native"))
-    assert engine.runner.native_decoder is None
-    for quantization in ("none", "int8") if int8_kernel_available() else ("none",):
+                                                                                      cpu_kernels="native"))
+    assert engine.runner.fast_path is None
+    for quantization in ("none", "int8") if INT8 else ("none",):
         engine = Engine(load_model(model_dir, "cpu", "float32", quantization=quantization),
-                        EngineConfig.from_fields(num_kv_blocks=16, attention_backend="native"))
-        assert engine.runner.native_decoder.max_rows == MAX_ROWS
-    torch_ops = Engine(load_model(model_dir, "cpu", "float32"), EngineConfig.from_fields(num_kv_blocks=16,
-                                                                                        attention_backend="torch"))
-    assert torch_ops.runner.native_decoder is None
+                        EngineConfig.from_fields(num_kv_blocks=16, cpu_kernels="native"))
+        assert engine.runner.fast_path.max_rows == DECODE_STEP_ROWS
+    if not INT8:  # int8 weights the library cannot multiply: op by op (FBGEMM), never the C step
+        engine = Engine(load_model(model_dir, "cpu", "float32", quantization="int8"),
+                        EngineConfig.from_fields(num_kv_blocks=16, cpu_kernels="native"))
+        assert engine.runner.fast_path is None
+    for settings in (dict(attention_backend="torch"), dict(cpu_kernels="torch")):
+        torch_ops = Engine(load_model(model_dir, "cpu", "float32"), EngineConfig.from_fields(num_kv_blocks=16, **settings))
+        assert torch_ops.runner.fast_path is None and torch_ops.ops.name == "torch"
+
+
+@pytest.mark.parametrize("quantization", QUANTIZATIONS)
+def test_cpu_kernels_torch_runs_no_c_code(model_dir, quantization, monkeypatch):
+    """Every function of the loaded library counted: none is called by a `cpu_kernels torch` engine (decodes
+    of 1 and of several rows, prefills, oneDNN linears on this model), and each path calls them under
+    `native` (the negative control)."""
+    counts: dict[str, int] = {}
+    for name in ("paged_decode_attention_f32", "linear_few_rows_f32", "linear_few_rows_q8", "gpt2_decode_step"):
+        if hasattr(LIB.lib, name) and (name != "linear_few_rows_q8" or INT8):
+            fn = getattr(LIB.lib, name)
+            monkeypatch.setattr(LIB.lib, name, lambda *a, fn=fn, name=name: counts.update({name: counts.get(name, 0) + 1}) or fn(*a))
+    requests = [(str(i), p, SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
+                for i, p in enumerate(prompts(6, SHAPE["vocab_size"], 2, 9))]
+    for cpu_kernels, fast_path_rows in (("torch", 0), ("native", 0), ("native", DECODE_STEP_ROWS)):
+        counts.clear()
+        loaded = load_model(model_dir, "cpu", "float32", quantization=quantization, linear_backend="onednn")
+        engine = Engine(loaded, EngineConfig.from_fields(num_kv_blocks=64, max_num_seqs=3, cpu_kernels=cpu_kernels))
+        if engine.runner.fast_path is not None:
+            engine.runner.fast_path.max_rows = fast_path_rows  # 0: the op-by-op path's own C calls
+        run_to_completion(engine, requests, stagger=1)
+        if cpu_kernels == "torch":
+            assert counts == {}, counts
+        elif fast_path_rows:
+            assert counts.get("gpt2_decode_step", 0) > 0
+        else:
+            linear = "linear_few_rows_q8" if quantization == "int8" else "linear_few_rows_f32"
+            assert counts.get("paged_decode_attention_f32", 0) > 0 and counts.get(linear, 0) > 0, counts

@@ -99,14 +99,14 @@ def test_decode_graph_padding_path_keeps_parity(reference):
     engine = Engine(load_model(model_dir, device="cpu", dtype="float32"), EngineConfig.from_fields(num_kv_blocks=256))
     runner = engine.runner
     max_blocks = -(-engine.max_model_len // engine.config.block_size)
-    runner.decode_graphs = DecodeGraphs(runner.model, runner.ops, runner.kv_caches, 12, max_blocks,
-                                        runner.device, capture=False)
+    runner.fast_path = graphs = DecodeGraphs(runner.model, runner.ops, runner.kv_caches, 12, max_blocks,
+                                             runner.device, capture=False)
     calls = []
-    run = runner.decode_graphs.run
-    runner.decode_graphs.run = lambda *a: calls.append(a[0].shape[0]) or run(*a)
+    run = graphs.run
+    graphs.run = lambda batch: calls.append(batch.num_decodes) or run(batch)
     params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW[name], ignore_eos=True)
     results = run_to_completion(engine, [(f"r{i}", p, params) for i, p in enumerate(ps)], stagger=3)
     for i, (tokens, _) in enumerate(expected):
         assert results[f"r{i}"]["tokens"][0] == tokens, f"prompt {i}"
-    assert calls and any(n not in runner.decode_graphs.buckets for n in calls)  # some steps were padded
+    assert calls and any(n not in graphs.buckets for n in calls)  # some steps were padded
     assert max(calls) <= 12  # larger decode batches fell back to the eager path

@@ -1,4 +1,5 @@
-"""lmservice/kernels/cpu_native.py: the C decode attention against the per-sequence loop and the torch path."""
+"""lmservice/kernels/cpu_native.py: the C decode attention and linears against the per-sequence loop, the torch
+path and F.linear, on the library this CPU loads (tests/kernels/test_cpu_isa.py re-runs them on the others)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,15 @@ import pytest
 import torch
 
 import lmservice.kernels.cpu_native as native
-from lmservice.kernels import auto_cpu_backend, load_ops
 from lmservice.kernels.attention import decode_attention_torch
-from lmservice.kernels.cpuinfo import cpu_flags
 from tests.kernels.paged_batch import make_paged_batch
 from tests.kernels.test_attention import SCALE, decode_by_loop
 
-if native.native_library() is None:
-    pytest.skip("no C compiler here: the native kernels are not built (the engine uses torch ops)",
+LIB = native.native_library()
+if LIB is None:
+    pytest.skip("no native kernels built for this CPU (no C compiler at install time): the engine uses torch ops",
                 allow_module_level=True)
+NO_INT8 = pytest.mark.skipif(not LIB.has_int8, reason=f"the {LIB.variant} build has no int8 kernel (AVX-512 VNNI)")
 
 
 @pytest.mark.parametrize("block_size", [1, 16, 32])
@@ -29,7 +30,7 @@ def test_decode_matches_loop_on_poisoned_cache(block_size, gen):
     seq_lens = [1, block_size, block_size + 1, 3 * block_size + 5, 2]
     b = make_paged_batch(seq_lens, [1] * len(seq_lens), block_size, 3, torch.float32, gen)
     assert not b.q.is_contiguous()
-    out = native.decode_attention_native(b.q, b.k_cache, b.v_cache, b.seq_lens, b.block_tables, SCALE)
+    out = LIB.decode_attention(b.q, b.k_cache, b.v_cache, b.seq_lens, b.block_tables, SCALE)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, decode_by_loop(b.q, b.k_cache, b.v_cache, b.seq_lens, b.block_tables),
                                atol=1e-5, rtol=1e-5)
@@ -47,7 +48,7 @@ def test_one_plan_serves_every_layer_and_any_thread_count(threads, gen):
         assert plan.threads == threads and plan.max_seq_len == 300
         other_k, other_v = torch.randn_like(b.k_cache), torch.randn_like(b.v_cache)  # a second layer's cache
         for k_cache, v_cache in ((b.k_cache, b.v_cache), (other_k, other_v)):
-            got = native.decode_attention_native(b.q, k_cache, v_cache, b.seq_lens, b.block_tables, SCALE, plan)
+            got = LIB.decode_attention(b.q, k_cache, v_cache, b.seq_lens, b.block_tables, SCALE, plan)
             want = decode_attention_torch(b.q, k_cache, v_cache, b.seq_lens, b.block_tables, SCALE)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     finally:
@@ -65,7 +66,7 @@ def test_few_sequences_split_their_heads(num_heads, gen):
             b = make_paged_batch(seq_lens, [1] * len(seq_lens), 16, num_heads, torch.float32, gen)
             plan = native.plan_decode_native(b.seq_lens, b.block_tables, 16)
             assert plan.items_per_seq == 4 // len(seq_lens)
-            got = native.decode_attention_native(b.q, b.k_cache, b.v_cache, b.seq_lens, b.block_tables, SCALE, plan)
+            got = LIB.decode_attention(b.q, b.k_cache, b.v_cache, b.seq_lens, b.block_tables, SCALE, plan)
             torch.testing.assert_close(got, decode_by_loop(b.q, b.k_cache, b.v_cache, b.seq_lens, b.block_tables),
                                        atol=1e-5, rtol=1e-5)
     finally:
@@ -75,7 +76,7 @@ def test_few_sequences_split_their_heads(num_heads, gen):
 def test_the_cache_is_only_read(gen):
     b = make_paged_batch([5, 20], [1, 1], 16, 2, torch.float32, gen)
     k_before, v_before = b.k_cache.clone(), b.v_cache.clone()
-    native.decode_attention_native(b.q, b.k_cache, b.v_cache, b.seq_lens, b.block_tables, SCALE)
+    LIB.decode_attention(b.q, b.k_cache, b.v_cache, b.seq_lens, b.block_tables, SCALE)
     assert torch.equal(b.k_cache.nan_to_num(), k_before.nan_to_num())
     assert torch.equal(b.v_cache.nan_to_num(), v_before.nan_to_num())
 
@@ -101,34 +102,6 @@ def test_loading_it_leaves_subnormals_alone():
     assert float(torch.tensor(1e-39) * 1.0) > 0.0
 
 
-def test_cpu_backend_choice(monkeypatch, tmp_path):
-    """fp32 on CPU gets the native set; other dtypes, or no compiler, keep torch's."""
-    assert auto_cpu_backend(torch.float32) == "native"
-    assert load_ops("native").decode_attention is native.decode_attention_native
-    assert auto_cpu_backend(torch.bfloat16) == "torch"
-    monkeypatch.setattr(native, "_library", None)
-    monkeypatch.setattr(native, "_tried", False)
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setenv("LMSERVICE_KERNEL_CACHE", str(tmp_path / "cache"))
-    assert auto_cpu_backend(torch.float32) == "torch"
-    with pytest.raises(RuntimeError, match="could not be built"):
-        load_ops("native")
-
-
-def test_engine_refuses_native_for_a_bfloat16_model(tmp_path):
-    """Asked for explicitly on a model it cannot run, the engine says so at start-up, not at the first decode."""
-    from lmservice.engine.engine import Engine, EngineConfig  # noqa: PLC0415
-    from lmservice.model.loader import load_model  # noqa: PLC0415
-    from tests.helpers import make_gpt2_dir  # noqa: PLC0415
-
-    model_dir = make_gpt2_dir(tmp_path / "m", seed=0, n_embd=32, n_layer=1, n_head=2)
-    with pytest.raises(ValueError, match="native runs float32 models"):
-        Engine(load_model(model_dir, "cpu", "bfloat16"), EngineConfig.from_fields(num_kv_blocks=8,
-                                                                                   attention_backend="native"))
-    engine = Engine(load_model(model_dir, "cpu", "float32"), EngineConfig.from_fields(num_kv_blocks=8))
-    assert engine.ops.name == "native"  # auto on a CPU, float32
-
-
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 9])
 def test_linear_few_rows_matches_f_linear(rows, gen):
     """Each weight row read once for all rows (from 5 rows, 4 weight rows at a time): same result as F.linear,
@@ -138,12 +111,12 @@ def test_linear_few_rows_matches_f_linear(rows, gen):
     bias = torch.randn(1001, generator=gen)
     x = torch.randn(rows, 2 * 100, generator=gen)[:, ::2]  # not contiguous
     want = torch.nn.functional.linear(x, weight, bias)
-    torch.testing.assert_close(native.linear_few_rows(x, weight, bias), want, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(native.linear_few_rows(x, weight), want - bias, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(native.linear_few_rows(x[None], weight, bias), want[None], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(LIB.linear_f32(x, weight, bias), want, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(LIB.linear_f32(x, weight), want - bias, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(LIB.linear_f32(x[None], weight, bias), want[None], atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.skipif(not native.int8_kernel_available(), reason="the int8 kernel needs AVX-512 VNNI")
+@NO_INT8
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 9, 17])
 @pytest.mark.parametrize("in_features", [64, 202])
 def test_linear_few_rows_int8_matches_its_dequantized_reference(rows, in_features, gen):
@@ -162,14 +135,14 @@ def test_linear_few_rows_int8_matches_its_dequantized_reference(rows, in_feature
     step = (x.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-30)
     x_deq = torch.where(x.abs().amax(dim=1, keepdim=True) > 0, torch.round(x / step) * step, x)
     want = torch.nn.functional.linear(x_deq.double(), (weight.double() * scales.double()[:, None]), bias.double())
-    got = native.linear_few_rows_int8(x, packed, sums, scales, bias)
+    got = LIB.linear_int8(x, packed, sums, scales, bias)
     torch.testing.assert_close(got.double(), want, atol=1e-4 * want.abs().max().item(), rtol=1e-5)
-    torch.testing.assert_close(native.linear_few_rows_int8(x, packed, sums, scales), got - bias, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(LIB.linear_int8(x, packed, sums, scales), got - bias, atol=1e-4, rtol=1e-5)
     if rows > 1:
         assert torch.equal(got[1], bias)
 
 
-@pytest.mark.skipif(not native.int8_kernel_available(), reason="the int8 kernel needs AVX-512 VNNI")
+@NO_INT8
 @pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")])
 def test_linear_few_rows_int8_keeps_a_non_finite_row_to_itself(poison, gen):
     """A row with NaN or infinity gives NaN outputs (as fp32 would: the runner then fails that request alone);
@@ -178,9 +151,9 @@ def test_linear_few_rows_int8_keeps_a_non_finite_row_to_itself(poison, gen):
     scales, sums = torch.rand(300, generator=gen) * 0.01, weight.sum(dim=1, dtype=torch.int32)
     packed = native.pack_int8_weight(weight)
     x = torch.randn(3, 128, generator=gen)
-    clean = native.linear_few_rows_int8(x, packed, sums, scales)
+    clean = LIB.linear_int8(x, packed, sums, scales)
     x[1, 7] = poison
-    got = native.linear_few_rows_int8(x, packed, sums, scales)
+    got = LIB.linear_int8(x, packed, sums, scales)
     assert torch.isnan(got[1]).all()
     assert torch.equal(got[0], clean[0]) and torch.equal(got[2], clean[2])
 
@@ -189,65 +162,7 @@ def test_calls_are_named_while_a_profiler_records(gen):
     """benchmarks/profile_step.py files the native calls under their names (only while it records)."""
     b = make_paged_batch([5, 20], [1, 1], 16, 2, torch.float32, gen)
     with torch.profiler.profile() as prof:
-        native.decode_attention_native(b.q, b.k_cache, b.v_cache, b.seq_lens, b.block_tables, SCALE)
-        native.linear_few_rows(torch.randn(2, 8), torch.randn(4, 8))
+        LIB.decode_attention(b.q, b.k_cache, b.v_cache, b.seq_lens, b.block_tables, SCALE)
+        LIB.linear_f32(torch.randn(2, 8), torch.randn(4, 8))
     names = {evt.key for evt in prof.key_averages()}
     assert {"native::paged_decode_attention", "native::linear_few_rows"} <= names
-
-
-@pytest.mark.parametrize("isa_flags", [("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma")],
-                         ids=["avx2", "portable"])
-def test_builds_for_other_cpus_compute_the_same(isa_flags, gen, monkeypatch):
-    """The library as built for an AVX2-only CPU and for one with neither AVX2 nor AVX-512 (the other
-    branches of the vector macros): same linear and attention results; no int8 kernel without VNNI."""
-    b = make_paged_batch([5, 40, 17], [1] * 3, 16, 3, torch.float32, gen)
-    weight, bias = torch.randn(1001, 100, generator=gen), torch.randn(1001, generator=gen)
-    x = torch.randn(7, 100, generator=gen)  # past TILE_MIN_ROWS: the tiles of weight rows too
-    monkeypatch.setattr(native, "CFLAGS", native.CFLAGS + isa_flags)
-    monkeypatch.setattr(native, "_library", None)
-    monkeypatch.setattr(native, "_tried", False)
-    assert native.native_library() is not None and not native.int8_kernel_available()
-    torch.testing.assert_close(native.linear_few_rows(x, weight, bias), torch.nn.functional.linear(x, weight, bias),
-                               atol=1e-4, rtol=1e-5)
-    got = native.decode_attention_native(b.q, b.k_cache, b.v_cache, b.seq_lens, b.block_tables, SCALE)
-    torch.testing.assert_close(got, decode_by_loop(b.q, b.k_cache, b.v_cache, b.seq_lens, b.block_tables),
-                               atol=1e-5, rtol=1e-5)
-
-
-def test_prebuilt_libraries_load_where_nothing_compiles(tmp_path, monkeypatch, gen):
-    """`python -m lmservice.kernels.cpu_native --prebuild DIR` (the image's build stage) makes one library per x86-64
-    level; with no compiler at run time the best one this CPU runs is loaded, and one built from other
-    source never is."""
-    if native.best_prebuilt_variant(frozenset()) is None:
-        pytest.skip("prebuilt variants are x86-64 only")
-    built = native.prebuild(tmp_path / "prebuilt")
-    assert len(built) == len(native.PREBUILT_VARIANTS) and all(p.is_file() for p in built)
-    assert all(p.stat().st_mode & 0o005 == 0o005 for p in built)  # other users (the image's) read and load them
-    monkeypatch.setattr(native, "_compiler", lambda: None)
-    monkeypatch.setenv("LMSERVICE_PREBUILT_KERNELS", str(tmp_path / "prebuilt"))
-    monkeypatch.setattr(native, "_library", None)
-    monkeypatch.setattr(native, "_tried", False)
-    assert native.native_library() is not None
-    best = native.best_prebuilt_variant(cpu_flags())
-    assert native.library_path().name.endswith(f"-{best}.so")
-    assert native.int8_kernel_available() == (best == "x86-64-v4-vnni")
-    weight, bias, x = torch.randn(300, 100, generator=gen), torch.randn(300, generator=gen), torch.randn(2, 100, generator=gen)
-    torch.testing.assert_close(native.linear_few_rows(x, weight, bias), torch.nn.functional.linear(x, weight, bias),
-                               atol=1e-4, rtol=1e-5)
-    for path in built:  # as if the source had changed since they were built
-        path.rename(path.with_name(path.name.replace(native.SOURCE.stem + "-", native.SOURCE.stem + "-0")))
-    monkeypatch.setattr(native, "_library", None)
-    monkeypatch.setattr(native, "_tried", False)
-    assert native.native_library() is None
-
-
-def test_prebuilt_variant_choice():
-    if native.best_prebuilt_variant(frozenset()) is None:
-        pytest.skip("prebuilt variants are x86-64 only")
-    v3 = frozenset({"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave", "sse4_2"})
-    avx512 = v3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
-    assert native.best_prebuilt_variant(avx512 | {"avx512_vnni", "amx_tile"}) == "x86-64-v4-vnni"
-    assert native.best_prebuilt_variant(avx512) == "x86-64-v3"  # AVX-512 without VNNI: the AVX2 build
-    assert native.best_prebuilt_variant(v3) == "x86-64-v3"
-    assert native.best_prebuilt_variant(v3 - {"fma"}) == "x86-64"
-    assert native.best_prebuilt_variant(frozenset()) == "x86-64"

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmservice.kernels import TORCH_CPU_KERNELS, CpuKernels
+from lmservice.kernels.cpu_native import native_library
 from lmservice.model import cpu_linear
 from lmservice.model.cpu_linear import OneDNNLinear, resolve_linear_backend
 from lmservice.model.loader import ModelConfigError, load_model
@@ -31,21 +33,28 @@ def test_onednn_linear_matches_f_linear(rows, in_features, out_features):
 
 
 def test_few_rows_go_to_the_native_kernel(monkeypatch):
-    """Up to FEW_ROWS rows: lmservice.kernels.cpu_native.linear_few_rows; more: oneDNN (each path made to fail in turn)."""
-    if cpu_linear.native_library() is None:
-        pytest.skip("no C compiler: every call goes to oneDNN")
-    fast = OneDNNLinear(nn.Linear(64, 48))
+    """With the native policy: up to linear_f32_rows rows the C linear, more oneDNN (each path made to fail in
+    turn); with torch's (the default until the engine hands one over) never the C linear."""
+    lib = native_library()
+    if lib is None:
+        pytest.skip("no native kernels built for this CPU: every call goes to oneDNN")
+    kernels = CpuKernels.using(lib)
+    layer = nn.Linear(64, 48)
+    fast = OneDNNLinear(layer, kernels)
 
     def refuse(*_):
         raise AssertionError("wrong path")
 
     x = torch.randn(8, 64)
     monkeypatch.setattr(cpu_linear, "linear_onednn", refuse)
-    for rows in range(1, cpu_linear.FEW_ROWS + 1):
+    for rows in range(1, kernels.linear_f32_rows + 1):
         fast(x[:rows])
     monkeypatch.undo()
-    monkeypatch.setattr(cpu_linear, "linear_few_rows", refuse)
-    fast(x[: cpu_linear.FEW_ROWS + 1])
+    monkeypatch.setattr(lib, "linear_f32", refuse)
+    fast(x[: kernels.linear_f32_rows + 1])
+    OneDNNLinear(layer)(x[:1])
+    fast.use_cpu_kernels(TORCH_CPU_KERNELS)
+    fast(x[:1])
 
 
 def test_swapped_model_shares_its_weights(tmp_path):

@@ -9,22 +9,30 @@ import torch.nn.functional as F
 
 from lmservice.engine.engine import Engine, EngineConfig
 from lmservice.engine.sampling_params import SamplingParams
+from lmservice.kernels import TORCH_CPU_KERNELS, CpuKernels
+from lmservice.kernels.cpu_native import native_library
 from lmservice.model.config import ModelConfigError
 from lmservice.model.loader import load_model
 from lmservice.model.quantize import Int8Linear
 from tests.helpers import make_gpt2_dir, prompts, run_to_completion
 
+_LIB = native_library()
+KERNELS = ["torch", pytest.param("native", marks=pytest.mark.skipif(
+    _LIB is None or not _LIB.has_int8, reason="no native int8 kernel on this CPU (it needs AVX-512 VNNI)"))]
+
 
 @pytest.mark.parametrize("rows, in_features, out_features", [(1, 64, 192), (7, 256, 64), (32, 96, 1000), (48, 80, 300)])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_int8_linear_matches_its_dequantized_reference(rows, in_features, out_features, with_bias):
-    """Up to NATIVE_ROWS rows the native kernel (where built), past it FBGEMM: each against the reference that
-    quantizes the input its way."""
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_int8_linear_matches_its_dequantized_reference(rows, in_features, out_features, with_bias, kernels):
+    """With the native policy, up to its linear_int8_rows rows the C kernel, past it FBGEMM; with torch's
+    always FBGEMM: each against the reference that quantizes the input its way."""
     g = torch.Generator().manual_seed(rows + in_features)
     weight = torch.randn(out_features, in_features, generator=g) * 0.05
     weight[3] *= 20  # per-channel scales: one loud row must not cost the others their precision
     bias = torch.randn(out_features, generator=g)
-    layer = Int8Linear(weight, bias)
+    layer = Int8Linear(weight, bias, CpuKernels.using(_LIB) if kernels == "native" else TORCH_CPU_KERNELS)
+    assert (layer.native_rows > 0) == (kernels == "native")
     x = torch.randn(rows, in_features, generator=g)
     out, ref = layer(x, with_bias=with_bias), layer.reference(x, with_bias=with_bias)
     assert out.shape == (rows, out_features) and out.dtype == torch.float32

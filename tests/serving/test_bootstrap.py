@@ -61,7 +61,7 @@ from lmservice.serving.bootstrap import build_serving
 threads = os.cpu_count()
 serving = build_serving(Settings(model=sys.argv[1], threads=threads, quantization="int8", num_kv_blocks=64))
 engine = serving.engine.engine
-assert engine.runner.native_decoder is not None
+assert engine.runner.fast_path is not None
 engine.submit("a", list(range(1, 30)), SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True))
 
 def switches():

@@ -1,5 +1,6 @@
-/* Native CPU kernels (lmservice/kernels/cpu_native.py builds and loads them): the paged decode attention, linears for
- * a few rows, and a whole GPT-2 decode step made of them, further down.
+/* Native CPU kernels (lmservice/kernels/native_build.py builds them, lmservice/kernels/cpu_native.py loads them):
+ * the paged decode attention, linears for a few rows, and a whole GPT-2 decode step made of them, further down.
+ * Their interface (signatures, structs, the ABI version) is cpu_kernels.h.
  *
  * Decode attention over the paged KV cache, for CPUs: each sequence's one query token against its
  * context, read in place through its block table (no gathered copy of K or V).
@@ -24,8 +25,29 @@
 #include <immintrin.h>
 #endif
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "cpu_kernels.h"
+
+int64_t native_abi_version(void) { return LMSERVICE_KERNELS_ABI_VERSION; }
+
+/* sizeof(native_linear), then each of its fields' offsets in declaration order; then the same for native_layer */
+int64_t native_abi_layout(int64_t *out, int64_t capacity) {
+    const int64_t layout[] = {
+        sizeof(native_linear), offsetof(native_linear, w), offsetof(native_linear, wq),
+        offsetof(native_linear, wsum), offsetof(native_linear, scale), offsetof(native_linear, bias),
+        offsetof(native_linear, in), offsetof(native_linear, out),
+        sizeof(native_layer), offsetof(native_layer, ln1_w), offsetof(native_layer, ln1_b),
+        offsetof(native_layer, ln2_w), offsetof(native_layer, ln2_b), offsetof(native_layer, c_attn),
+        offsetof(native_layer, attn_proj), offsetof(native_layer, c_fc), offsetof(native_layer, mlp_proj),
+        offsetof(native_layer, k_cache), offsetof(native_layer, v_cache), offsetof(native_layer, attn_scale),
+    };
+    const int64_t n = (int64_t)(sizeof layout / sizeof layout[0]);
+    for (int64_t i = 0; i < n && i < capacity; i++) out[i] = layout[i];
+    return n;
+}
 
 static void decode_attention(const float *q, int64_t q_seq_stride, const float *k_cache, const float *v_cache,
                                 const int32_t *tables, int64_t table_stride, const int32_t *seq_lens, float *out,
@@ -363,23 +385,7 @@ int native_q8(void) { return 0; }
 /* A whole GPT-2 decode step for a few sequences, one token each: every layer's LayerNorms, projections (fp32,
  * or int8 through linear_q8), KV-cache write, attention and GELU in one call, so the step costs no Python
  * and no dispatch per op. The arithmetic is the op-by-op path's: the same kernels above, torch's LayerNorm
- * and tanh GELU formulas. lmservice/kernels/cpu_native.py mirrors these structs. */
-typedef struct {
-    const float *w;       /* fp32 weight (out, in), or NULL for int8 */
-    const int8_t *wq;     /* int8 weight packed (ceil(out / 16), ceil(in / 4), 16, 4), or NULL */
-    const int32_t *wsum;  /* int8: per channel, the sum of its weights */
-    const float *scale;   /* int8: per channel scale */
-    const float *bias;    /* or NULL */
-    int64_t in, out;
-} native_linear;
-
-typedef struct {
-    const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
-    native_linear c_attn, attn_proj, c_fc, mlp_proj;
-    float *k_cache, *v_cache; /* (num_blocks, block_size, n_head, head_dim) */
-    float attn_scale;
-} native_layer;
-
+ * and tanh GELU formulas. The structs it reads (native_linear, native_layer) are in cpu_kernels.h. */
 static void apply_linear(const native_linear *l, const float *x, int64_t rows, float *y, int accumulate,
                          uint8_t *xq, float *xs, int num_threads) {
 #if defined(__AVX512VNNI__) && defined(__AVX512F__)

@@ -1,0 +1,75 @@
+"""The CPU-kernel policy: whether the native C kernels run, and for how many rows each one takes a call.
+
+Decided once at start-up (`choose_cpu_kernels`, from `--cpu-kernels auto|native|torch`), logged once by
+the engine, and handed to everything that could call C: the linear layers (lmservice/model/cpu_linear.py,
+lmservice/model/quantize.py), the decode attention (ops.py's native set) and the whole-step decode
+(lmservice/engine/native_decode.py). Nothing else looks the library up, so `TORCH_CPU_KERNELS` means that
+no C code runs.
+
+The row thresholds, each measured on GPT-2 small's decode steps (docs/kernels.md):
+- fp32 linears of at most `linear_f32_rows` rows go to the C linear, more to oneDNN (the C linear streams
+  each weight row once for all rows; oneDNN's GEMM wins from a few rows on);
+- int8 linears of at most `linear_int8_rows` rows go to the C int8 kernel (per-row activation scales),
+  more to FBGEMM; 0 where the library has no int8 kernel (no AVX-512 VNNI);
+- pure decode steps of at most `decode_step_rows` sequences run as one C call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmservice.kernels.cpu_native import NativeLibrary, native_library
+from lmservice.kernels.cpuinfo import isa_cap
+
+CPU_KERNEL_MODES = ("auto", "native", "torch")
+FEW_ROWS_F32 = 4
+FEW_ROWS_INT8 = 32
+DECODE_STEP_ROWS = 32
+
+
+@dataclass(frozen=True)
+class CpuKernels:
+    """Which C kernels run and up to how many rows. `library` None: none at all (every threshold 0)."""
+
+    library: NativeLibrary | None
+    linear_f32_rows: int = 0
+    linear_int8_rows: int = 0
+    decode_step_rows: int = 0
+
+    @classmethod
+    def using(cls, library: NativeLibrary) -> CpuKernels:
+        return cls(library, FEW_ROWS_F32, FEW_ROWS_INT8 if library.has_int8 else 0, DECODE_STEP_ROWS)
+
+    def describe(self) -> dict[str, str | int | None]:
+        """What is in use, for the start-up log, /health and a metric label: `variant` is the library's build
+        (x86-64-v4-vnni, x86-64-v3, ...) or "torch" where no C code runs."""
+        lib = self.library
+        return {"variant": lib.variant if lib else "torch", "path": str(lib.path) if lib else None,
+                "cpu_isa_cap": isa_cap(), "linear_f32_rows": self.linear_f32_rows,
+                "linear_int8_rows": self.linear_int8_rows, "decode_step_rows": self.decode_step_rows}
+
+
+TORCH_CPU_KERNELS = CpuKernels(None)
+
+
+def choose_cpu_kernels(mode: str, device: torch.device, dtype: torch.dtype) -> CpuKernels:
+    """`mode` for a model on `device` in `dtype`: auto runs C where a library is built for this CPU and the
+    model is float32 on a CPU; native demands it (ValueError on a model it cannot run, RuntimeError where no
+    library loads); torch runs none."""
+    if mode not in CPU_KERNEL_MODES:
+        raise ValueError(f"cpu_kernels {mode!r} is not one of {', '.join(CPU_KERNEL_MODES)}")
+    runs_c = device.type == "cpu" and dtype == torch.float32
+    if mode == "native" and not runs_c:
+        raise ValueError(f"cpu_kernels native runs float32 models on CPUs, not {dtype} on {device.type}: "
+                         "use torch (or auto)")
+    if mode == "torch" or not runs_c:
+        return TORCH_CPU_KERNELS
+    library = native_library()
+    if library is None:
+        if mode == "native":
+            raise RuntimeError("cpu_kernels native: no native CPU kernels are built for this CPU (see the "
+                               "warning above); use cpu_kernels auto or torch")
+        return TORCH_CPU_KERNELS
+    return CpuKernels.using(library)

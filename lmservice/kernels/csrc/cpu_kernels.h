@@ -1,0 +1,60 @@
+/* The interface of the native CPU kernels (cpu_kernels.c), shared by the build and the Python side.
+ *
+ * lmservice/kernels/cpu_native.py declares the same functions and structs with ctypes. At load it asks the
+ * library for native_abi_version() and native_abi_layout() and refuses a library whose version, struct sizes
+ * or field offsets differ from its declarations (tests/kernels/test_native_abi.py builds one that differs).
+ * NOTE: bump LMSERVICE_KERNELS_ABI_VERSION (and cpu_native.ABI_VERSION) on any change to a signature or
+ * struct below: a changed argument list cannot be seen from outside the library, a changed struct can.
+ */
+#ifndef LMSERVICE_CPU_KERNELS_H
+#define LMSERVICE_CPU_KERNELS_H
+
+#include <stdint.h>
+
+#define LMSERVICE_KERNELS_ABI_VERSION 1
+
+/* One projection of the decode step: fp32 weight (out, in) row-major, or int8 packed (see linear_few_rows_q8). */
+typedef struct {
+    const float *w;       /* fp32 weight (out, in), or NULL for int8 */
+    const int8_t *wq;     /* int8 weight packed (ceil(out / 16), ceil(in / 4), 16, 4), or NULL */
+    const int32_t *wsum;  /* int8: per channel, the sum of its weights */
+    const float *scale;   /* int8: per channel scale */
+    const float *bias;    /* or NULL */
+    int64_t in, out;
+} native_linear;
+
+typedef struct {
+    const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
+    native_linear c_attn, attn_proj, c_fc, mlp_proj;
+    float *k_cache, *v_cache; /* (num_blocks, block_size, n_head, head_dim) */
+    float attn_scale;
+} native_layer;
+
+/* The ABI check: the version above, and the layout (sizes and offsets, in bytes) of the structs in the order
+ * native_abi_layout documents; writes at most `capacity` values and returns how many there are. */
+int64_t native_abi_version(void);
+int64_t native_abi_layout(int64_t *out, int64_t capacity);
+
+/* 1 where the library was built with the int8 kernel (AVX-512 VNNI), else 0 (linear_few_rows_q8 absent). */
+int native_q8(void);
+
+void paged_decode_attention_f32(const float *q, int64_t q_seq_stride, const float *k_cache, const float *v_cache,
+                                const int32_t *tables, int64_t table_stride, const int32_t *seq_lens, float *out,
+                                int64_t num_seqs, int64_t num_heads, int64_t head_dim, int64_t block_size,
+                                int64_t heads_per_item, float scale, float *scratch, int64_t max_seq_len,
+                                int num_threads);
+
+void linear_few_rows_f32(const float *x, int64_t rows, int64_t in, const float *w, const float *bias, float *y,
+                         int64_t out, int num_threads);
+
+void linear_few_rows_q8(const float *x, int64_t rows, int64_t in, const int8_t *wp, const int32_t *wsum,
+                        const float *scale, const float *bias, float *y, int64_t out, uint8_t *xq, float *xs,
+                        int num_threads);
+
+void gpt2_decode_step(const native_layer *layers, int64_t n_layers, const float *lnf_w, const float *lnf_b,
+                      float eps, float *h, float *out, int64_t rows, int64_t n_embd, int64_t n_head,
+                      int64_t n_inner, const int64_t *slots, const int32_t *tables, int64_t table_stride,
+                      const int32_t *seq_lens, int64_t block_size, int64_t heads_per_item, int64_t max_seq_len,
+                      float *work, uint8_t *qwork, float *attn_scratch, int num_threads);
+
+#endif
