@@ -104,7 +104,7 @@ def decode_attention_torch(
     if plan is None:
         plan = plan_decode_torch(seq_lens, block_tables, k_cache.shape[1])
     ctx_len = plan.mask.shape[-1]
-    # a 2-D view gathers faster than the 4-D cache (one row copy per block: 9 vs 17 us for 10 blocks)
+    # a 2-D view gathers faster than the 4-D cache: one row copy per block
     k = k_cache.view(k_cache.shape[0], -1).index_select(0, plan.block_ids).view(num_seqs, ctx_len, num_heads, head_dim)
     v = v_cache.view(v_cache.shape[0], -1).index_select(0, plan.block_ids).view(num_seqs, ctx_len, num_heads, head_dim)
     # NOTE: rows past a sequence's end hold whatever their block held before (NaN after a failed request).

@@ -51,8 +51,8 @@ class NativeLibraryError(RuntimeError):
 
 
 def _named(name: str):
-    """The call named in torch.profiler's tables while one records; otherwise nothing (record_function costs
-    ~10 us a call, ~0.6 ms of a batch-1 step over its ~60 native calls)."""
+    """The call named in torch.profiler's tables while one records; otherwise nothing: record_function costs
+    more than a small C call itself (docs/kernels.md)."""
     return record_function(name) if torch.autograd._profiler_enabled() else nullcontext()
 
 

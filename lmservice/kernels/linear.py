@@ -1,9 +1,9 @@
 """fp32 projections through oneDNN's JIT matmul: the CPU path where torch's BLAS is slow.
 
 torch's CPU `F.linear` on fp32 goes to its BLAS (MKL on x86 builds). MKL picks its fast code paths by CPU
-vendor, and on an AMD EPYC (Zen 4, AVX-512) it ran GPT-2 small's projections at 8-10 GB/s of weights at
-1-8 rows, against ~30 GB/s of memory bandwidth; oneDNN's kernels, chosen by instruction set alone, ran the
-same calls 1.5-2.7x faster (docs/benchmarks.md). The reference is `F.linear`.
+vendor, and on an AMD EPYC it read GPT-2 small's projections at decode row counts well below memory
+bandwidth; oneDNN's kernels, chosen by instruction set alone, ran the same calls faster
+(docs/benchmarks.md). The reference is `F.linear`.
 """
 
 from __future__ import annotations

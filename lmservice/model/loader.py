@@ -53,9 +53,8 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """auto: bfloat16 on CUDA; on a CPU, bfloat16 only where it has bf16 matmul tiles (AMX: on a 2-core Xeon
-    a decode step was 1.3-1.7x faster than fp32 at batch 8-32 and within +-10% at batch 1,
-    docs/benchmarks.md), float32 elsewhere (on AVX2-only CPUs bf16 ran 3-25x slower)."""
+    """auto: bfloat16 on CUDA; on a CPU, bfloat16 only where it has bf16 matmul tiles (AMX: faster than fp32
+    from a few sequences on, docs/benchmarks.md), float32 elsewhere (bf16 without them is much slower)."""
     if dtype == "auto":
         if device.type == "cuda" or has_bf16_matmul():
             return torch.bfloat16

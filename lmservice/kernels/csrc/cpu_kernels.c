@@ -141,7 +141,7 @@ void paged_decode_attention_f32(const float *q, int64_t q_seq_stride, const floa
  * Each thread walks its share of the output channels in order, and each weight row is read from memory
  * once, for all rows of x (up to 4 dot products accumulating in registers): the call streams the weights
  * at memory speed, one sequential stream per thread. (Tiles of several weight rows at once, as a GEMM
- * micro-kernel would take, read 1.5-2x slower here: measured, docs/benchmarks.md.) `accumulate`: y += the
+ * micro-kernel would take, read slower at these row counts: docs/kernels.md.) `accumulate`: y += the
  * result instead of y = (the residual adds of the decode step). */
 #if defined(__AVX512F__)
 #define VW 16
@@ -209,7 +209,7 @@ static inline __attribute__((always_inline)) void dot_rows_f32(const float *x, i
 /* From TILE_MIN_ROWS rows on, OUT_TILE weight rows at a time: with one weight row per pass every row of x
  * is re-read (from L2 once x outgrows L1: 4 rows of 3072) for each output channel, and those reads, not the
  * weights, bound the call; a tile shares each load of x among OUT_TILE channels. Below it one sequential
- * weight stream per thread reads faster (measured, docs/benchmarks.md). */
+ * weight stream per thread reads faster (docs/kernels.md). */
 #if VW == 16
 #define OUT_TILE 4
 #elif VW == 8
@@ -284,8 +284,8 @@ void linear_few_rows_f32(const float *x, int64_t rows, int64_t in, const float *
  * out: y = x_scale * w_scale * (sum (xq + 128) w - 128 wsum) + bias. The weights are packed
  * (lmservice/kernels/cpu_native.py pack_int8_weight): (ceil(out / 16), in4 = ceil(in / 4), 16, 4), so a 64-byte vector
  * holds 4 consecutive inputs of 16 channels and one vpdpbusd adds 4 products to each of the 16 channels'
- * lanes against a broadcast group of 4 bytes of x: no horizontal sums at the end (they made the row-major
- * version 2x slower than FBGEMM at 16-32 rows), and each 16-channel tile is one contiguous stream. Without
+ * lanes against a broadcast group of 4 bytes of x: no horizontal sums at the end (they made a row-major
+ * version slower than FBGEMM from 16 rows on), and each 16-channel tile is one contiguous stream. Without
  * VNNI the library has no int8 kernel (native_q8() says so). */
 #if defined(__AVX512VNNI__) && defined(__AVX512F__)
 int native_q8(void) { return 1; }
