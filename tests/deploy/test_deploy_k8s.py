@@ -22,6 +22,10 @@ from tests.deploy.deploy_support import (
 )
 
 SERVICEMONITOR_SCHEMA = json.loads((Path(__file__).parent / "schemas/servicemonitor-monitoring-v1.json").read_text())
+PROMETHEUSRULE_SCHEMA = json.loads((Path(__file__).parent / "schemas/prometheusrule-monitoring-v1.json").read_text())
+# The Prometheus Operator's CRDs: kubernetes-validate has no schema for them; this repository's strict subset
+# schemas instead.
+CRD_SCHEMAS = {"ServiceMonitor": SERVICEMONITOR_SCHEMA, "PrometheusRule": PROMETHEUSRULE_SCHEMA}
 SERVING = {"cpu": K8S / "overlays/cpu", "gpu": K8S / "overlays/gpu"}
 FINETUNE = {"cpu": K8S / "overlays/cpu/finetune", "gpu": K8S / "overlays/gpu/finetune"}
 
@@ -39,8 +43,7 @@ def test_builds_and_validates_strictly(directory: Path, version: str) -> None:
     for resource in resources:
         name = f"{resource['kind']}/{resource['metadata']['name']}"
         if resource["apiVersion"] == "monitoring.coreos.com/v1":
-            # A CRD: kubernetes-validate has no schema for it; this repository's strict subset schema instead.
-            jsonschema.validate(resource, SERVICEMONITOR_SCHEMA)
+            jsonschema.validate(resource, CRD_SCHEMAS[resource["kind"]])
             continue
         try:
             validator.validate(resource, version, strict=True)
@@ -60,6 +63,10 @@ def test_strict_validation_rejects_an_unknown_field() -> None:
     monitor["spec"]["endpoints"][0]["intervall"] = "15s"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(monitor, SERVICEMONITOR_SCHEMA)
+    rule = json.loads(json.dumps(find(kustomize_build(SERVING["cpu"]), "PrometheusRule")))
+    rule["spec"]["groups"][0]["rules"][0]["fro"] = "5m"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(rule, PROMETHEUSRULE_SCHEMA)
 
 
 def _server(overlay: str) -> tuple[dict, dict, dict]:

@@ -9,16 +9,21 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
-from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
-from lmservice.metrics import Metrics
-from tests.deploy.deploy_support import DEPLOY, K8S, load_yaml, run, tool
+from tests.deploy.deploy_support import DEPLOY, load_yaml, run, tool
+from tests.deploy.promql_support import (
+    DASHBOARD,
+    METRIC,
+    adapter_rules,
+    adapter_series_name,
+    adapter_to_promql,
+    dashboard_queries,
+    exported_series,
+    grafana_to_promql,
+    registry_series,
+    write_rules,
+)
 
-DASHBOARD = DEPLOY / "grafana/dashboards/lmservice.json"
-ADAPTER_CONFIG = K8S / "prometheus-adapter/config.yaml"
-_METRIC = re.compile(r"\blmservice_[a-zA-Z0-9_:]+")
 _BY = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
 _MATCHER = re.compile(r"([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)\s*\"")
 _LEGEND = re.compile(r"\{\{\s*(\w+)\s*\}\}")
@@ -26,42 +31,11 @@ _LEGEND = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 _SCRAPE_LABELS = {"job", "instance", "le"}
 
 
-def exported_series(exposition: str) -> dict[str, set[str]]:
-    """sample name -> label names, from Prometheus text format parsed by prometheus_client's parser."""
-    series: dict[str, set[str]] = {}
-    for family in text_string_to_metric_families(exposition):
-        for sample in family.samples:
-            series.setdefault(sample.name, set()).update(sample.labels)
-    return series
-
-
-def registry_series() -> dict[str, set[str]]:
-    """Every sample a fresh server exports, labelled metrics included: each gets one child so that its
-    samples appear (a labelled metric with no child exports none)."""
-    metrics = Metrics()
-    for collector in vars(metrics).values():
-        labelnames = getattr(collector, "_labelnames", ())
-        if labelnames:
-            collector.labels(**dict.fromkeys(labelnames, "x"))
-    return exported_series(generate_latest(metrics.registry).decode())
-
-
-def dashboard_queries() -> list[tuple[str, str, str]]:
-    """(panel title, PromQL expression, legend format) of every target, plus the template variables' queries."""
-    dashboard = json.loads(DASHBOARD.read_text())
-    queries = [(panel["title"], target["expr"], target.get("legendFormat", ""))
-               for panel in dashboard["panels"] for target in panel.get("targets", [])]
-    for variable in dashboard["templating"]["list"]:
-        if variable["type"] == "query":
-            queries.append((f"${variable['name']}", variable["definition"], ""))
-    return queries
-
-
 def check_queries_against(series: dict[str, set[str]]) -> list[str]:
     """Problems: metrics the server does not export, labels those metrics do not carry."""
     problems = []
     for title, expr, legend in dashboard_queries():
-        names = set(_METRIC.findall(expr))
+        names = set(METRIC.findall(expr))
         if not names:
             problems.append(f"{title}: queries no lmservice metric: {expr}")
         for name in names - set(series):
@@ -144,34 +118,20 @@ def test_dashboard_datasource_is_provisioned() -> None:
     assert [d["type"] for d in provisioned] == ["prometheus"] and provisioned[0]["isDefault"] is True
 
 
-def _grafana_to_promql(expr: str) -> str:
-    return expr.replace("$__rate_interval", "1m").replace("$model", ".*")
-
-
-def _adapter_to_promql(query: str, series: str) -> str:
-    return (query.replace("<<.Series>>", series).replace("<<.LabelMatchers>>", 'namespace="lmservice"')
-            .replace("<<.GroupBy>>", "pod"))
-
-
 def test_every_query_is_valid_promql(tmp_path: Path) -> None:
     """promtool parses each dashboard and adapter query (as a recording rule's expression)."""
-    exprs = [_grafana_to_promql(expr) for _, expr, _ in dashboard_queries() if not expr.startswith("label_values(")]
-    for rule in load_yaml(ADAPTER_CONFIG)["rules"]:
-        series = rule["seriesQuery"].strip("'").split("{")[0]
-        exprs.append(_adapter_to_promql(rule["metricsQuery"], series))
+    exprs = [grafana_to_promql(expr) for _, expr, _ in dashboard_queries()]
+    for rule in adapter_rules():
+        exprs.append(adapter_to_promql(rule, ["lmservice-0", "lmservice-1"]))
         exprs.append(rule["seriesQuery"])
-    rules = {"groups": [{"name": "lmservice_queries",
-                         "rules": [{"record": f"lmservice_check:{i}", "expr": e} for i, e in enumerate(exprs)]}]}
-    path = tmp_path / "rules.yml"
-    path.write_text(yaml.safe_dump(rules))
-    result = run(tool("promtool"), "check", "rules", str(path))
+    result = run(tool("promtool"), "check", "rules", str(write_rules(tmp_path / "rules.yml", exprs)))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_adapter_rule_serves_an_exported_gauge() -> None:
     series = registry_series()
-    for rule in load_yaml(ADAPTER_CONFIG)["rules"]:
-        name = _METRIC.search(rule["seriesQuery"])[0]
+    for rule in adapter_rules():
+        name = adapter_series_name(rule)
         assert name in series, name
         assert re.fullmatch(rule["name"]["matches"], name)
         # The overrides map exactly the labels the ServiceMonitor adds, onto the objects the HPA asks about.
