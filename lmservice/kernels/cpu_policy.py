@@ -62,8 +62,8 @@ def choose_cpu_kernels(mode: str, device: torch.device, dtype: torch.dtype) -> C
         raise ValueError(f"cpu_kernels {mode!r} is not one of {', '.join(CPU_KERNEL_MODES)}")
     runs_c = device.type == "cpu" and dtype == torch.float32
     if mode == "native" and not runs_c:
-        raise ValueError(f"cpu_kernels native runs float32 models on CPUs, not {dtype} on {device.type}: "
-                         "use torch (or auto)")
+        raise ValueError(f"the native CPU kernels (cpu_kernels native) run float32 models on CPUs, not {dtype} "
+                         f"on {device.type}: use cpu_kernels torch (or auto)")
     if mode == "torch" or not runs_c:
         return TORCH_CPU_KERNELS
     library = native_library()

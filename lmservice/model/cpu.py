@@ -1,6 +1,8 @@
 """What this CPU can do, read once from /proc/cpuinfo (the processor differs between machines: AMD with
-AVX2 only, Intel with AVX-512, VNNI and AMX). Off Linux the set is empty and every choice made from it
-falls back to the safe one (fp32, 7-bit activations for int8)."""
+AVX2 only, Intel with AVX-512, VNNI and AMX). The flags are lmservice/kernels/cpuinfo.py's, capped as the
+kernels' are by LMSERVICE_CPU_ISA, so the model's choices and the kernel variant always agree. Off Linux
+the set is empty and every choice made from it falls back to the safe one (fp32, 7-bit activations for
+int8)."""
 
 from __future__ import annotations
 

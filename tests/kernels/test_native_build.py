@@ -144,9 +144,19 @@ def test_the_policy_follows_the_settings_and_the_model():
     for attention, kernels in (("torch", "auto"), ("auto", "torch"), ("torch", "torch")):
         assert choose_kernels(attention, kernels, CPU, torch.float32) == (TORCH_OPS, TORCH_CPU_KERNELS)
     assert choose_kernels("auto", "auto", CPU, torch.bfloat16) == (TORCH_OPS, TORCH_CPU_KERNELS)
-    with pytest.raises(ValueError, match="native runs float32 models on CPUs, not torch.bfloat16"):
+    with pytest.raises(ValueError, match=r"kernels \(cpu_kernels native\) run float32 models on CPUs, not torch.bfloat16"):
         choose_kernels("native", "auto", CPU, torch.bfloat16)
     with pytest.raises(ValueError, match="attention_backend native contradicts cpu_kernels torch"):
         choose_kernels("native", "torch", CPU, torch.float32)
     with pytest.raises(ValueError, match="cpu_kernels 'fast' is not one of auto, native, torch"):
         choose_kernels("auto", "fast", CPU, torch.float32)
+
+
+def test_the_package_holds_libraries_of_these_sources():
+    """Libraries built from other sources are never loaded, so after an edit of csrc/ without a rebuild the
+    native tests would skip and the engine would serve on torch ops: here that is a failure, not a skip."""
+    built = sorted(build.PACKAGE_DIR.glob(f"{build.SOURCE.stem}-*.so"))
+    if build.find_compiler() is None or not built:
+        pytest.skip("no libraries were built into the package (no C compiler at install time)")
+    stale = [p.name for p in built if not p.name.startswith(f"{build.SOURCE.stem}-{build.source_digest()}-")]
+    assert not stale, f"built from other sources: {stale}; rebuild them with `python -m lmservice.kernels`"
