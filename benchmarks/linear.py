@@ -20,6 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import add_threads_flag, apply_threads  # noqa: E402
+from lmservice.kernels.cpu_policy import choose_cpu_kernels  # noqa: E402
 from lmservice.model.cpu import cpu_flags  # noqa: E402
 from lmservice.model.quantize import Int8Linear  # noqa: E402
 
@@ -60,7 +61,7 @@ def measure(rows: int, k: int, n: int, repeats: int) -> tuple[float, float, floa
     """Microseconds per call of (rows x k) @ (k x n) + bias: fp32, bf16, our int8, weight-only int8."""
     x, w, b = torch.randn(rows, k), torch.randn(n, k) * 0.02, torch.randn(n) * 0.02
     xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
-    q = Int8Linear(w, b)
+    q = Int8Linear(w, b, choose_cpu_kernels("auto", torch.device("cpu"), torch.float32))  # as the engine runs it
     w8, s8 = q.weight_int8, q.scales.bfloat16()
     return (per_call_us(lambda: F.linear(x, w, b), repeats), per_call_us(lambda: F.linear(xb, wb, bb), repeats),
             per_call_us(lambda: q(x), repeats),
