@@ -171,3 +171,21 @@ def test_cpu_kernels_torch_runs_no_c_code(model_dir, quantization, monkeypatch):
         else:
             linear = "linear_few_rows_q8" if quantization == "int8" else "linear_few_rows_f32"
             assert counts.get("paged_decode_attention_f32", 0) > 0 and counts.get(linear, 0) > 0, counts
+
+
+def test_the_fast_path_takes_only_plain_decodes_it_has_room_for(model_dir):
+    """can_run: pure decodes without an adapter, 1 to max_rows of them; a prefill in the step, or LoRA, no."""
+    engine = Engine(load_model(model_dir, "cpu", "float32"), EngineConfig.from_fields(num_kv_blocks=16))
+    decoder = engine.runner.fast_path
+    assert isinstance(decoder, NativeDecoder)
+
+    def batch(num_tokens: int, num_seqs: int, num_decodes: int, lora=None) -> StepBatch:
+        return StepBatch(list(range(num_tokens)), torch.zeros(num_tokens, dtype=torch.long),
+                         torch.zeros(num_tokens, dtype=torch.long), torch.ones(num_seqs, dtype=torch.int32),
+                         torch.zeros(num_seqs, 1, dtype=torch.int32), num_decodes, lora)
+
+    assert decoder.can_run(batch(3, 3, 3))
+    assert decoder.can_run(batch(decoder.max_rows, decoder.max_rows, decoder.max_rows))
+    assert not decoder.can_run(batch(decoder.max_rows + 1, decoder.max_rows + 1, decoder.max_rows + 1))
+    assert not decoder.can_run(batch(7, 3, 2))  # two decodes and a prefill chunk
+    assert not decoder.can_run(batch(3, 3, 3, lora=object()))  # an adapter in the step
