@@ -132,7 +132,7 @@ def launch_lmservice(shape: str, workdir: Path, extra: list[str]) -> tuple[subpr
     proc = subprocess.Popen(
         [sys.executable, "-m", "lmservice.cli", "serve", "--model", str(model_dir), "--served-model-name", "base",
          "--port", str(port), *extra],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT)
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
