@@ -51,8 +51,9 @@ def test_disconnect_of_non_streaming_request_frees_kv_blocks(server):
     assert wait_kv_idle(server.url) == 0.0
     headers = {"Authorization": f"Bearer {API_KEY}", "X-Request-ID": "disconnect-plain"}
     with httpx.Client(base_url=server.url, headers=headers) as c, pytest.raises(httpx.ReadTimeout):
-        # the client times out and closes the connection while the server is still generating
-        c.post("/v1/completions", json=LONG, timeout=httpx.Timeout(60, read=0.3))
+        # the client times out and closes the connection while the server is still generating (the whole
+        # request takes ~0.35 s on the tiny model with the C kernels: the client leaves well before that)
+        c.post("/v1/completions", json=LONG, timeout=httpx.Timeout(60, read=0.1))
     assert wait_kv_idle(server.url, timeout_s=5) == 0.0
     rec = access_record(server, "disconnect-plain")
     assert rec["status"] == 499
