@@ -14,6 +14,7 @@ import math
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -70,7 +71,7 @@ class PrometheusProcess:
         self.wait_until(lambda: httpx.get(self.url + "/-/ready", timeout=2).status_code == 200, timeout_s, "ready")
         return self
 
-    def wait_until(self, condition, timeout_s: float, what: str) -> None:  # noqa: ANN001 (a predicate)
+    def wait_until(self, condition: Callable[[], bool], timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
