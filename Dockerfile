@@ -42,13 +42,14 @@ COPY lmservice ./lmservice
 # Installing the package builds the native CPU kernels (C decode attention, few-row linears, the whole decode
 # step: docs/kernels.md) with this stage's gcc, one library per x86-64 level, into the package
 # (lmservice/kernels/_native/); the runtime stage has no compiler, and the server loads the best one its CPU
-# runs. The check (outside /src, so that it imports the installed package) fails the build without them.
+# runs. The check (run with -P from outside /src, so that it imports the installed package) fails the build
+# without them.
 # DL3013 (pin versions in pip) does not apply: this installs the local package, whose dependencies
 # pyproject.toml pins.
 # hadolint ignore=DL3013
 RUN extras="train"; [ "${TORCH_VARIANT}" = "cpu" ] || extras="train,triton"; \
     pip install --no-cache-dir ".[${extras}]" \
-    && cd / && python -c "import lmservice.kernels.cpu_native as n; assert n.native_library() is not None"
+    && python -P -c "import lmservice.kernels.cpu_native as n; assert n.native_library() is not None"
 
 FROM ${PYTHON_IMAGE} AS runtime
 ARG TORCH_VARIANT=cpu
