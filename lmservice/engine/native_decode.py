@@ -5,10 +5,11 @@ twelve layers of a dozen torch ops each, every one a trip through the dispatcher
 whole stack (LayerNorms, projections, KV write, paged attention, GELU, residuals) in one call; only the
 embedding lookup before it and the LM head and sampling after it stay in torch. It is one of the decode
 fast paths (fast_path.py): pure decode steps without LoRA, up to the CPU-kernel policy's
-`decode_step_rows` sequences; larger decode batches go op by op, to oneDNN and FBGEMM.
+`decode_step_rows` sequences (`decode_step_int8_rows` for an int8 model); larger decode batches go op by op,
+to oneDNN and FBGEMM.
 
 Built where the policy runs C and the model exports weights the step computes the same way
-(GPT2ForServing.decode_step_weights: tanh GELU, fp32 projections, or int8 ones where the library has its
+(GPT2ForServing.decode_step_weights: tanh GELU, fp32 projections, or int8 ones where the library has an
 int8 kernel). `build` returns None otherwise.
 """
 
@@ -32,12 +33,15 @@ class NativeDecoder:
     def build(cls, model: GPT2ForServing, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
               kernels: CpuKernels) -> NativeDecoder | None:
         library = kernels.library
-        if library is None or kernels.decode_step_rows == 0:
+        if library is None:
             return None
         weights = model.decode_step_weights(kv_caches)
-        if weights is None or (weights.is_int8 and not library.has_int8):
+        if weights is None:
             return None
-        return cls(model, NativeDecodeStep(library, weights), kernels.decode_step_rows)
+        max_rows = kernels.decode_step_int8_rows if weights.is_int8 else kernels.decode_step_rows
+        if max_rows == 0 or (weights.is_int8 and not library.has_int8):
+            return None
+        return cls(model, NativeDecodeStep(library, weights), max_rows)
 
     def can_run(self, batch: StepBatch) -> bool:
         return batch.is_plain_decode and 1 <= batch.num_decodes <= self.max_rows

@@ -4,8 +4,8 @@ Why C and not torch ops: the torch decode attention (lmservice/kernels/attention
 and V out of their blocks into one tensor before SDPA can read it, so at batch 32 each layer copies the
 whole context twice; the C kernel reads the blocks in place through the block table. For decode steps of a
 few rows, `linear_f32` reads each fp32 weight row once for all rows, at memory speed, where oneDNN's
-small-M GEMM does not; `linear_int8` multiplies packed int8 weights by per-row-quantized activations on
-AVX-512 VNNI. And `NativeDecodeStep` runs a whole GPT-2 decode step in one call, with no Python and no
+small-M GEMM does not; `linear_int8` multiplies packed int8 weights by per-row-quantized activations
+(AVX-512 VNNI, or AVX2's vpmaddubsw). And `NativeDecodeStep` runs a whole GPT-2 decode step in one call, with no Python and no
 dispatch per op (lmservice/engine/native_decode.py). docs/kernels.md has the measurements.
 
 Which library: `native_library()` loads, once per process, the best variant (lmservice/kernels/native_build.py)
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 ABI_VERSION = 1  # LMSERVICE_KERNELS_ABI_VERSION in csrc/cpu_kernels.h
 DEVELOPER_BUILD = "native"  # the variant name of a LMSERVICE_NATIVE_BUILD library
+INT8_KERNELS = {2: "vnni", 1: "avx2"}  # native_q8()'s answers: which int8 x int8 kernel a build has
 
 
 class NativeLibraryError(RuntimeError):
@@ -108,13 +109,13 @@ def load_library(path: Path, variant: str) -> NativeLibrary:
         raise NativeLibraryError(f"{path}: struct layout {got} differs from the ctypes declarations {want} "
                                  "(ABI version equal: was csrc/cpu_kernels.h changed without bumping it?)")
     lib.native_q8.argtypes, lib.native_q8.restype = [], _INT
-    has_int8 = bool(lib.native_q8())
+    int8_kernel = INT8_KERNELS.get(lib.native_q8())
     for name, (argtypes, restype) in _SIGNATURES.items():
-        if name == "linear_few_rows_q8" and not has_int8:
+        if name == "linear_few_rows_q8" and int8_kernel is None:
             continue
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, restype
-    return NativeLibrary(lib, Path(path), variant, has_int8)
+    return NativeLibrary(lib, Path(path), variant, int8_kernel)
 
 
 # ---- finding the library
@@ -179,7 +180,7 @@ def native_library() -> NativeLibrary | None:
 
 
 def int8_kernel_available() -> bool:
-    """Whether the library has the int8 x int8 linear (built for a CPU with AVX-512 VNNI)."""
+    """Whether the library has the int8 x int8 linear (built for a CPU with AVX2 or AVX-512 VNNI)."""
     lib = native_library()
     return lib is not None and lib.has_int8
 
@@ -231,10 +232,15 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 class NativeLibrary:
     """One loaded, ABI-checked build of csrc/cpu_kernels.c: its kernels on tensors. `variant` names the build
-    (native_build.Variant.name, or "native" for a LMSERVICE_NATIVE_BUILD one)."""
+    (native_build.Variant.name, or "native" for a LMSERVICE_NATIVE_BUILD one); `int8_kernel` its int8 x int8
+    linear: "vnni" (AVX-512 VNNI), "avx2" (vpmaddubsw; the same results, more instructions per product) or None."""
 
-    def __init__(self, lib: ctypes.CDLL, path: Path, variant: str, has_int8: bool) -> None:
-        self.lib, self.path, self.variant, self.has_int8 = lib, path, variant, has_int8
+    def __init__(self, lib: ctypes.CDLL, path: Path, variant: str, int8_kernel: str | None) -> None:
+        self.lib, self.path, self.variant, self.int8_kernel = lib, path, variant, int8_kernel
+
+    @property
+    def has_int8(self) -> bool:
+        return self.int8_kernel is not None
 
     def __repr__(self) -> str:
         return f"NativeLibrary({self.variant}, {self.path})"
@@ -285,7 +291,7 @@ class NativeLibrary:
         (pack_int8_weight) with one fp32 scale per output channel and `weight_sums` its int32 row sums (out,);
         each row of x quantized to int8 with its own scale (max |x| / 127, round half to even). Needs
         has_int8. Any number of rows works."""
-        assert self.has_int8, f"the {self.variant} build has no int8 kernel (it needs AVX-512 VNNI)"
+        assert self.has_int8, f"the {self.variant} build has no int8 kernel (it needs AVX2)"
         out_features = weight_sums.shape[0]
         in_features = x.shape[-1]
         assert packed.dtype == torch.int8 and packed.is_contiguous()

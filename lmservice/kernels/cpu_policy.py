@@ -10,8 +10,13 @@ The row thresholds, each measured on GPT-2 small's decode steps (docs/kernels.md
 - fp32 linears of at most `linear_f32_rows` rows go to the C linear, more to oneDNN (the C linear streams
   each weight row once for all rows; oneDNN's GEMM wins from a few rows on);
 - int8 linears of at most `linear_int8_rows` rows go to the C int8 kernel (per-row activation scales),
-  more to FBGEMM; 0 where the library has no int8 kernel (no AVX-512 VNNI);
-- pure decode steps of at most `decode_step_rows` sequences run as one C call.
+  more to FBGEMM; 0 where the library has no int8 kernel;
+- pure decode steps of at most `decode_step_rows` sequences run as one C call, and of an int8 model at most
+  `decode_step_int8_rows` (0: never).
+On AVX-512 VNNI the C int8 kernel beats FBGEMM up to 32 rows. On AVX2 it computes the same sums with more
+instructions per product than FBGEMM (which sums in int16 and lets them saturate), so it loses to FBGEMM once a
+call has a few rows; there it runs only in decode steps of a few rows, where one C call saves the per-op
+Python and dispatch that cost more than the kernel's extra arithmetic.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from lmservice.kernels.cpuinfo import isa_cap
 
 CPU_KERNEL_MODES = ("auto", "native", "torch")
 FEW_ROWS_F32 = 4
-FEW_ROWS_INT8 = 32
+FEW_ROWS_INT8 = {"vnni": 32, "avx2": 0}  # by NativeLibrary.int8_kernel
 DECODE_STEP_ROWS = 32
+DECODE_STEP_INT8_ROWS = {"vnni": 32, "avx2": 4}
 
 
 @dataclass(frozen=True)
@@ -37,10 +43,13 @@ class CpuKernels:
     linear_f32_rows: int = 0
     linear_int8_rows: int = 0
     decode_step_rows: int = 0
+    decode_step_int8_rows: int = 0
 
     @classmethod
     def using(cls, library: NativeLibrary) -> CpuKernels:
-        return cls(library, FEW_ROWS_F32, FEW_ROWS_INT8 if library.has_int8 else 0, DECODE_STEP_ROWS)
+        int8 = library.int8_kernel
+        return cls(library, FEW_ROWS_F32, FEW_ROWS_INT8.get(int8, 0), DECODE_STEP_ROWS,
+                   DECODE_STEP_INT8_ROWS.get(int8, 0))
 
     def describe(self) -> dict[str, str | int | None]:
         """What is in use, for the start-up log, /health and a metric label: `variant` is the library's build
@@ -48,7 +57,8 @@ class CpuKernels:
         lib = self.library
         return {"variant": lib.variant if lib else "torch", "path": str(lib.path) if lib else None,
                 "cpu_isa_cap": isa_cap(), "linear_f32_rows": self.linear_f32_rows,
-                "linear_int8_rows": self.linear_int8_rows, "decode_step_rows": self.decode_step_rows}
+                "linear_int8_rows": self.linear_int8_rows, "decode_step_rows": self.decode_step_rows,
+                "decode_step_int8_rows": self.decode_step_int8_rows}
 
 
 TORCH_CPU_KERNELS = CpuKernels(None)

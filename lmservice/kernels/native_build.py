@@ -3,8 +3,8 @@
 The package's build (setup.py, on `pip install` and on a wheel build) calls `build_variants` into
 lmservice/kernels/_native/; at load lmservice/kernels/cpu_native.py takes the best variant the CPU runs. The
 variants are the levels at which the C code changes: `x86-64-v4-vnni` (AVX-512 and the int8 x int8 VNNI
-kernel), `x86-64-v4` (AVX-512, no int8 kernel), `x86-64-v3` (AVX2 + FMA) and `x86-64` (portable C, what the
-compiler vectorizes with SSE2). x86-64-v2 would compile to the same code as x86-64: no variant of its own.
+kernel), `x86-64-v4` (AVX-512, with the AVX2 int8 kernel), `x86-64-v3` (AVX2 + FMA, and the int8 kernel on
+vpmaddubsw) and `x86-64` (portable C, what the compiler vectorizes with SSE2; no int8 kernel). x86-64-v2 would compile to the same code as x86-64: no variant of its own.
 Off x86-64 there is one variant, `generic`, for the compiler's default target.
 
 Each library is named by a digest of the sources (`cpu_kernels-<digest>-<variant>.so`), so a library built

@@ -7,9 +7,9 @@ int32 accumulation: torch's x86 quantized engine (FBGEMM / oneDNN, VNNI or AMX w
 At decode batch sizes the step is bound by reading weights, and int8 reads a quarter of them: faster
 than fp32, and than weight-only int8 with bf16 activations (`python benchmarks/linear.py`, docs/benchmarks.md).
 Calls of at most the CPU-kernel policy's `linear_int8_rows` rows (decode steps) take our own C kernel
-instead where the CPU has AVX-512 VNNI (lmservice/kernels/cpu_native.py NativeLibrary.linear_int8: packed
-weights, each input row quantized with its own scale), faster than FBGEMM there (docs/kernels.md); prefills
-stay on FBGEMM. Until the policy is handed over (use_cpu_kernels) every call is FBGEMM's.
+instead where it is faster than FBGEMM, on AVX-512 VNNI (lmservice/kernels/cpu_native.py
+NativeLibrary.linear_int8: packed weights, each input row quantized with its own scale; docs/kernels.md);
+prefills stay on FBGEMM. (On AVX2 the same kernel runs inside the C decode step only: cpu_policy.py.) Until the policy is handed over (use_cpu_kernels) every call is FBGEMM's.
 
 Embeddings, LayerNorms, the KV cache and classification score heads stay in fp32; LoRA adapters add
 their fp32 delta to the quantized projection's output, unchanged. The scheduler never sees any of it.

@@ -20,7 +20,7 @@ LIB = native.native_library()
 if LIB is None:
     pytest.skip("no native kernels built for this CPU (no C compiler at install time): the engine uses torch ops",
                 allow_module_level=True)
-NO_INT8 = pytest.mark.skipif(not LIB.has_int8, reason=f"the {LIB.variant} build has no int8 kernel (AVX-512 VNNI)")
+NO_INT8 = pytest.mark.skipif(not LIB.has_int8, reason=f"the {LIB.variant} build has no int8 kernel (it needs AVX2)")
 
 
 @pytest.mark.parametrize("block_size", [1, 16, 32])

@@ -92,7 +92,7 @@ def test_the_loader_never_takes_a_variant_the_capped_cpu_lacks(fresh_loader, cap
         pytest.skip(f"{want.name} was not built here")
     lib = native.native_library()
     assert lib is not None and lib.variant == want.name and want.needs <= cpu_flags()
-    assert lib.has_int8 == (want.name == "x86-64-v4-vnni")
+    assert lib.int8_kernel == {"x86-64-v4-vnni": "vnni", "x86-64-v4": "avx2", "x86-64-v3": "avx2"}.get(want.name)
     weight, bias, x = torch.randn(300, 100, generator=gen), torch.randn(300, generator=gen), torch.randn(7, 100, generator=gen)
     torch.testing.assert_close(lib.linear_f32(x, weight, bias), torch.nn.functional.linear(x, weight, bias),
                                atol=1e-4, rtol=1e-5)
@@ -140,7 +140,8 @@ def test_the_policy_follows_the_settings_and_the_model():
     else:
         assert ops.name == "native" and ops.decode_attention == lib.decode_attention and policy.library is lib
         assert policy.describe()["variant"] == lib.variant and policy.decode_step_rows > 0
-        assert (policy.linear_int8_rows > 0) == lib.has_int8
+        assert (policy.linear_int8_rows > 0) == (lib.int8_kernel == "vnni")
+        assert (policy.decode_step_int8_rows > 0) == lib.has_int8
     for attention, kernels in (("torch", "auto"), ("auto", "torch"), ("torch", "torch")):
         assert choose_kernels(attention, kernels, CPU, torch.float32) == (TORCH_OPS, TORCH_CPU_KERNELS)
     assert choose_kernels("auto", "auto", CPU, torch.bfloat16) == (TORCH_OPS, TORCH_CPU_KERNELS)

@@ -278,26 +278,44 @@ void linear_few_rows_f32(const float *x, int64_t rows, int64_t in, const float *
     linear_f32(x, rows, in, w, bias, y, out, 0, num_threads);
 }
 
-/* int8 weights (one fp32 scale per output channel) against int8 activations, on AVX-512 VNNI: each row of x
- * is quantized once per call (symmetric, one scale per row) and shifted to u8 by +128 for vpdpbusd's
- * u8 x s8 products into int32 lanes; `wsum` (per channel, the sum of its int8 weights) takes the shift back
- * out: y = x_scale * w_scale * (sum (xq + 128) w - 128 wsum) + bias. The weights are packed
- * (lmservice/kernels/cpu_native.py pack_int8_weight): (ceil(out / 16), in4 = ceil(in / 4), 16, 4), so a 64-byte vector
- * holds 4 consecutive inputs of 16 channels and one vpdpbusd adds 4 products to each of the 16 channels'
- * lanes against a broadcast group of 4 bytes of x: no horizontal sums at the end (they made a row-major
- * version slower than FBGEMM from 16 rows on), and each 16-channel tile is one contiguous stream. Without
- * VNNI the library has no int8 kernel (native_q8() says so). */
+/* int8 weights (one fp32 scale per output channel) against int8 activations: each row of x is quantized once
+ * per call (symmetric, one scale per row, max |x| / 127, so every value is in [-127, 127]). The weights are
+ * packed (lmservice/kernels/cpu_native.py pack_int8_weight): (ceil(out / 16), in4 = ceil(in / 4), 16, 4), so a
+ * 64-byte vector holds 4 consecutive inputs of 16 channels, and a broadcast group of 4 bytes of x multiplies
+ * all 16 channels' lanes at once: no horizontal sums at the end (they made a row-major version slower than
+ * FBGEMM from 16 rows on), and each 16-channel tile is one contiguous stream. Two instruction sets:
+ * - AVX-512 VNNI: x shifted to u8 by +128 for vpdpbusd's u8 x s8 products, which adds 4 of them into each
+ *   int32 lane; `wsum` (per channel, the sum of its int8 weights) takes the shift back out:
+ *   y = x_scale * w_scale * (sum (xq + 128) w - 128 wsum) + bias.
+ * - AVX2 (no VNNI; the x86-64-v4 build without it too): vpmaddubsw multiplies u8 by s8 and adds pairs into
+ *   int16 lanes, with saturation, and vpmaddwd by ones adds those pairs into int32. The +128 shift would
+ *   saturate (255 * 127 * 2 > 32767), so the sign moves instead: |xq| (u8, at most 127) times w carrying
+ *   xq's sign (vpsignb), at most 2 * 127 * 127 = 32258 per pair, exact. No shift, so no wsum.
+ * Both give the same int32 sums, so the same results. Elsewhere the library has no int8 kernel (native_q8()
+ * says so). */
 #if defined(__AVX512VNNI__) && defined(__AVX512F__)
+#define Q8_VNNI 1
+#define PACKED_ROWS 8 /* rows per pass over a tile: 8 zmm accumulators */
+#elif defined(__AVX2__)
+#define Q8_AVX2 1
+#define PACKED_ROWS 4 /* 4 rows x 2 ymm accumulators, 2 weights, ones and 3 temporaries: 14 of 16 registers */
+#endif
+#if defined(Q8_VNNI) || defined(Q8_AVX2)
+#ifdef Q8_VNNI
+int native_q8(void) { return 2; }
+#else
 int native_q8(void) { return 1; }
+#endif
 
 /* A row holding NaN or infinity gets a NaN scale (and zeros), so that its outputs are NaN, as fp32's would be,
  * and the runner fails that request alone. The test is on the bits: -ffast-math lets the compiler assume
- * every float is finite, and the abs-max of the bit patterns orders finite values below inf and NaN. */
+ * every float is finite, and the abs-max of the bit patterns orders finite values below inf and NaN.
+ * xq holds xq + 128 as u8 (128 pads each row to in4 * 4 bytes: zero once shifted back). */
 static void quantize_rows(const float *x, int64_t rows, int64_t in, int64_t in4, uint8_t *xq, float *xs) {
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * in;
         uint8_t *q = xq + r * in4 * 4;
-        memset(q + in, 128, (size_t)(in4 * 4 - in)); /* the pad: 128 is zero once shifted back */
+        memset(q + in, 128, (size_t)(in4 * 4 - in));
         const uint32_t *bits = (const uint32_t *)xr;
         uint32_t top = 0;
 #pragma omp simd reduction(max : top)
@@ -320,9 +338,9 @@ static void quantize_rows(const float *x, int64_t rows, int64_t in, int64_t in4,
     }
 }
 
+#ifdef Q8_VNNI
 /* One 16-channel tile (wt: in4 * 64 bytes) against rows r0 .. r0+R of xq (rows of in4 * 4 bytes); R is a
  * constant at every call, so the accumulators live in registers. */
-#define PACKED_ROWS 8
 static inline __attribute__((always_inline)) void tile_q8(const uint8_t *xq, int64_t in4, const float *xs,
                                                           const int8_t *wt, const int32_t *wsum,
                                                           const float *scale, const float *bias, float *y,
@@ -350,6 +368,54 @@ static inline __attribute__((always_inline)) void tile_q8(const uint8_t *xq, int
         _mm512_mask_storeu_ps(yr, m, v);
     }
 }
+#else
+/* 16 floats from p as two halves, of which the first n are read (zeros after) */
+static inline void load16(const float *p, int64_t n, __m256 *lo, __m256 *hi) {
+    float t[16] = {0};
+    if (n < 16) p = memcpy(t, p, (size_t)n * sizeof(float));
+    *lo = _mm256_loadu_ps(p);
+    *hi = _mm256_loadu_ps(p + 8);
+}
+
+/* vpmaddubsw + vpmaddwd: acc += for each of 8 channels the sum of 4 products |x| * (w with x's sign) */
+static inline __m256i dot4_avx2(__m256i acc, __m256i ax, __m256i sx, __m256i w, __m256i ones) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w, sx)), ones));
+}
+
+/* tile_q8 of the VNNI build, with each 64-byte vector as two halves of 8 channels */
+static inline __attribute__((always_inline)) void tile_q8(const uint8_t *xq, int64_t in4, const float *xs,
+                                                          const int8_t *wt, const int32_t *wsum,
+                                                          const float *scale, const float *bias, float *y,
+                                                          int64_t out, int64_t o0, const int R, int accumulate) {
+    (void)wsum;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[PACKED_ROWS][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < in4; k++) {
+        const __m256i w0 = _mm256_loadu_si256((const __m256i *)(wt + k * 64));
+        const __m256i w1 = _mm256_loadu_si256((const __m256i *)(wt + k * 64 + 32));
+        for (int r = 0; r < R; r++) {
+            uint32_t group;
+            memcpy(&group, xq + r * in4 * 4 + k * 4, sizeof group);
+            const __m256i sx = _mm256_set1_epi32((int32_t)(group ^ 0x80808080u)); /* xq, signed again */
+            const __m256i ax = _mm256_abs_epi8(sx);
+            acc[r][0] = dot4_avx2(acc[r][0], ax, sx, w0, ones);
+            acc[r][1] = dot4_avx2(acc[r][1], ax, sx, w1, ones);
+        }
+    }
+    const int64_t n = out - o0 < 16 ? out - o0 : 16;
+    __m256 sc[2], b[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    load16(scale + o0, n, &sc[0], &sc[1]);
+    if (bias) load16(bias + o0, n, &b[0], &b[1]);
+    for (int r = 0; r < R; r++) {
+        float *yr = y + r * out + o0, v[16];
+        const __m256 xr = _mm256_set1_ps(xs[r]);
+        for (int h = 0; h < 2; h++)
+            _mm256_storeu_ps(v + 8 * h, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][h]), _mm256_mul_ps(sc[h], xr), b[h]));
+        for (int64_t c = 0; c < n; c++) store(yr + c, v[c], accumulate);
+    }
+}
+#endif
 
 /* xq: scratch of rows * in4 * 4 bytes, xs: of rows floats */
 static void linear_q8(const float *x, int64_t rows, int64_t in, const int8_t *wp, const int32_t *wsum,
@@ -367,7 +433,9 @@ static void linear_q8(const float *x, int64_t rows, int64_t in, const int8_t *wp
 #define PACKED_CASE(R) \
     case R: tile_q8(xr, in4, xs + r0, wt, wsum, scale, bias, yr, out, t * 16, R, accumulate); break;
                 PACKED_CASE(1) PACKED_CASE(2) PACKED_CASE(3) PACKED_CASE(4)
+#if PACKED_ROWS > 4
                 PACKED_CASE(5) PACKED_CASE(6) PACKED_CASE(7) PACKED_CASE(8)
+#endif
             }
         }
     }
@@ -388,7 +456,7 @@ int native_q8(void) { return 0; }
  * and tanh GELU formulas. The structs it reads (native_linear, native_layer) are in cpu_kernels.h. */
 static void apply_linear(const native_linear *l, const float *x, int64_t rows, float *y, int accumulate,
                          uint8_t *xq, float *xs, int num_threads) {
-#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+#if defined(Q8_VNNI) || defined(Q8_AVX2)
     if (l->wq) {
         linear_q8(x, rows, l->in, l->wq, l->wsum, l->scale, l->bias, y, l->out, xq, xs, accumulate, num_threads);
         return;

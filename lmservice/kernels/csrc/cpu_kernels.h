@@ -35,7 +35,8 @@ typedef struct {
 int64_t native_abi_version(void);
 int64_t native_abi_layout(int64_t *out, int64_t capacity);
 
-/* 1 where the library was built with the int8 kernel (AVX-512 VNNI), else 0 (linear_few_rows_q8 absent). */
+/* Which int8 kernel the library was built with: 2 AVX-512 VNNI, 1 AVX2 (vpmaddubsw), 0 none (linear_few_rows_q8
+ * absent). */
 int native_q8(void);
 
 void paged_decode_attention_f32(const float *q, int64_t q_seq_stride, const float *k_cache, const float *v_cache,
