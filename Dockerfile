@@ -36,7 +36,7 @@ ENV PATH=/opt/venv/bin:$PATH
 # torch first, from its own index, in a layer of its own: it is most of the image and changes least.
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 WORKDIR /src
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml setup.py README.md constraints.txt ./
 COPY lmservice ./lmservice
 # `train` extras so that `lmservice train` runs from this image; Triton only where there is a GPU for it.
 # Installing the package builds the native CPU kernels (C decode attention, few-row linears, the whole decode
@@ -48,7 +48,7 @@ COPY lmservice ./lmservice
 # pyproject.toml pins.
 # hadolint ignore=DL3013
 RUN extras="train"; [ "${TORCH_VARIANT}" = "cpu" ] || extras="train,triton"; \
-    pip install --no-cache-dir ".[${extras}]" \
+    pip install --no-cache-dir -c constraints.txt ".[${extras}]" \
     && python -P -c "import lmservice.kernels.cpu_native as n; assert n.native_library() is not None"
 
 FROM ${PYTHON_IMAGE} AS runtime

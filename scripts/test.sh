@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-python -m pip install -q -e '.[test]'
+# constraints.txt: the exact versions CI tests (pyproject.toml states ranges).
+python -m pip install -q -c constraints.txt -e '.[test]'
 # Static checks of deploy/ need hadolint, promtool and kustomize: installed by this script.
 [ -f scripts/install_ci_tools.sh ] && bash scripts/install_ci_tools.sh
 ruff check .
