@@ -1,7 +1,7 @@
 """The API's one door to the engine: every route takes the same path through it.
 
     sub = Submission.open(request, entry, "cmpl")              # entry: state.models resolved the model
-    call = sub.submit(sub.tokenize(prompts), params, task)     # checked once, then admitted all or none
+    call = sub.submit(await sub.tokenize(prompts), params, task)  # checked once, admitted all or none
     return await call.respond(request, chunks or None, build)  # SSE, or run to the end and answer the model
 
 Three jobs, three modules: submitting (lmservice/api/submission.py), collecting results
@@ -29,7 +29,8 @@ from lmservice.api.results import PromptRun, merged_outputs, until_disconnect
 from lmservice.api.schemas.common import Usage
 from lmservice.api.sse import EventStreamResponse
 from lmservice.api.state import ServerState
-from lmservice.engine.outputs import RequestOutput
+from lmservice.engine.outputs import EngineRequestError, RequestOutput
+from lmservice.serving.structured import StructuredSpec, decoding_failure
 
 if TYPE_CHECKING:
     from lmservice.serving.models import ModelEntry
@@ -39,8 +40,9 @@ class EngineCall:
     """The admitted engine requests of one HTTP request, on one model (see module docstring)."""
 
     def __init__(self, state: ServerState, recorder: CallRecorder, entry: ModelEntry, call_id: str,
-                 runs: list[PromptRun]) -> None:
+                 runs: list[PromptRun], spec: StructuredSpec | None = None) -> None:
         self.state, self.recorder, self.entry = state, recorder, entry
+        self.spec = spec
         self.id = call_id
         self.runs = runs
         self.created = int(time.time())
@@ -48,10 +50,17 @@ class EngineCall:
         state.in_flight.update(run.request_id for run in runs)
 
     async def merged(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(prompt index, output) of all runs in arrival order, each already applied to its run and recorded."""
+        """(prompt index, output) of all runs in arrival order, each already applied to its run and recorded.
+        A run whose grammar failed while decoding raises the spec's 400 (RequestRejectedError)."""
         async with contextlib.aclosing(merged_outputs(self.runs, self._on_output)) as events:
-            async for item in events:
-                yield item
+            try:
+                async for item in events:
+                    yield item
+            except EngineRequestError as e:
+                rejected = decoding_failure(self.spec, str(e)) if self.spec is not None else None
+                if rejected is None:
+                    raise
+                raise rejected from e
 
     def _on_output(self, run: PromptRun, out: RequestOutput, new_tokens: int) -> None:
         self.recorder.observe(run, out, new_tokens)

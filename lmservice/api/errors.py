@@ -32,6 +32,7 @@ ERROR_TYPES = {
     413: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
+    431: "invalid_request_error",
     499: "client_closed_request",
     500: "internal_error",
     501: "not_implemented_error",
@@ -79,7 +80,8 @@ def from_engine_error(exc: Exception) -> APIError:
         retry_after = max(1, math.ceil(exc.retry_after_s))
         return APIError(429, str(exc), code="queue_full", headers={"Retry-After": str(retry_after)})
     if isinstance(exc, EngineRequestError):
-        return APIError(500, f"the request failed inside the engine: {exc}", code="engine_error")
+        cause = str(exc).strip().split("\n", 1)[0][:300]  # never a multi-line dump of some library's state
+        return APIError(500, f"the request failed inside the engine: {cause}", code="engine_error")
     if isinstance(exc, ValueError):  # RequestRejectedError and SamplingParams.validate() both carry .param
         return APIError(400, str(exc), param=getattr(exc, "param", None))
     raise TypeError(f"not an engine error: {exc!r}")
@@ -97,6 +99,24 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return "; ".join(parts) or "invalid request body", param
 
 
+def _unreadable_body(exc: StarletteHTTPException) -> str | None:
+    """Why FastAPI could not parse a JSON body, when that is what its 400 means; None otherwise.
+
+    NOTE: FastAPI answers JSON it cannot decode (json.JSONDecodeError) with 422 but any other failure to
+    parse a body (bytes that are not UTF-8, nesting past the parser's recursion limit) with a bare 400,
+    raised `from` the cause. Both are a malformed body: one status (422) and one message for all of them."""
+    cause = exc.__cause__
+    if exc.status_code != 400:
+        return None
+    if isinstance(cause, UnicodeDecodeError):
+        return f"not UTF-8 (byte {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "nested too deeply"
+    if isinstance(cause, ValueError):
+        return "not JSON"
+    return None
+
+
 def install_handlers(app: FastAPI) -> None:
     """Every error path of the app answers in the one shape."""
 
@@ -107,6 +127,9 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        unreadable = _unreadable_body(exc)
+        if unreadable is not None:
+            return error_response(APIError(422, f"malformed JSON body: {unreadable}"))
         if exc.status_code == 413:
             message = f"request body too large (limit {request.app.state.server.settings.max_body_bytes} bytes)"
         return error_response(APIError(exc.status_code, message, headers=exc.headers))

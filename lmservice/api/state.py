@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from lmservice.api.errors import APIError
+from lmservice.api.tokenizing import PromptTokenizer
 from lmservice.config import Settings
 from lmservice.metrics import Metrics
 
@@ -39,6 +40,7 @@ class ServerState:
     engine: AsyncEngine | None = None
     models: ModelRegistry | None = None
     grammars: GrammarCompiler | None = None
+    tokenizing: PromptTokenizer | None = None
     is_draining: bool = False
     in_flight: set[str] = field(default_factory=set)
     started_at: float = field(default_factory=time.time)
@@ -46,6 +48,7 @@ class ServerState:
 
     def serve(self, serving: Serving) -> None:
         self.engine, self.models, self.grammars = serving.engine, serving.models, serving.grammars
+        self.tokenizing = PromptTokenizer(serving.engine.tokenizer, serving.engine.max_model_len)
 
     def started(self) -> tuple[AsyncEngine, ModelRegistry]:
         """The engine and its models, or 503 before they are loaded."""

@@ -17,7 +17,7 @@ from lmservice.api.results import PromptRun, SequenceResult
 from lmservice.api.state import ServerState
 from lmservice.engine.engine_request import EngineTask
 from lmservice.engine.sampling_params import SamplingParams
-from lmservice.serving.structured import structured_spec
+from lmservice.serving.structured import StructuredSpec, structured_spec
 
 if TYPE_CHECKING:
     from lmservice.serving.models import ModelEntry
@@ -29,7 +29,8 @@ class Submission:
     def __init__(self, state: ServerState, recorder: CallRecorder, entry: ModelEntry, prefix: str) -> None:
         self.state, self.recorder, self.entry = state, recorder, entry
         self.id = f"{prefix}-{uuid.uuid4().hex}"
-        self.grammar = None  # structured output: the compiled template every prompt's sequences copy
+        self.spec: StructuredSpec | None = None  # structured output: what the output must match
+        self.grammar = None  # and its compiled template, which every prompt's sequences copy
 
     @classmethod
     def open(cls, request: Request, entry: ModelEntry, prefix: str) -> Submission:
@@ -37,26 +38,35 @@ class Submission:
         recorder = CallRecorder(state.metrics, record_of(request.scope), entry.name, state.settings.log_prompts)
         return cls(state, recorder, entry, prefix)
 
-    def tokenize(self, prompts: list[str | list[int]], param: str = "prompt") -> list[list[int]]:
+    async def tokenize(self, prompts: list[str | list[int]], param: str = "prompt") -> list[list[int]]:
         """Token ids of each prompt (text, or ids given directly), after the cap on prompts per request;
-        the prompts are logged when settings.log_prompts. 400 naming `param` for an empty prompt."""
+        texts are length-checked and tokenized off the event loop (lmservice/api/tokenizing.py); the
+        prompts are logged when settings.log_prompts. 400 naming `param` for an empty prompt, a text too
+        long for the context, or a token id outside the vocabulary."""
         limit = self.state.settings.max_prompts_per_request
         if len(prompts) > limit:
             raise APIError(400, f"{param}: at most {limit} prompts in one request (--max-prompts-per-request), "
                                 f"got {len(prompts)}", param=param)
         self.recorder.log_prompt(prompts[0] if len(prompts) == 1 else repr(prompts))
-        tokenizer = self.state.started()[0].tokenizer
-        ids = [tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else list(p) for p in prompts]
+        engine, _ = self.state.started()
+        texts = [p for p in prompts if isinstance(p, str)]
+        encoded = iter(await self.state.tokenizing.encode(texts, param) if texts else [])
+        ids = [next(encoded) if isinstance(p, str) else list(p) for p in prompts]
         if any(not i for i in ids):
             raise APIError(400, f"{param}: the prompt is empty", param=param)
+        vocab = engine.validator.vocab_size
+        # The engine's validator checks ids too, but names its own field (`prompt`): the client's is `param`.
+        bad = next((t for p in prompts if not isinstance(p, str) for t in p if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"{param}: token id {bad} is outside the vocabulary [0, {vocab})", param=param)
         return ids
 
     async def constrain(self, fields: dict[str, Any]) -> None:
         """Compile the request's response_format / structured_outputs, if any (400 when invalid), in a
         worker thread: compiling never blocks the event loop. The template is cached per spec."""
-        spec = structured_spec(fields)
-        if spec is not None:
-            self.grammar = await asyncio.to_thread(self.state.grammars.compile, spec)
+        self.spec = structured_spec(fields)
+        if self.spec is not None:
+            self.grammar = await asyncio.to_thread(self.state.grammars.compile, self.spec)
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, task: EngineTask = "generate") -> EngineCall:
         """Check every prompt against the engine, then admit them all or none (one admission for the
@@ -72,4 +82,4 @@ class Submission:
                           [SequenceResult() for _ in range(params.n)])
                 for request, stream in zip(requests, streams, strict=True)]
         self.recorder.record.num_engine_requests += len(runs)
-        return EngineCall(self.state, self.recorder, self.entry, self.id, runs)
+        return EngineCall(self.state, self.recorder, self.entry, self.id, runs, spec=self.spec)

@@ -14,11 +14,20 @@ silently dropped `allOf`; outlines-core has no grammars and ignores integer boun
 
 JSON is generated compact (no optional whitespace): a model with weak weights otherwise fills the
 output with whitespace runs.
+
+A spec is the client's own input, so every way it can fail is the client's error (400), never a 500:
+text nested too deeply to parse, a spec llguidance refuses, and one that compiles but breaks the parser's
+limits once decoding starts (a `$ref` cycle every value must follow; a grammar whose rules double). The
+last kind is looked for at compile time by walking the first tokens of one output (`PROBE_TOKENS`); one that
+fails later fails its request while it runs, and `decoding_failure` turns the engine's report of it into
+the same short 400 (mid-stream: an error event). Errors are llguidance's first line only: its parser
+state dump is never shown (`verbose_errors=False`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -28,6 +37,12 @@ from lmservice.engine.outputs import RequestRejectedError
 
 KINDS = ("json", "regex", "choice", "grammar")
 JSON_OPTIONS = {"whitespace_flexible": False}
+# Tokens of one output walked at compile time: failures that llguidance only reports while decoding
+# (its parser limits) mostly show in the first few.
+PROBE_TOKENS = 8
+# NOTE: lmservice/engine/engine.py reports a matcher that refuses a token (it allowed it in the mask, so only
+# the matcher's own failure can cause this) as "RuntimeError: the grammar refused token N: <error>".
+_REFUSED = re.compile(r"^RuntimeError: the grammar refused token \d+: (?P<cause>[^\n]*)")
 
 
 @dataclass(frozen=True)
@@ -37,6 +52,20 @@ class StructuredSpec:
     kind: str  # json | regex | choice | grammar
     value: str
     param: str  # the request field it came from (named in errors)
+
+
+def _first_line(error: str) -> str:
+    return error.strip().split("\n", 1)[0][:300]
+
+
+def decoding_failure(spec: StructuredSpec, engine_error: str) -> RequestRejectedError | None:
+    """The 400 for a request whose grammar failed while decoding (from the engine's error text), or None
+    when the engine failed it for another reason."""
+    match = _REFUSED.match(engine_error)
+    if match is None:
+        return None
+    return RequestRejectedError(f"{spec.param}: the {spec.kind} spec failed while generating: "
+                                f"{_first_line(match['cause'])}", spec.param)
 
 
 def structured_spec(values: dict[str, Any]) -> StructuredSpec | None:
@@ -56,7 +85,7 @@ def structured_spec(values: dict[str, Any]) -> StructuredSpec | None:
             if not isinstance(inner, dict) or not isinstance(inner.get("schema"), dict):
                 raise RequestRejectedError("response_format.json_schema.schema: must be a JSON Schema object",
                                            "response_format")
-            return StructuredSpec("json", json.dumps(inner["schema"], sort_keys=True), "response_format")
+            return StructuredSpec("json", _canonical(inner["schema"], "response_format"), "response_format")
         raise RequestRejectedError(f"response_format.type: must be text, json_object or json_schema, got {kind!r}",
                                    "response_format")
     if structured is None:
@@ -72,9 +101,16 @@ def structured_spec(values: dict[str, Any]) -> StructuredSpec | None:
                 value = json.loads(value)
             except json.JSONDecodeError as e:
                 raise RequestRejectedError(f"structured_outputs.json: not JSON ({e})", "structured_outputs") from e
-        if not isinstance(value, dict | bool):
+            except RecursionError as e:
+                raise RequestRejectedError("structured_outputs.json: nested too deeply", "structured_outputs") from e
+        if value is True:
+            value = {}  # `true` is the schema every value matches, as `{}` is
+        if value is False:
+            raise RequestRejectedError("structured_outputs.json: `false` is a schema no value matches",
+                                       "structured_outputs")
+        if not isinstance(value, dict):
             raise RequestRejectedError("structured_outputs.json: must be a JSON Schema", "structured_outputs")
-        return StructuredSpec("json", json.dumps(value, sort_keys=True), "structured_outputs")
+        return StructuredSpec("json", _canonical(value, "structured_outputs"), "structured_outputs")
     if kind == "choice":
         if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
             raise RequestRejectedError("structured_outputs.choice: must be a list of non-empty strings",
@@ -83,6 +119,13 @@ def structured_spec(values: dict[str, Any]) -> StructuredSpec | None:
     if not isinstance(value, str) or not value:
         raise RequestRejectedError(f"structured_outputs.{kind}: must be a non-empty string", "structured_outputs")
     return StructuredSpec(kind, value, "structured_outputs")
+
+
+def _canonical(schema: dict, param: str) -> str:
+    try:
+        return json.dumps(schema, sort_keys=True)
+    except RecursionError as e:  # a body's JSON is parsed to any depth the parser allows
+        raise RequestRejectedError(f"{param}: the schema is nested too deeply", param) from e
 
 
 class GrammarCompiler:
@@ -135,7 +178,7 @@ class GrammarCompiler:
         import torch
 
         matcher_cls = llguidance.LLMatcher
-        try:
+        try:  # RecursionError: llguidance's schema reader is recursive too
             if spec.kind == "json":
                 grammar = matcher_cls.grammar_from_json_schema(json.loads(spec.value), defaults=JSON_OPTIONS)
             elif spec.kind == "regex":
@@ -144,13 +187,35 @@ class GrammarCompiler:
                 grammar = llguidance.grammar_from("choice", json.loads(spec.value))
             else:
                 grammar = llguidance.grammar_from("grammar", spec.value)  # Lark, or GBNF (converted)
-        except (ValueError, TypeError) as e:
-            raise RequestRejectedError(f"{spec.param}: invalid {spec.kind}: {e}", spec.param) from e
-        template = matcher_cls(self._ll(), grammar, log_level=0)
-        if template.is_error():
-            raise RequestRejectedError(f"{spec.param}: invalid {spec.kind}: {template.get_error()[:500]}", spec.param)
+        except (ValueError, TypeError, RecursionError) as e:
+            raise RequestRejectedError(f"{spec.param}: invalid {spec.kind}: {_first_line(str(e))}", spec.param) from e
+        template = matcher_cls(self._ll(), grammar, log_level=0, limits=llguidance.LLParserLimits(verbose_errors=False))
         # The first mask builds the lexer lazily: pay it here, in this thread, not in an engine step.
-        llt.fill_next_token_bitmask(template, torch.full((1, (self.vocab_size + 31) // 32), -1, dtype=torch.int32))
-        if template.is_error():
-            raise RequestRejectedError(f"{spec.param}: invalid {spec.kind}: {template.get_error()[:500]}", spec.param)
+        bitmask = torch.full((1, (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
+        llt.fill_next_token_bitmask(template, bitmask)
+        self._check(spec, template)
+        self._probe(spec, template.deep_copy(), bitmask)
         return template
+
+    def _probe(self, spec: StructuredSpec, matcher, bitmask) -> None:
+        """Walk PROBE_TOKENS tokens of one output (the lowest allowed id each step) on a copy."""
+        import llguidance.torch as llt
+
+        for _ in range(PROBE_TOKENS):
+            if matcher.is_stopped():
+                return
+            words = bitmask[0].tolist()
+            token_id = next((32 * w + b for w, word in enumerate(words) if word for b in range(32)
+                             if (word >> b) & 1), None)
+            if token_id is None or token_id >= self.vocab_size:
+                return
+            matcher.consume_token(token_id)
+            self._check(spec, matcher)
+            llt.fill_next_token_bitmask(matcher, bitmask)
+            self._check(spec, matcher)
+
+    @staticmethod
+    def _check(spec: StructuredSpec, matcher) -> None:
+        if matcher.is_error():
+            raise RequestRejectedError(f"{spec.param}: invalid {spec.kind}: {_first_line(matcher.get_error())}",
+                                       spec.param)

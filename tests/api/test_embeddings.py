@@ -49,7 +49,9 @@ def test_token_id_input_and_an_adapter(client, http, reference):
     ({"model": "base", "input": "x", "dimensions": 8}, openai.BadRequestError, "dimensions"),
     ({"model": "cls", "input": "x"}, openai.BadRequestError, "model"),  # a classifier does not embed
     ({"model": "nope", "input": "x"}, openai.NotFoundError, "model"),
-    ({"model": "base", "input": [[1, 2], [10**6]]}, openai.BadRequestError, "prompt"),
+    ({"model": "base", "input": [[1, 2], [10**6]]}, openai.BadRequestError, "input"),
+    ({"model": "base", "input": [1, True]}, openai.UnprocessableEntityError, "input"),  # token ids: integers only
+    ({"model": "base", "input": [[1, 2.0]]}, openai.UnprocessableEntityError, "input"),
     ({"model": "base", "input": ""}, openai.BadRequestError, "input"),
     ({"model": "base", "input": []}, openai.BadRequestError, "input"),
 ])

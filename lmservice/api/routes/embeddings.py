@@ -43,7 +43,7 @@ async def embeddings(body: EmbeddingRequest, request: Request):
     if body.dimensions is not None:
         raise APIError(400, f"dimensions: not supported; the model's embeddings have its hidden size "
                             f"({sub.entry.name})", param="dimensions")
-    call = sub.submit(sub.tokenize(_inputs(body.input), param="input"), SamplingParams(max_tokens=0, temperature=0.0),
+    call = sub.submit(await sub.tokenize(_inputs(body.input), param="input"), SamplingParams(max_tokens=0, temperature=0.0),
                       task="embed")
 
     def build() -> EmbeddingResponse:

@@ -78,7 +78,7 @@ def _echoed(run: PromptRun, ids: list[int], lps: list[TokenLogprob]) -> tuple[li
 async def completions(body: CompletionRequest, request: Request):
     engine, models = server_state(request).started()
     sub = Submission.open(request, models.resolve(body.model, "generate"), "cmpl")
-    prompts = sub.tokenize(_prompt_list(body.prompt))
+    prompts = await sub.tokenize(_prompt_list(body.prompt))
     echo_logprobs = body.echo and body.logprobs is not None
     await sub.constrain(dict(body))
     call = sub.submit(prompts, sampling_params(dict(body), default_max_tokens=16, n=body.n, logprobs=body.logprobs,
@@ -139,7 +139,8 @@ async def _completion_chunks(call: EngineCall, body: CompletionRequest, prompt_t
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     engine, models = server_state(request).started()
     sub = Submission.open(request, models.resolve(body.model, "generate"), "chatcmpl")
-    prompts = sub.tokenize([render_chat_prompt(engine.tokenizer, body.messages)], param="messages")
+    prompt = await server_state(request).tokenizing.run(render_chat_prompt, engine.tokenizer, body.messages)
+    prompts = await sub.tokenize([prompt], param="messages")
     if body.max_completion_tokens is not None:
         body.max_tokens = body.max_completion_tokens
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None

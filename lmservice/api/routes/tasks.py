@@ -77,7 +77,7 @@ async def generate(body: GenerateRequest, request: Request):
     engine, models = server_state(request).started()
     sub = Submission.open(request, models.resolve(body.model, "generate"), "gen")
     await sub.constrain(dict(body))
-    call = sub.submit(sub.tokenize([body.prompt]), sampling_params(dict(body), default_max_tokens=64,
+    call = sub.submit(await sub.tokenize([body.prompt]), sampling_params(dict(body), default_max_tokens=64,
                                                                    logprobs=body.logprobs))
     token_text = TokenText(engine.tokenizer)
 
@@ -101,7 +101,7 @@ async def classify(body: ClassifyRequest, request: Request):
     sub = Submission.open(request, models.resolve(body.model, "classify"), "cls")
     labels = list(sub.entry.card.labels or [])
     # Classification is one prefill: nothing is sampled, so the params only carry the defaults.
-    call = sub.submit(sub.tokenize(_texts(body.text), param="text"), SamplingParams(max_tokens=0, temperature=0.0),
+    call = sub.submit(await sub.tokenize(_texts(body.text), param="text"), SamplingParams(max_tokens=0, temperature=0.0),
                       task="classify")
 
     def build() -> ClassifyResponse:
@@ -130,7 +130,7 @@ async def translate(body: TranslateRequest, request: Request):
     sub = Submission.open(request, models.resolve_translation(body.model, body.source, body.target), "tr")
     card = sub.entry.card
     texts = _texts(body.text)
-    prompts = sub.tokenize([card.render_translation_prompt(t) for t in texts], param="text")
+    prompts = await sub.tokenize([card.render_translation_prompt(t) for t in texts], param="text")
     sub.recorder.log_prompt(texts)
     # The card's contract: the target follows the prompt and ends with EOS, so greedy until EOS by default.
     call = sub.submit(prompts, sampling_params({"max_tokens": body.max_tokens, "temperature": body.temperature},

@@ -24,14 +24,16 @@ router = APIRouter(dependencies=[Depends(require_api_key)], tags=["tokenize"])
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
-    engine, models = server_state(request).started()
+    state = server_state(request)
+    engine, models = state.started()
     models.get(body.model)
     tokenizer = engine.tokenizer
-    if body.messages is not None:
-        text = render_chat_prompt(tokenizer, body.messages, body.add_generation_prompt)
+    if body.messages is not None:  # rendered off the loop, like the encode
+        text = await state.tokenizing.run(render_chat_prompt, tokenizer, body.messages, body.add_generation_prompt)
+        param = "messages"
     else:
-        text = body.prompt
-    ids = tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
+        text, param = body.prompt, "prompt"
+    ids = (await state.tokenizing.encode([text], param, add_special_tokens=body.add_special_tokens))[0]
     strs = [tokenizer.convert_ids_to_tokens(t) for t in ids] if body.return_token_strs else None
     return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids, token_strs=strs)
 

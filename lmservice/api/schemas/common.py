@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, get_args, get_type_hints
+from typing import Annotated, Any, get_args, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, create_model, field_validator
 
 from lmservice.engine.sampling_params import SAMPLING_FIELDS, SamplingParams
+
+# A token id in a request: a JSON integer, never `true`, `1.0` or `"1"` (pydantic's lax mode takes all three).
+TokenId = Annotated[int, Strict()]
+# A prompt or input: text, texts, token ids, or lists of token ids.
+PromptInput = str | list[str] | list[TokenId] | list[list[TokenId]]
 
 
 def _invalid_unicode_at(value: Any, path: str) -> str | None:
@@ -48,7 +53,7 @@ class RequestBody(BaseModel):
 
 
 # JSON shapes other than SamplingParams' own (lmservice/serving/sampling.py converts them); null: the default.
-_JSON_TYPES: dict[str, Any] = {"logit_bias": dict[str, float] | None, "stop": Any, "stop_token_ids": list[int] | None}
+_JSON_TYPES: dict[str, Any] = {"logit_bias": dict[str, float] | None, "stop": Any, "stop_token_ids": list[TokenId] | None}
 
 
 def _sampling_field(name: str, description: str, param: dataclasses.Field, hint: Any) -> tuple[Any, Any]:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lmservice.api.schemas.common import RequestBody
+from lmservice.api.schemas.common import PromptInput, RequestBody
 
 
 class EmbeddingRequest(RequestBody):
@@ -16,7 +16,7 @@ class EmbeddingRequest(RequestBody):
     ]})
 
     model: str | None = Field(None, description="A model that can embed (default: the base model).")
-    input: str | list[str] | list[int] | list[list[int]] = Field(
+    input: PromptInput = Field(
         ..., description="A string, a list of strings, token ids, or a list of token-id lists.")
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="base64: each vector as little-endian float32 bytes, base64-encoded (as OpenAI).")

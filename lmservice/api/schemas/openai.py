@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lmservice.api.schemas.common import RequestBody, SamplingFields, Usage
+from lmservice.api.schemas.common import PromptInput, RequestBody, SamplingFields, Usage
 
 
 class StreamOptions(RequestBody):
@@ -22,7 +22,7 @@ class CompletionRequest(SamplingFields):
     ]})
 
     model: str | None = Field(None, description="Base model or adapter (default: the first that can generate).")
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    prompt: PromptInput = Field(
         ..., description="A string, a list of strings, token ids, or a list of token-id lists.")
     max_tokens: int | None = 16
     n: int = 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from lmservice.api.schemas.common import RequestBody
+from lmservice.api.schemas.common import RequestBody, TokenId
 from lmservice.api.schemas.openai import ChatMessage
 
 
@@ -42,7 +42,7 @@ class DetokenizeRequest(RequestBody):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"tokens": [1, 2, 3]}]})
 
     model: str | None = None
-    tokens: list[int] = Field(..., description="Token ids, each in the vocabulary.")
+    tokens: list[TokenId] = Field(..., description="Token ids, each in the vocabulary.")
 
 
 class DetokenizeResponse(BaseModel):
