@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(None, description="Name of the base model in the API (default: the directory name).")
     adapter: list[str] = Field(default_factory=list, description="LoRA adapter as NAME=DIR (repeatable).")
     adapters_dir: Path | None = Field(None, description="Directory whose PEFT adapter sub-directories are all served; also the only place POST /v1/adapters may load from.")
+    max_adapter_path_chars: int = Field(1024, ge=1, description="Longest adapter path POST /v1/adapters accepts (checked before the file system is touched).")
     max_loras: int = Field(SchedulerConfig.max_loras, ge=1, description="Adapters resident on the device at once (and distinct adapters in one batch).")
     max_lora_rank: int = Field(EngineConfig.max_lora_rank, ge=1, description="Largest LoRA rank accepted.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device to run on (auto: cuda when available).")

@@ -59,5 +59,10 @@ class Metrics:
             "lmservice_batch_tokens", "Tokens in one engine step.", buckets=_BATCH_BUCKETS, registry=r)
         self.loaded_adapters = Gauge(
             "lmservice_loaded_adapters", "LoRA adapters registered with the server.", registry=r)
+        # NOTE: no labels, so the series exists (at 0) from the first scrape and increase() sees the first failure.
+        self.adapter_load_failures = Counter(
+            "lmservice_adapter_load_failures", "Adapters whose files failed to load: POST /v1/adapters answered "
+            "400 for them, or the start-up scan of --adapters-dir skipped them (the log names file and reason).",
+            registry=r)
         self.draining = Gauge(
             "lmservice_draining", "1 while the server drains after SIGTERM.", registry=r)

@@ -40,6 +40,7 @@ class AdapterTable:
     def __init__(self, targets: LoRATargets, max_loras: int, max_lora_rank: int, device: torch.device,
                  dtype: torch.dtype, base_score_head: ScoreHead | None = None) -> None:
         self.device, self.dtype = device, dtype
+        self.targets, self.max_lora_rank = targets, max_lora_rank  # what an adapter is read against (read-only)
         self._store = LoRAStore(targets, max_loras, max_lora_rank, device, dtype)
         self._base_score_head = base_score_head
         self._loads: dict[str, _Load] = {}  # every name the store holds, removed-but-pinned ones included

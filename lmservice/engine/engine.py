@@ -28,7 +28,7 @@ from lmservice.engine.stop_strings import StopStrings
 from lmservice.kernels import choose_kernels
 from lmservice.model.card import ModelCard
 from lmservice.model.loader import LoadedModel
-from lmservice.model.lora import LoRAAdapter, LoRATargets
+from lmservice.model.lora import LoRAAdapter, LoRATargets, read_adapter
 
 log = logging.getLogger("lmservice.engine")
 
@@ -110,13 +110,16 @@ class Engine:
 
     # --- adapters ---
     def add_adapter(self, name: str, path) -> tuple[LoRAAdapter, ModelCard]:
-        """Load a PEFT LoRA directory (and its card) as `name`; a broken one raises ValueError, changing nothing."""
-        card = ModelCard.load(path)
-        adapter = self.adapters.load(name, path)
-        if card is None:
-            card = ModelCard.default([f"LABEL_{i}" for i in range(adapter.score_weight.shape[0])]
-                                     if adapter.score_weight is not None else None)
+        """Read a PEFT LoRA directory (and its card) here and serve it as `name` (the CLI, benchmarks, tests);
+        a broken one raises ValueError, changing nothing. The server reads adapters on a thread of their own
+        and hands them to `serve_adapter`."""
+        adapter, card = read_adapter(path, self.adapters.targets, self.adapters.max_lora_rank, name)
+        self.serve_adapter(adapter)
         return adapter, card
+
+    def serve_adapter(self, adapter: LoRAAdapter) -> None:
+        """Serve an adapter already read; ValueError, changing nothing, when it does not fit or its name is in use."""
+        self.adapters.add(adapter)
 
     def remove_adapter(self, name: str) -> None:
         """New requests can no longer name it; requests in flight keep it until they end. KeyError if unknown."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,7 +19,8 @@ from lmservice.config import DEFAULT_ADAPTERS_DIR, DEFAULT_MODEL_DIR, Settings
 from lmservice.engine.async_engine import AsyncEngine
 from lmservice.engine.engine import Engine, EngineConfig
 from lmservice.model.loader import load_model
-from lmservice.serving.adapters import find_adapters
+from lmservice.model.lora import read_adapter
+from lmservice.serving.adapters import DEFAULT_MAX_ADAPTER_PATH_CHARS, find_adapters
 from lmservice.serving.models import ModelRegistry, base_entry
 from lmservice.serving.structured import GrammarCompiler
 
@@ -68,18 +70,45 @@ def _build_serving(settings: Settings) -> Serving:
     adapters_dir = settings.adapters_dir
     if adapters_dir is None and Path(settings.model).resolve() == DEFAULT_MODEL_DIR.resolve():
         adapters_dir = DEFAULT_ADAPTERS_DIR
-    adapters = find_adapters(adapters_dir) if adapters_dir is not None else {}
-    adapters.update(settings.adapter_dirs())
-    return serving_for(build_engine(settings), adapters, adapters_dir,
-                       max_structured_spec_bytes=settings.max_structured_spec_bytes)
+    serving = serving_for(build_engine(settings), settings.adapter_dirs(), adapters_dir,
+                          max_structured_spec_bytes=settings.max_structured_spec_bytes,
+                          max_adapter_path_chars=settings.max_adapter_path_chars)
+    if adapters_dir is not None:
+        load_adapters_dir(serving.models, adapters_dir)
+    return serving
+
+
+def load_adapters_dir(models: ModelRegistry, adapters_dir: Path) -> None:
+    """Every adapter under `adapters_dir` that loads (a name given with --adapter wins over the scan's).
+    One that does not (its files broken, leading outside the dir, or its name refused) is skipped with one
+    log line naming it and why, and counted in `models.num_load_failures`: one bad file does not keep
+    the server or the other adapters from starting."""
+    found, refused = find_adapters(adapters_dir)
+    for path, reason in refused.items():
+        models.record_load_failure(path, reason)
+    for name, path in found.items():
+        if name in models:
+            continue
+        try:
+            models.add_adapter_now(name, path, root=adapters_dir)
+        except (ValueError, OSError) as e:  # LoRAAdapterError names the file and field; OSError: unreadable
+            models.record_load_failure(path, e)
 
 
 def serving_for(engine: Engine, adapters: dict[str, Path] | None = None,
-                adapters_dir: Path | None = None, max_structured_spec_bytes: int = 65536) -> Serving:
-    """An engine with these adapters loaded, and its registry (tests build engines this way too)."""
+                adapters_dir: Path | None = None, max_structured_spec_bytes: int = 65536,
+                max_adapter_path_chars: int = DEFAULT_MAX_ADAPTER_PATH_CHARS) -> Serving:
+    """An engine with these adapters loaded (a broken one raises), and its registry (tests build engines
+    this way too)."""
     async_engine = AsyncEngine(engine, handoff_timeout_s=HANDOFF_TIMEOUT_S if engine.loaded.device.type == "cpu" else None)
-    models = ModelRegistry(async_engine, base_entry(engine), adapters_dir)
+    reader = partial(_read_adapter, engine.adapters.targets, engine.adapters.max_lora_rank)
+    models = ModelRegistry(async_engine, base_entry(engine), adapters_dir, read_adapter=reader,
+                           max_adapter_path_chars=max_adapter_path_chars)
     for name, path in (adapters or {}).items():
         models.add_adapter_now(name, path)
     grammars = GrammarCompiler(engine.tokenizer, engine.vocab_size, max_spec_bytes=max_structured_spec_bytes)
     return Serving(async_engine, models, grammars)
+
+
+def _read_adapter(targets, max_lora_rank: int, path: Path, name: str, root: Path):
+    return read_adapter(path, targets, max_lora_rank, name=name, root=root)

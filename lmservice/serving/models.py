@@ -8,23 +8,40 @@ device slot, its score head) has one owner, the engine's AdapterTable
 (lmservice/engine/adapters.py). Adapters are added and removed while serving: the
 engine loads or drops them on its own thread (`AsyncEngine.call`), the registry
 changes its table on the event loop, so a name is resolvable exactly while its
-adapter is loaded.
+adapter is loaded. An adapter's files are read and checked on a thread of their own, one load at a
+time, neither on the event loop nor on the engine thread (both serve every other request meanwhile);
+the engine thread only takes the adapter already read.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from lmservice.engine.outputs import RequestRejectedError
 from lmservice.model.card import ModelCard
-from lmservice.serving.adapters import AdapterPathError, resolve_adapter_dir
+from lmservice.serving.adapters import (
+    DEFAULT_MAX_ADAPTER_PATH_CHARS,
+    AdapterPathError,
+    check_adapter_name,
+    check_adapter_path,
+    resolve_adapter_dir,
+)
 
 if TYPE_CHECKING:  # torch: only where an engine is built
     from lmservice.engine.async_engine import AsyncEngine
     from lmservice.engine.engine import Engine
+    from lmservice.model.lora import LoRAAdapter
+
+T = TypeVar("T")
+# (directory, name, root) -> the adapter read and checked, and its card; ValueError for a broken one.
+# Pure: any thread may call it (bootstrap binds lmservice.model.lora.read_adapter to the base's shapes).
+AdapterReader = Callable[[Path, str, Path], "tuple[LoRAAdapter, ModelCard]"]
 
 log = logging.getLogger("lmservice.serving")
 
@@ -68,11 +85,17 @@ class ModelRegistry:
     """Invariant: the table changes only on the event loop's thread (or before the engine thread
     starts), and a name is in it exactly while its adapter is loaded in the engine."""
 
-    def __init__(self, engine: AsyncEngine, base: ModelEntry, adapters_dir: Path | None = None) -> None:
+    def __init__(self, engine: AsyncEngine, base: ModelEntry, adapters_dir: Path | None = None,
+                 read_adapter: AdapterReader | None = None,
+                 max_adapter_path_chars: int = DEFAULT_MAX_ADAPTER_PATH_CHARS) -> None:
         self.engine = engine
         self.adapters_dir = adapters_dir
+        self.read_adapter = read_adapter
+        self.max_adapter_path_chars = max_adapter_path_chars
+        self.num_load_failures = 0  # adapters whose files failed to load (the scan's skips, POST's 400s)
         self._entries: dict[str, ModelEntry] = {base.name: base}
         self._loading: set[str] = set()  # names being added right now (held against a second add)
+        self._read_lock = asyncio.Lock()  # one adapter read at a time
 
     def models(self) -> list[ModelEntry]:
         return list(self._entries.values())
@@ -137,14 +160,20 @@ class ModelRegistry:
     # --- adapters, while serving ---
     async def add_adapter(self, name: str, directory: str) -> ModelEntry:
         """Load `directory` (relative to the adapters dir) as `name`. AdapterPathError for a refused name or
-        path, ValueError/OSError for a broken adapter; nothing changes on failure."""
-        path = resolve_adapter_dir(self.adapters_dir, name, directory)
+        path, ValueError/OSError for a broken adapter (counted in `num_load_failures`); nothing changes on
+        failure. The event loop does only the checks whose cost does not grow with the input."""
+        check_adapter_name(name)
+        check_adapter_path(directory, self.max_adapter_path_chars)
         self._claim(name)
         try:
-            loaded = await self.engine.call(lambda engine: engine.add_adapter(name, path))
+            async with self._read_lock:
+                path = await _on_own_thread(lambda: resolve_adapter_dir(self.adapters_dir, directory))
+                adapter, card = await self._counting_failures(
+                    path, _on_own_thread(lambda: self._read(path, name, self.adapters_dir)))
+            await self.engine.call(lambda engine: engine.serve_adapter(adapter))  # its files are fine by now
         finally:
             self._loading.discard(name)
-        return self._register(name, path, *loaded)
+        return self._register(name, path, adapter, card)
 
     async def remove_adapter(self, name: str) -> None:
         """New requests can no longer name it at once; requests in flight on it finish. UnknownModelError
@@ -156,19 +185,41 @@ class ModelRegistry:
         await self.engine.call(lambda engine: engine.remove_adapter(name))
         log.info("adapter %s removed", name)
 
-    def add_adapter_now(self, name: str, path: Path) -> ModelEntry:
-        """At start-up, before the engine thread runs: `path` as given (--adapter NAME=DIR, or the scan)."""
+    def add_adapter_now(self, name: str, path: Path, root: Path | None = None) -> ModelEntry:
+        """At start-up, before the engine thread runs: `path` as given (--adapter NAME=DIR, or the scan of
+        the adapters dir, `root`: every file read must lie inside it; default: inside `path`)."""
         self._claim(name)
         try:
-            loaded = self.engine.call_now(lambda engine: engine.add_adapter(name, path))
+            adapter, card = self._read(path, name, root or path)
+            self.engine.call_now(lambda engine: engine.serve_adapter(adapter))
         finally:
             self._loading.discard(name)
-        return self._register(name, path, *loaded)
+        return self._register(name, path, adapter, card)
+
+    def record_load_failure(self, path: Path, reason: object) -> None:
+        """An adapter that failed to load: one log line naming it and why, and one more in the count."""
+        self.num_load_failures += 1
+        log.warning("adapter %s not loaded: %s", path, reason)
+
+    def _read(self, path: Path, name: str, root: Path | None) -> tuple[LoRAAdapter, ModelCard]:
+        if self.read_adapter is None:
+            raise AdapterPathError("this server cannot load adapters")
+        return self.read_adapter(Path(path), name, Path(root or path))
+
+    async def _counting_failures(self, path: Path, work: Any) -> Any:
+        try:
+            return await work
+        except (ValueError, OSError) as e:
+            self.record_load_failure(path, e)
+            raise
 
     def _claim(self, name: str) -> None:
         if name in self._entries or name in self._loading:
             raise AdapterPathError(f"the name {name!r} is already in use")
         self._loading.add(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries or name in self._loading
 
     def _register(self, name: str, path: Path, adapter, card: ModelCard) -> ModelEntry:
         base = next(e for e in self._entries.values() if e.parent is None)
@@ -176,6 +227,16 @@ class ModelRegistry:
         self._entries = {**self._entries, name: entry}
         log.info("adapter %s loaded from %s (tasks: %s)", name, path, ", ".join(entry.tasks))
         return entry
+
+
+async def _on_own_thread(fn: Callable[[], T]) -> T:
+    """`fn()` on a thread that ends with it. NOTE: not a pool shared with other work: a thread that runs a
+    parallel torch op keeps an OpenMP team alive as long as it lives (lmservice/serving/bootstrap.py)."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmservice-adapter")
+    try:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def base_entry(engine: Engine) -> ModelEntry:
