@@ -1,7 +1,10 @@
-"""--quantization int8 against fp32 on the shipped base model: greedy agreement and perplexity.
+"""--quantization int8 and int4 against fp32 on the shipped base model: greedy agreement and perplexity.
 
     python benchmarks/quantization.py              # 16 TinyStories valid prompts x 64 greedy tokens; perplexity
                                                    # of the first --ppl-tokens tokens of the valid split
+    python benchmarks/quantization.py --quantization int8 int8-blocks int4
+                                                   # int8-blocks: the projections in 8-bit blocks of 32 with
+                                                   # a scale each (q8_0's layout), not a --quantization choice
     python benchmarks/quantization.py --max-num-seqs 1   # greedy one request at a time: decode steps of one
                                                    # row, which take the native int8 kernel (per-row scales)
 
@@ -24,14 +27,21 @@ from benchmarks.common import add_threads_flag, apply_threads  # noqa: E402
 from lmservice.engine.engine import Engine, EngineConfig  # noqa: E402
 from lmservice.engine.sampling_params import SamplingParams  # noqa: E402
 from lmservice.model.loader import load_model  # noqa: E402
+from lmservice.model.quantize import BlockLinear, Int8Linear  # noqa: E402
 from tests.helpers import run_to_completion  # noqa: E402
 
 VALID = ROOT.parent / "shared" / "data" / "tinystories" / "valid.txt"
 
 
 def engine_for(model_dir: Path, quantization: str, max_num_seqs: int) -> Engine:
-    return Engine(load_model(model_dir, "cpu", "float32", quantization=quantization),
-                  EngineConfig.from_fields(num_kv_blocks=1024, enable_prefix_caching=False, max_num_seqs=max_num_seqs))
+    if quantization == "int8-blocks":  # int4's layout with 8 bits: projections in blocks, the LM head int8
+        loaded = load_model(model_dir, "cpu", "float32")
+        lm_head = loaded.model.lm_head
+        loaded.model.swap_linears(lambda m: Int8Linear(m.weight, m.bias) if m is lm_head else BlockLinear(m.weight, m.bias, 8))
+    else:
+        loaded = load_model(model_dir, "cpu", "float32", quantization=quantization)
+    return Engine(loaded, EngineConfig.from_fields(num_kv_blocks=1024, enable_prefix_caching=False,
+                                                   max_num_seqs=max_num_seqs))
 
 
 def greedy(engine: Engine, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
@@ -57,33 +67,35 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--ppl-tokens", type=int, default=50_000)
     ap.add_argument("--max-num-seqs", type=int, default=256, help="the engine's batch limit (decode rows per step)")
+    ap.add_argument("--quantization", nargs="+", default=["int8", "int4"],
+                    choices=["int8", "int8-blocks", "int4"])
     add_threads_flag(ap)
     args = ap.parse_args()
     apply_threads(args)
 
     # the base model was trained on lowercased TinyStories (models/README.md): evaluate it on the same form
     stories = [s.strip().lower() for s in VALID.read_text().split("\n\n") if s.strip()]
-    engines = {q: engine_for(args.model, q, args.max_num_seqs) for q in ("none", "int8")}
-    tok = engines["none"].tokenizer
-    prompts = [tok.encode(s)[: args.prompt_tokens] for s in stories[: args.prompts]]
     outputs, ppl = {}, {}
-    for q, engine in engines.items():
+    for q in ("none", *args.quantization):
+        engine = engine_for(args.model, q, args.max_num_seqs)
+        tok = engine.tokenizer
+        prompts = [tok.encode(s)[: args.prompt_tokens] for s in stories[: args.prompts]]
         start = time.perf_counter()
         outputs[q] = greedy(engine, prompts, args.new_tokens)
         ppl[q] = perplexity(engine, tok.encode("\n\n".join(stories))[: args.ppl_tokens], engine.max_model_len)
         print(f"{q}: {time.perf_counter() - start:.1f} s", flush=True)
-    same = sum(a == b for a, b in zip(outputs["none"], outputs["int8"], strict=True))
-    prefix = sum(next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
-                 for a, b in zip(outputs["none"], outputs["int8"], strict=True))
     total = args.prompts * args.new_tokens
-    print("\n| metric | fp32 | int8 | int8 vs fp32 |")
-    print("| --- | ---: | ---: | ---: |")
-    print(f"| greedy sequences identical ({args.prompts} x {args.new_tokens} tokens) | | {same}/{args.prompts} | "
-          f"{same / args.prompts:.1%} |")
-    print(f"| greedy tokens before the first divergence | | {prefix}/{total} | {prefix / total:.1%} |")
-    print(f"| perplexity, TinyStories valid (first {args.ppl_tokens} tokens) | {ppl['none']:.3f} | "
-          f"{ppl['int8']:.3f} | {ppl['int8'] / ppl['none'] - 1:+.2%} |")
-
+    print(f"\n{args.prompts} prompts x {args.new_tokens} greedy tokens; perplexity of the first {args.ppl_tokens} "
+          f"tokens of TinyStories valid: fp32 {ppl['none']:.3f}\n")
+    print("| weights | greedy sequences identical to fp32 | greedy tokens before the first divergence | perplexity "
+          "| vs fp32 |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for q in args.quantization:
+        same = sum(a == b for a, b in zip(outputs["none"], outputs[q], strict=True))
+        prefix = sum(next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+                     for a, b in zip(outputs["none"], outputs[q], strict=True))
+        print(f"| {q} | {same}/{args.prompts} ({same / args.prompts:.0%}) | {prefix}/{total} ({prefix / total:.1%}) | "
+              f"{ppl[q]:.3f} | {ppl[q] / ppl['none'] - 1:+.2%} |")
 
 if __name__ == "__main__":
     main()

@@ -42,9 +42,11 @@ from lmservice.kernels.cpuinfo import cpu_flags, cpuinfo_field, isa_cap
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 1  # LMSERVICE_KERNELS_ABI_VERSION in csrc/cpu_kernels.h
+ABI_VERSION = 2  # LMSERVICE_KERNELS_ABI_VERSION in csrc/cpu_kernels.h
 DEVELOPER_BUILD = "native"  # the variant name of a LMSERVICE_NATIVE_BUILD library
 INT8_KERNELS = {2: "vnni", 1: "avx2"}  # native_q8()'s answers: which int8 x int8 kernel a build has
+_INT8_FUNCTIONS = ("linear_few_rows_q8", "linear_few_rows_qblock")  # absent where it has none
+QBLOCK = 32  # inputs per scale of a block-quantized weight (QBLOCK in csrc/cpu_kernels.c)
 
 
 class NativeLibraryError(RuntimeError):
@@ -59,8 +61,8 @@ def _named(name: str):
 
 class _Linear(ctypes.Structure):  # native_linear in csrc/cpu_kernels.h
     _fields_ = [("w", ctypes.c_void_p), ("wq", ctypes.c_void_p), ("wsum", ctypes.c_void_p),
-                ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("in_", ctypes.c_int64),
-                ("out", ctypes.c_int64)]
+                ("scale", ctypes.c_void_p), ("bscale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("in_", ctypes.c_int64), ("out", ctypes.c_int64), ("bits", ctypes.c_int64)]
 
 
 class _Layer(ctypes.Structure):  # native_layer
@@ -84,6 +86,7 @@ _SIGNATURES = {  # name: (argtypes, restype), as csrc/cpu_kernels.h declares the
                                     _INT], None),
     "linear_few_rows_f32": ([_P, _I64, _I64, _P, _P, _P, _I64, _INT], None),
     "linear_few_rows_q8": ([_P, _I64, _I64, _P, _P, _P, _P, _P, _I64, _P, _P, _INT], None),
+    "linear_few_rows_qblock": ([_P, _I64, _I64, _P, _P, _I64, _P, _P, _I64, _P, _P, _P, _INT], None),
     "gpt2_decode_step": ([_P, _I64, _P, _P, _F, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _I64, _P, _I64, _I64, _I64,
                           _P, _P, _P, _INT], None),
 }
@@ -111,7 +114,7 @@ def load_library(path: Path, variant: str) -> NativeLibrary:
     lib.native_q8.argtypes, lib.native_q8.restype = [], _INT
     int8_kernel = INT8_KERNELS.get(lib.native_q8())
     for name, (argtypes, restype) in _SIGNATURES.items():
-        if name == "linear_few_rows_q8" and int8_kernel is None:
+        if name in _INT8_FUNCTIONS and int8_kernel is None:
             continue
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, restype
@@ -226,6 +229,73 @@ def unpack_int8_weight(packed: torch.Tensor, out_features: int, in_features: int
     return packed.permute(0, 2, 1, 3).reshape(tiles * 16, groups * 4)[:out_features, :in_features].contiguous()
 
 
+def quantize_blocks(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (out, in) -> (q, scales): q (out, in) int8 in -127..127 (bits 8) or -8..7 (bits 4), scales
+    (out, ceil(in / QBLOCK)) fp16, one per block of QBLOCK inputs of a channel; weight ~ q * scale.
+    8 bits: scale max |w| / 127. 4 bits, as llama.cpp's q4_0: the block's value of largest magnitude maps to -8
+    (scale = that value / -8), so both ends of the 16 levels are used. The fp16 scale is rounded before the
+    weights are divided by it, so its rounding costs no accuracy beyond a clamp; a block whose scale underflows
+    fp16 (|w| < 1e-5 or so) becomes zeros."""
+    out_features, in_features = weight.shape
+    nblocks = -(-in_features // QBLOCK)
+    blocks = torch.zeros(out_features, nblocks * QBLOCK)
+    blocks[:, :in_features] = weight
+    blocks = blocks.view(out_features, nblocks, QBLOCK)  # (out, blocks, QBLOCK)
+    if bits == 8:
+        scale = blocks.abs().amax(dim=2) / 127.0
+        low, high = -127, 127
+    elif bits == 4:
+        idx = blocks.abs().argmax(dim=2, keepdim=True)
+        scale = blocks.gather(2, idx).squeeze(2) / -8.0
+        low, high = -8, 7
+    else:
+        raise ValueError(f"bits {bits}: 8 or 4")
+    scale = scale.half()
+    divisor = scale.float().unsqueeze(2)
+    q = torch.where(divisor != 0, torch.round(blocks / torch.where(divisor != 0, divisor, 1.0)), 0.0)
+    q = q.clamp_(low, high).to(torch.int8).view(out_features, nblocks * QBLOCK)[:, :in_features]
+    return q.contiguous(), scale.contiguous()
+
+
+def dequantize_blocks(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """quantize_blocks' (q, scales) -> the fp32 (out, in) weight they stand for."""
+    out_features, in_features = q.shape
+    per_input = scales.float().repeat_interleave(QBLOCK, dim=1)[:, :in_features]
+    return q.float() * per_input
+
+
+def pack_block_weight(q: torch.Tensor, scales: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_blocks' (q, scales) -> what linear_block and the decode step read: the weights as bytes
+    (ceil(out / 16), blocks, QBLOCK * 16 * bits / 8) and the scales (ceil(out / 16), blocks, 16) fp16. In each
+    16-channel tile and block, groups of 4 inputs x 16 channels (64 values) in order, as pack_int8_weight lays them
+    out, stored unsigned: q + 128 (bits 8), or q + 8 in nibbles, two groups per 64 bytes, the even one low."""
+    out_features, in_features = q.shape
+    tiles, nblocks = -(-out_features // 16), scales.shape[1]
+    offset = 128 if bits == 8 else 8
+    padded = torch.full((tiles * 16, nblocks * QBLOCK), offset, dtype=torch.int16)
+    padded[:out_features, :in_features] = q.to(torch.int16) + offset
+    groups = padded.view(tiles, 16, nblocks * QBLOCK // 4, 4).permute(0, 2, 1, 3)  # (tiles, groups, 16, 4)
+    groups = groups.reshape(tiles, nblocks, QBLOCK // 4, 64)
+    if bits == 4:
+        groups = groups[:, :, 0::2] | (groups[:, :, 1::2] << 4)  # (tiles, blocks, 4, 64)
+    packed = groups.to(torch.uint8).reshape(tiles, nblocks, -1).contiguous()
+    tile_scales = torch.zeros(tiles * 16, nblocks, dtype=torch.float16)
+    tile_scales[:out_features] = scales
+    return packed, tile_scales.view(tiles, 16, nblocks).transpose(1, 2).contiguous()
+
+
+def unpack_block_weight(packed: torch.Tensor, tile_scales: torch.Tensor, bits: int, out_features: int,
+                        in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """pack_block_weight's inverse: (q (out, in) int8, scales (out, blocks) fp16)."""
+    tiles, nblocks = packed.shape[:2]
+    groups = packed.to(torch.int16)
+    if bits == 4:  # (tiles, blocks, 4, 64) -> (tiles, blocks, 8, 64): low nibbles the even groups
+        groups = torch.stack([groups.view(tiles, nblocks, 4, 64) & 15, groups.view(tiles, nblocks, 4, 64) >> 4], dim=3)
+    groups = groups.reshape(tiles, nblocks * QBLOCK // 4, 16, 4).permute(0, 2, 1, 3).reshape(tiles * 16, -1)
+    q = (groups - (128 if bits == 8 else 8)).to(torch.int8)[:out_features, :in_features].contiguous()
+    return q, tile_scales.transpose(1, 2).reshape(tiles * 16, nblocks)[:out_features].contiguous()
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -309,23 +379,51 @@ class NativeLibrary:
         return y.reshape(*x.shape[:-1], out_features)
 
 
+    def linear_block(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bits: int, out_features: int,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+        """y = quant(x) @ W.T + bias for fp32 x (..., in), W in blocks of QBLOCK inputs with fp16 scales, 8 or 4
+        bits, packed by pack_block_weight; x quantized in blocks of QBLOCK inputs too (symmetric int8, each with
+        its scale max |x| / 127). Needs has_int8. Any number of rows works."""
+        assert self.has_int8, f"the {self.variant} build has no int8 kernel (it needs AVX2)"
+        in_features = x.shape[-1]
+        tiles, nblocks = -(-out_features // 16), -(-in_features // QBLOCK)
+        assert bits in (4, 8) and packed.dtype == torch.uint8 and packed.is_contiguous()
+        assert packed.shape == (tiles, nblocks, QBLOCK * 16 * bits // 8)
+        assert scales.dtype == torch.float16 and scales.shape == (tiles, nblocks, 16) and scales.is_contiguous()
+        x2 = x.reshape(-1, in_features).contiguous()
+        rows = x2.shape[0]
+        assert x2.dtype == torch.float32
+        y = torch.empty(rows, out_features, dtype=torch.float32)
+        xq, xs = torch.empty(rows * nblocks * QBLOCK, dtype=torch.uint8), torch.empty(rows * nblocks)
+        xsum = torch.empty(rows * nblocks, dtype=torch.int32)
+        with _named("native::linear_few_rows_qblock"):
+            self.lib.linear_few_rows_qblock(x2.data_ptr(), rows, in_features, packed.data_ptr(), scales.data_ptr(),
+                                            bits, _ptr(bias), y.data_ptr(), out_features, xq.data_ptr(),
+                                            xs.data_ptr(), xsum.data_ptr(), torch.get_num_threads())
+        return y.reshape(*x.shape[:-1], out_features)
+
+
 # ---- the whole decode step
 
 
 @dataclass
 class LinearWeights:
-    """One projection as gpt2_decode_step reads it: fp32 `weight` (out, in), or int8 packed (pack_int8_weight)
-    with `scales`, `weight_sums` and its `in_features`."""
+    """One projection as gpt2_decode_step reads it: fp32 `weight` (out, in); or int8 packed (pack_int8_weight)
+    with `scales`, `weight_sums` and its `in_features`; or blocks (pack_block_weight: uint8 `weight`, fp16
+    `scales`, `bits`, `in_features` and `out_features`)."""
 
-    weight: torch.Tensor  # fp32 (out, in) contiguous, or int8 packed
+    weight: torch.Tensor  # fp32 (out, in) contiguous, or int8 packed, or uint8 blocks
     bias: torch.Tensor | None
-    scales: torch.Tensor | None = None  # int8: (out,) fp32
+    scales: torch.Tensor | None = None  # int8: (out,) fp32; blocks: (tiles, blocks, 16) fp16
     weight_sums: torch.Tensor | None = None  # int8: (out,) int32
-    in_features: int = 0  # int8: the unpadded input size
+    in_features: int = 0  # quantized: the unpadded input size
+    bits: int = 0  # blocks: 8 or 4
+    out_features: int = 0  # blocks: the unpadded output size
 
     @property
     def is_int8(self) -> bool:
-        return self.weight.dtype == torch.int8
+        """Quantized: computed by the int8 x int8 kernels (per-channel int8, or blocks of 8 or 4 bits)."""
+        return self.weight.dtype in (torch.int8, torch.uint8)
 
 
 @dataclass
@@ -392,13 +490,18 @@ class NativeDecodeStep:
     def _linear(lw: LinearWeights) -> _Linear:
         w = lw.weight
         assert w.is_contiguous() and (lw.bias is None or lw.bias.is_contiguous())
+        if lw.bits:
+            assert lw.scales is not None and lw.scales.dtype == torch.float16 and w.dtype == torch.uint8
+            assert w.shape[1] == -(-lw.in_features // QBLOCK) and lw.out_features > 0
+            return _Linear(None, _ptr(w), None, None, _ptr(lw.scales), _ptr(lw.bias), lw.in_features, lw.out_features,
+                           lw.bits)
         if lw.is_int8:
             assert lw.scales is not None and lw.weight_sums is not None and lw.in_features > 0
             assert w.dim() == 4 and w.shape[1] == -(-lw.in_features // 4)
-            return _Linear(None, _ptr(w), _ptr(lw.weight_sums), _ptr(lw.scales), _ptr(lw.bias), lw.in_features,
-                           lw.weight_sums.shape[0])
+            return _Linear(None, _ptr(w), _ptr(lw.weight_sums), _ptr(lw.scales), None, _ptr(lw.bias), lw.in_features,
+                           lw.weight_sums.shape[0], 0)
         assert w.dtype == torch.float32
-        return _Linear(_ptr(w), None, None, None, _ptr(lw.bias), w.shape[1], w.shape[0])
+        return _Linear(_ptr(w), None, None, None, None, _ptr(lw.bias), w.shape[1], w.shape[0], 0)
 
     def __call__(self, h: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor,
                  block_tables: torch.Tensor) -> torch.Tensor:
@@ -412,8 +515,10 @@ class NativeDecodeStep:
         if self._work.numel() < rows * (5 * c + self.n_inner):
             rows_held = max(rows, 4)  # grown rarely: a step of 1 row, then 2, ... reallocates once
             self._work = torch.empty(rows_held * (5 * c + self.n_inner))
-            # rows padded to 4 bytes, then 64-byte aligned row scales: see gpt2_decode_step
-            self._qwork = torch.empty(rows_held * (max(c, self.n_inner) + 8) + 128, dtype=torch.uint8)
+            # quantized rows, then 64-byte aligned row scales and block sums: see gpt2_decode_step
+            widest = max(c, self.n_inner)
+            self._qwork = torch.empty(rows_held * (widest + QBLOCK + 8 * (widest // QBLOCK + 2)) + 256,
+                                      dtype=torch.uint8)
         scratch = plan.threads * heads_per_item * plan.max_seq_len
         if self._scratch.numel() < scratch:
             self._scratch = torch.empty(max(scratch, 2 * self._scratch.numel()))

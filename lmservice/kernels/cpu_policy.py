@@ -11,6 +11,8 @@ The row thresholds, each measured on GPT-2 small's decode steps (docs/kernels.md
   each weight row once for all rows; oneDNN's GEMM wins from a few rows on);
 - int8 linears of at most `linear_int8_rows` rows go to the C int8 kernel (per-row activation scales),
   more to FBGEMM; 0 where the library has no int8 kernel;
+- linears with block-quantized weights (`--quantization int4`) take the C kernel for any number of rows where
+  the library has an int8 kernel (`linear_block_rows`), else the dequantized torch path;
 - pure decode steps of at most `decode_step_rows` sequences run as one C call, and of an int8 model at most
   `decode_step_int8_rows` (0: never).
 On AVX-512 VNNI the C int8 kernel beats FBGEMM up to 32 rows. On AVX2 it computes the same sums with more
@@ -33,6 +35,7 @@ FEW_ROWS_F32 = 4
 FEW_ROWS_INT8 = {"vnni": 32, "avx2": 0}  # by NativeLibrary.int8_kernel
 DECODE_STEP_ROWS = 32
 DECODE_STEP_INT8_ROWS = {"vnni": 32, "avx2": 4}
+ANY_ROWS = 1 << 40
 
 
 @dataclass(frozen=True)
@@ -44,12 +47,13 @@ class CpuKernels:
     linear_int8_rows: int = 0
     decode_step_rows: int = 0
     decode_step_int8_rows: int = 0
+    linear_block_rows: int = 0
 
     @classmethod
     def using(cls, library: NativeLibrary) -> CpuKernels:
         int8 = library.int8_kernel
         return cls(library, FEW_ROWS_F32, FEW_ROWS_INT8.get(int8, 0), DECODE_STEP_ROWS,
-                   DECODE_STEP_INT8_ROWS.get(int8, 0))
+                   DECODE_STEP_INT8_ROWS.get(int8, 0), ANY_ROWS if int8 else 0)
 
     def describe(self) -> dict[str, str | int | None]:
         """What is in use, for the start-up log, /health and a metric label: `variant` is the library's build
@@ -58,7 +62,7 @@ class CpuKernels:
         return {"variant": lib.variant if lib else "torch", "path": str(lib.path) if lib else None,
                 "cpu_isa_cap": isa_cap(), "linear_f32_rows": self.linear_f32_rows,
                 "linear_int8_rows": self.linear_int8_rows, "decode_step_rows": self.decode_step_rows,
-                "decode_step_int8_rows": self.decode_step_int8_rows}
+                "decode_step_int8_rows": self.decode_step_int8_rows, "linear_block_rows": self.linear_block_rows}
 
 
 TORCH_CPU_KERNELS = CpuKernels(None)

@@ -20,7 +20,7 @@ from lmservice.model.config import GPT2Config, ModelConfigError
 from lmservice.model.cpu import has_bf16_matmul
 from lmservice.model.cpu_linear import resolve_linear_backend, use_onednn
 from lmservice.model.gpt2 import GPT2ForServing
-from lmservice.model.quantize import QUANTIZATIONS, quantize_int8
+from lmservice.model.quantize import QUANTIZATIONS, quantize_int4, quantize_int8
 from lmservice.model.tokenizer import Tokenizer
 
 _CONV1D_SUFFIXES = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
@@ -96,7 +96,8 @@ def read_checkpoint(model_dir: Path) -> dict[str, tuple[torch.Tensor, Path]]:
 def load_model(model_dir: Path, device: str = "auto", dtype: str = "auto", name: str | None = None,
                quantization: str = "none", linear_backend: str = "auto") -> LoadedModel:
     """Load a checkpoint directory; any mismatch fails here, naming the file and the field.
-    quantization "int8": 8-bit weights (lmservice/model/quantize.py), fp32 activations, CPU only.
+    quantization "int8": 8-bit weights (lmservice/model/quantize.py), fp32 activations, CPU only; "int4": 4-bit
+    blocks of 32 weights (the LM head int8), the same otherwise.
     linear_backend: how fp32 projections run on a CPU (lmservice/model/cpu_linear.py)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -106,12 +107,13 @@ def load_model(model_dir: Path, device: str = "auto", dtype: str = "auto", name:
     config = GPT2Config.from_dir(model_dir)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    if quantization == "int8":
+    if quantization in ("int8", "int4"):
         if torch_device.type != "cpu":
-            raise ModelConfigError("--quantization int8 runs on the CPU only (torch's int8 GEMMs have no CUDA "
-                                   "kernels); on a GPU serve bfloat16")
+            raise ModelConfigError(f"--quantization {quantization} runs on the CPU only (its int8 kernels have no "
+                                   "CUDA versions); on a GPU serve bfloat16")
         if dtype not in ("auto", "float32"):
-            raise ModelConfigError(f"--quantization int8 computes in float32; --dtype {dtype} cannot go with it")
+            raise ModelConfigError(f"--quantization {quantization} computes in float32; --dtype {dtype} cannot go "
+                                   "with it")
         torch_dtype = torch.float32
     tensors = read_checkpoint(model_dir)
 
@@ -150,6 +152,8 @@ def load_model(model_dir: Path, device: str = "auto", dtype: str = "auto", name:
     model.eval().requires_grad_(False)
     if quantization == "int8":
         quantize_int8(model)
+    elif quantization == "int4":
+        quantize_int4(model)
     try:
         linears = resolve_linear_backend(linear_backend, torch_device, torch_dtype, quantization)
     except ValueError as e:

@@ -27,10 +27,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmservice.kernels import TORCH_CPU_KERNELS, CpuKernels
-from lmservice.kernels.cpu_native import LinearWeights, pack_int8_weight, unpack_int8_weight
+from lmservice.kernels.cpu_native import (
+    QBLOCK,
+    LinearWeights,
+    dequantize_blocks,
+    pack_block_weight,
+    pack_int8_weight,
+    quantize_blocks,
+    unpack_block_weight,
+    unpack_int8_weight,
+)
 from lmservice.model.cpu import cpu_flags
 
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none", "int8", "int4")
+
+
+def _quantize_rows(x: torch.Tensor) -> torch.Tensor:
+    """x as the C kernels quantize it, dequantized: per row, symmetric int8, scale max |x| / 127."""
+    top = x.abs().amax(dim=-1, keepdim=True)
+    scale = (top / 127.0).masked_fill_(top == 0, 1.0)
+    return torch.round(x / scale) * scale
+
+
+def _quantize_blocks_of_x(x: torch.Tensor) -> torch.Tensor:
+    """x as the block kernels quantize it, dequantized: _quantize_rows on each block of QBLOCK inputs."""
+    n = x.shape[-1]
+    padded = F.pad(x, (0, -n % QBLOCK))
+    return _quantize_rows(padded.reshape(*x.shape[:-1], -1, QBLOCK)).reshape(padded.shape)[..., :n]
 
 
 class Int8Linear(nn.Module):
@@ -89,8 +112,7 @@ class Int8Linear(nn.Module):
         w_deq = self.weight_int8.float() * self.scales[:, None]
         bias = self.bias if with_bias else None
         if x.numel() <= self.native_rows * self.in_features:
-            scale = (x.abs().amax(dim=-1, keepdim=True) / 127.0).masked_fill_(x.abs().amax(dim=-1, keepdim=True) == 0, 1.0)
-            return F.linear(torch.round(x / scale) * scale, w_deq, bias)
+            return F.linear(_quantize_rows(x), w_deq, bias)
         levels = 127 if self.reduce_range else 255
         low, high = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
         scale = max((high - low) / levels, 1e-12)
@@ -101,6 +123,59 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+class BlockLinear(nn.Module):
+    """y = x @ dequant(W).T + b with W in blocks of 32 inputs per channel, each block with its own fp16 scale, 8 or
+    4 bits (lmservice/kernels/cpu_native.py quantize_blocks: q8_0- and q4_0-like); x quantized to int8 in blocks
+    of 32 as well (as llama.cpp quantizes activations for q8_0 and q4_0 dots), as the C kernel does. Where the CPU-kernel policy gives it rows (a library with an int8 kernel: AVX2 or AVX-512 VNNI)
+    every call is the C kernel (NativeLibrary.linear_block, weights unpacked in registers); otherwise `reference`,
+    the dequantized torch path, which is also what the kernel is tested against."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, bits: int,
+                 kernels: CpuKernels = TORCH_CPU_KERNELS) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.bits = bits
+        packed, scales = pack_block_weight(*quantize_blocks(weight.detach().float(), bits), bits)
+        self.register_buffer("weight_packed", packed, persistent=False)  # (tiles, blocks, 16 * 32 * bits / 8) uint8
+        self.register_buffer("block_scales", scales, persistent=False)  # (tiles, blocks, 16) fp16
+        self.bias = None if bias is None else bias.detach().float()
+        self.use_cpu_kernels(kernels)
+
+    def use_cpu_kernels(self, kernels: CpuKernels) -> None:
+        self.kernels = kernels
+        self.native_rows = kernels.linear_block_rows
+
+    def native_weights(self) -> LinearWeights:
+        return LinearWeights(self.weight_packed, self.bias, self.block_scales, None, self.in_features, self.bits,
+                             self.out_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The (out, in) fp32 weight the blocks stand for."""
+        return dequantize_blocks(*unpack_block_weight(self.weight_packed, self.block_scales, self.bits,
+                                                      self.out_features, self.in_features))
+
+    def forward(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        if x.numel() <= self.native_rows * self.in_features:
+            return self.kernels.library.linear_block(x.float(), self.weight_packed, self.block_scales, self.bits,
+                                                     self.out_features, self.bias if with_bias else None)
+        return self.reference(x, with_bias)
+
+    def reference(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        return F.linear(_quantize_blocks_of_x(x.float()), self.dequantized_weight(), self.bias if with_bias else None)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.bits}-bit blocks of 32"
+
+
+def quantize_int4(model: nn.Module) -> int:
+    """Every projection of a GPT2ForServing to 4-bit blocks (BlockLinear), and the LM head (the tied embedding,
+    whose precision every token's logits read) to per-channel int8; returns how many were swapped."""
+    lm_head = model.lm_head
+    swapped = model.swap_linears(lambda linear: linear if linear is lm_head else BlockLinear(linear.weight, linear.bias, 4))
+    model.lm_head = Int8Linear(lm_head.weight, lm_head.bias)
+    return swapped
 
 
 def quantize_int8(model: nn.Module) -> int:

@@ -18,11 +18,12 @@ from lmservice.kernels.cpuinfo import ISA_ENV, cpu_flags, isa_cap
 
 REPO = Path(__file__).resolve().parents[2]
 CAP = "x86-64-v3"
-PARITY_TESTS = ["tests/kernels/test_native_attention.py",
+PARITY_TESTS = ["tests/kernels/test_native_attention.py", "tests/kernels/test_native_blocks.py",
                 "tests/engine/test_native_decode.py::test_decode_step_matches_the_op_by_op_forward",
                 "tests/engine/test_native_decode.py::test_cpu_kernels_torch_runs_no_c_code",
                 "tests/engine/test_native_decode.py::test_not_built_for_what_it_does_not_compute",
-                "tests/model/test_quantize.py::test_int8_linear_matches_its_dequantized_reference"]
+                "tests/model/test_quantize.py::test_int8_linear_matches_its_dequantized_reference",
+                "tests/model/test_quantize.py::test_block_linear_matches_its_dequantized_reference"]
 
 
 def test_the_parity_tests_pass_on_the_avx2_build():

@@ -1,5 +1,5 @@
-"""--quantization int8 (lmservice/model/quantize.py): the kernel against its own dequantized reference, the
-quantized model against fp32, and what load_model refuses."""
+"""--quantization int8 and int4 (lmservice/model/quantize.py): the kernels against their own dequantized
+references, the quantized models against fp32, and what load_model refuses."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from lmservice.kernels import TORCH_CPU_KERNELS, CpuKernels
 from lmservice.kernels.cpu_native import native_library
 from lmservice.model.config import ModelConfigError
 from lmservice.model.loader import load_model
-from lmservice.model.quantize import Int8Linear
+from lmservice.model.quantize import BlockLinear, Int8Linear
 from tests.helpers import make_gpt2_dir, prompts, run_to_completion
 
 _LIB = native_library()
@@ -83,7 +83,49 @@ def test_int8_serves_greedy_requests_to_their_end(model_dir):
 
 
 def test_what_int8_cannot_go_with_is_refused(model_dir):
-    with pytest.raises(ModelConfigError, match="float32"):
-        load_model(model_dir, "cpu", "bfloat16", quantization="int8")
+    for quantization in ("int8", "int4"):
+        with pytest.raises(ModelConfigError, match=f"--quantization {quantization} computes in float32"):
+            load_model(model_dir, "cpu", "bfloat16", quantization=quantization)
     with pytest.raises(ModelConfigError, match="not one of"):
-        load_model(model_dir, "cpu", "float32", quantization="int4")
+        load_model(model_dir, "cpu", "float32", quantization="int3")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [1, 5, 40])
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_block_linear_matches_its_dequantized_reference(bits, rows, kernels):
+    """The C kernel at any row count (native policy) or the dequantized torch path (torch policy: exactly the
+    reference), with and without bias; both close to the fp32 layer."""
+    g = torch.Generator().manual_seed(rows + bits)
+    weight, bias = torch.randn(200, 96, generator=g) * 0.05, torch.randn(200, generator=g)
+    layer = BlockLinear(weight, bias, bits, CpuKernels.using(_LIB) if kernels == "native" else TORCH_CPU_KERNELS)
+    x = torch.randn(rows, 96, generator=g)
+    for with_bias in (True, False):
+        out, ref = layer(x, with_bias=with_bias), layer.reference(x, with_bias=with_bias)
+        assert out.shape == (rows, 200) and out.dtype == torch.float32
+        if kernels == "torch":
+            assert torch.equal(out, ref)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    exact = F.linear(x, weight, bias)
+    assert F.cosine_similarity(out.flatten(), (exact - bias).flatten(), dim=0) > (0.999 if bits == 8 else 0.99)
+
+
+def test_int4_model_is_close_to_fp32_and_serves_to_the_end(model_dir):
+    """Every projection in 4-bit blocks, the LM head int8; each prompt token's log-likelihood near fp32's."""
+    loaded = load_model(model_dir, "cpu", "float32", quantization="int4")
+    blocks = loaded.model.transformer.h
+    assert all(isinstance(m, BlockLinear) and m.bits == 4
+               for b in blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj))
+    assert isinstance(loaded.model.lm_head, Int8Linear)
+    batch = prompts(6, 1000, 4, 40, seed=3)
+    params = SamplingParams(temperature=0.0, max_tokens=0, prompt_logprobs=0)
+    results = {}
+    for name, model in (("fp32", load_model(model_dir, "cpu", "float32")), ("int4", loaded)):
+        engine = Engine(model, EngineConfig.from_fields(num_kv_blocks=128))
+        out = run_to_completion(engine, [(str(i), p, params) for i, p in enumerate(batch)])
+        results[name] = torch.tensor([lp.logprob for i in range(len(batch))
+                                      for lp in out[str(i)]["events"][-1].prompt_logprobs if lp])
+    assert abs(results["int4"].mean() - results["fp32"].mean()) < 0.05, (results["int4"] - results["fp32"]).abs().max()
+    engine = Engine(loaded, EngineConfig.from_fields(num_kv_blocks=64))
+    out = run_to_completion(engine, [("a", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))])
+    assert len(out["a"]["tokens"][0]) == 8 and engine.pool.num_used_blocks == 0

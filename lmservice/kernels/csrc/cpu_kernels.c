@@ -37,8 +37,9 @@ int64_t native_abi_version(void) { return LMSERVICE_KERNELS_ABI_VERSION; }
 int64_t native_abi_layout(int64_t *out, int64_t capacity) {
     const int64_t layout[] = {
         sizeof(native_linear), offsetof(native_linear, w), offsetof(native_linear, wq),
-        offsetof(native_linear, wsum), offsetof(native_linear, scale), offsetof(native_linear, bias),
-        offsetof(native_linear, in), offsetof(native_linear, out),
+        offsetof(native_linear, wsum), offsetof(native_linear, scale), offsetof(native_linear, bscale),
+        offsetof(native_linear, bias), offsetof(native_linear, in), offsetof(native_linear, out),
+        offsetof(native_linear, bits),
         sizeof(native_layer), offsetof(native_layer, ln1_w), offsetof(native_layer, ln1_b),
         offsetof(native_layer, ln2_w), offsetof(native_layer, ln2_b), offsetof(native_layer, c_attn),
         offsetof(native_layer, attn_proj), offsetof(native_layer, c_fc), offsetof(native_layer, mlp_proj),
@@ -450,19 +451,245 @@ void linear_few_rows_q8(const float *x, int64_t rows, int64_t in, const int8_t *
 int native_q8(void) { return 0; }
 #endif
 
+/* Weights in blocks of QBLOCK inputs, each block of each channel with its own fp16 scale (llama.cpp's q8_0 and
+ * q4_0 formats in spirit): `bits` 8 (values -127..127) or 4 (values -8..7), stored unsigned with an offset
+ * (128, or 8) so that they are the u8 operand of the u8 x s8 multiply-adds, and x (quantized per row as
+ * above) the s8 one. The offset comes back out per block: sum (q + off) x = sum q x + off * xsum, with xsum the
+ * block's sum of x (block_sums). Packed (lmservice/kernels/cpu_native.py pack_block_weight) in 16-channel
+ * tiles like the int8 kernel's: per block, 8 groups of 4 inputs, each 64 bytes (4 inputs x 16 channels);
+ * 4-bit blocks hold two groups per 64 bytes, the even one in the low nibbles. Scales: (tiles, blocks, 16).
+ * Per block: int32 sums, the offset out, then converted and multiplied by the block's scales into fp32
+ * accumulators. On AVX2 4-bit blocks multiply nibbles (u8, at most 15) by x: pairs of at most 2 * 15 * 127,
+ * so a block's 8 pairs per int16 lane (at most 30480) add up in int16 without saturating, one vpmaddwd per
+ * block; 8-bit ones take the int8 kernel's sign trick (the offset removed first). */
+#define QBLOCK 32
+#if defined(Q8_VNNI) || defined(Q8_AVX2)
+#define QB_BYTES(bits) (16 * QBLOCK * (bits) / 8) /* one block of one tile */
+
+/* x quantized as the weights are, per block of QBLOCK inputs (symmetric, scale max |x| / 127 of the block, like
+ * llama.cpp's q8_0 activations): an outlier costs only its own block precision. xq as quantize_rows writes it
+ * (+128, zero padding), xs (rows, nblocks) the scales, xsum (rows, nblocks) each block's sum of xq. A block
+ * holding NaN or infinity gets a NaN scale (tested on the bits, as in quantize_rows), and with it every output
+ * of its row. */
+static void quantize_x_blocks(const float *x, int64_t rows, int64_t in, int64_t nblocks, uint8_t *xq, float *xs,
+                              int32_t *xsum) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t b = 0; b < nblocks; b++) {
+            const int64_t i0 = b * QBLOCK, n = in - i0 < QBLOCK ? in - i0 : QBLOCK;
+            const float *xb = x + r * in + i0;
+            uint8_t *q = xq + (r * nblocks + b) * QBLOCK;
+            const uint32_t *bits = (const uint32_t *)xb;
+            uint32_t top = 0;
+            for (int64_t i = 0; i < n; i++) {
+                const uint32_t magnitude = bits[i] & 0x7fffffffu;
+                top = magnitude > top ? magnitude : top;
+            }
+            memset(q, 128, QBLOCK);
+            xsum[r * nblocks + b] = 0;
+            if (top >= 0x7f800000u) {
+                const uint32_t nan_bits = 0x7fc00000u;
+                memcpy(&xs[r * nblocks + b], &nan_bits, sizeof nan_bits);
+                continue;
+            }
+            float largest;
+            memcpy(&largest, &top, sizeof largest);
+            const float scale = largest > 0.0f ? largest / 127.0f : 1.0f, inv = 1.0f / scale;
+            xs[r * nblocks + b] = scale;
+            int32_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t i = 0; i < n; i++) {
+                const int32_t v = (int32_t)nearbyintf(xb[i] * inv);
+                q[i] = (uint8_t)(v + 128);
+                sum += v;
+            }
+            xsum[r * nblocks + b] = sum;
+        }
+}
+
+static inline int32_t x_group(const uint8_t *p) { /* 4 bytes of xq as s8 (the +128 taken off) */
+    uint32_t group;
+    memcpy(&group, p, sizeof group);
+    return (int32_t)(group ^ 0x80808080u);
+}
+#define bcast_x(p) _mm256_set1_epi32(x_group(p))
+
+/* One 16-channel tile (wt, its scales st) against rows r0 .. r0+R (xq, their block scales xs and sums xsum);
+ * R and bits are constants at every call, so the accumulators live in registers. One version per ISA: */
+#define TILE_QB                                                                                                \
+    static inline __attribute__((always_inline)) void tile_qb(                                                 \
+        const uint8_t *xq, int64_t nblocks, const float *xs, const int32_t *xsum, const uint8_t *wt,           \
+        const uint16_t *st, const int bits, const float *bias, float *y, int64_t out, int64_t o0, const int R, \
+        int accumulate)
+
+#ifdef Q8_VNNI
+#define QB_ROWS 8
+TILE_QB {
+    const int64_t row_bytes = nblocks * QBLOCK;
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    const int32_t off = bits == 8 ? 128 : 8;
+    __m512 facc[QB_ROWS];
+    for (int r = 0; r < R; r++) facc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nblocks; b++) {
+        const uint8_t *wb = wt + b * QB_BYTES(bits);
+        __m512i iacc[QB_ROWS];
+        for (int r = 0; r < R; r++) iacc[r] = _mm512_setzero_si512();
+        for (int j = 0; j < 8; j += (bits == 8 ? 1 : 2)) {
+            __m512i w0, w1 = _mm512_setzero_si512();
+            if (bits == 8) {
+                w0 = _mm512_loadu_si512(wb + j * 64);
+            } else {
+                const __m512i v = _mm512_loadu_si512(wb + j * 32);
+                w0 = _mm512_and_si512(v, low);
+                w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            }
+            for (int r = 0; r < R; r++) {
+                const uint8_t *xr = xq + r * row_bytes + (b * 8 + j) * 4;
+                iacc[r] = _mm512_dpbusd_epi32(iacc[r], w0, _mm512_set1_epi32(x_group(xr)));
+                if (bits == 4) iacc[r] = _mm512_dpbusd_epi32(iacc[r], w1, _mm512_set1_epi32(x_group(xr + 4)));
+            }
+        }
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(st + b * 16)));
+        for (int r = 0; r < R; r++) {
+            const __m512i exact = _mm512_sub_epi32(iacc[r], _mm512_set1_epi32(off * xsum[r * nblocks + b]));
+            facc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), _mm512_mul_ps(d, _mm512_set1_ps(xs[r * nblocks + b])),
+                                      facc[r]);
+        }
+    }
+    const int64_t n = out - o0 < 16 ? out - o0 : 16;
+    const __mmask16 m = (__mmask16)(n == 16 ? 0xffff : (1u << n) - 1);
+    const __m512 bv = bias ? _mm512_maskz_loadu_ps(m, bias + o0) : _mm512_setzero_ps();
+    for (int r = 0; r < R; r++) {
+        float *yr = y + r * out + o0;
+        __m512 v = _mm512_add_ps(facc[r], bv);
+        if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, yr));
+        _mm512_mask_storeu_ps(yr, m, v);
+    }
+}
+#else
+#define QB_ROWS 2 /* 2 rows x (2 fp32 + 2 integer accumulators), 4 weight vectors, constants: 16 registers */
+TILE_QB {
+    const int64_t row_bytes = nblocks * QBLOCK;
+    const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
+    __m256 facc[QB_ROWS][2];
+    for (int r = 0; r < R; r++) facc[r][0] = facc[r][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nblocks; b++) {
+        const uint8_t *wb = wt + b * QB_BYTES(bits);
+        __m256i iacc[QB_ROWS][2];
+        for (int r = 0; r < R; r++) iacc[r][0] = iacc[r][1] = _mm256_setzero_si256();
+        if (bits == 8) {
+            for (int j = 0; j < 8; j++) {
+                const __m256i w0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wb + j * 64)), flip);
+                const __m256i w1 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wb + j * 64 + 32)), flip);
+                for (int r = 0; r < R; r++) {
+                    const __m256i sx = bcast_x(xq + r * row_bytes + (b * 8 + j) * 4), ax = _mm256_abs_epi8(sx);
+                    iacc[r][0] = dot4_avx2(iacc[r][0], ax, sx, w0, ones);
+                    iacc[r][1] = dot4_avx2(iacc[r][1], ax, sx, w1, ones);
+                }
+            }
+        } else {
+            for (int j = 0; j < 8; j += 2) { /* iacc holds int16 pair sums until the block's end */
+                const __m256i v0 = _mm256_loadu_si256((const __m256i *)(wb + j * 32));
+                const __m256i v1 = _mm256_loadu_si256((const __m256i *)(wb + j * 32 + 32));
+                const __m256i lo0 = _mm256_and_si256(v0, low), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
+                const __m256i lo1 = _mm256_and_si256(v1, low), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
+                for (int r = 0; r < R; r++) {
+                    const uint8_t *xr = xq + r * row_bytes + (b * 8 + j) * 4;
+                    const __m256i x0 = bcast_x(xr), x1 = bcast_x(xr + 4);
+                    iacc[r][0] = _mm256_add_epi16(iacc[r][0], _mm256_add_epi16(_mm256_maddubs_epi16(lo0, x0),
+                                                                               _mm256_maddubs_epi16(hi0, x1)));
+                    iacc[r][1] = _mm256_add_epi16(iacc[r][1], _mm256_add_epi16(_mm256_maddubs_epi16(lo1, x0),
+                                                                               _mm256_maddubs_epi16(hi1, x1)));
+                }
+            }
+            for (int r = 0; r < R; r++) {
+                const __m256i shift = _mm256_set1_epi32(8 * xsum[r * nblocks + b]);
+                for (int h = 0; h < 2; h++)
+                    iacc[r][h] = _mm256_sub_epi32(_mm256_madd_epi16(iacc[r][h], ones), shift);
+            }
+        }
+        const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(st + b * 16)));
+        const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(st + b * 16 + 8)));
+        for (int r = 0; r < R; r++) {
+            const __m256 xb = _mm256_set1_ps(xs[r * nblocks + b]);
+            facc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r][0]), _mm256_mul_ps(d0, xb), facc[r][0]);
+            facc[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r][1]), _mm256_mul_ps(d1, xb), facc[r][1]);
+        }
+    }
+    const int64_t n = out - o0 < 16 ? out - o0 : 16;
+    __m256 bv[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    if (bias) load16(bias + o0, n, &bv[0], &bv[1]);
+    for (int r = 0; r < R; r++) {
+        float *yr = y + r * out + o0, v[16];
+        for (int h = 0; h < 2; h++) _mm256_storeu_ps(v + 8 * h, _mm256_add_ps(facc[r][h], bv[h]));
+        for (int64_t c = 0; c < n; c++) store(yr + c, v[c], accumulate);
+    }
+}
+#endif
+
+/* xq: scratch of rows * nblocks * QBLOCK bytes, xs and xsum: rows * nblocks floats and int32 */
+static void linear_qb(const float *x, int64_t rows, int64_t in, const uint8_t *wp, const uint16_t *scales,
+                      int64_t bits, const float *bias, float *y, int64_t out, uint8_t *xq, float *xs,
+                      int32_t *xsum, int accumulate, int num_threads) {
+    const int64_t nblocks = (in + QBLOCK - 1) / QBLOCK, tiles = (out + 15) / 16;
+    quantize_x_blocks(x, rows, in, nblocks, xq, xs, xsum);
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        const uint8_t *wt = wp + t * nblocks * QB_BYTES(bits);
+        const uint16_t *st = scales + t * nblocks * 16;
+        for (int64_t r0 = 0; r0 < rows; r0 += QB_ROWS) {
+            const uint8_t *xr = xq + r0 * nblocks * QBLOCK;
+            const int32_t *sr = xsum + r0 * nblocks;
+            float *yr = y + r0 * out;
+            const int left = rows - r0 < QB_ROWS ? (int)(rows - r0) : QB_ROWS;
+#define QB_CALL(BITS, R) tile_qb(xr, nblocks, xs + r0 * nblocks, sr, wt, st, BITS, bias, yr, out, t * 16, R, accumulate)
+#define QB_CASES(BITS)                                                                      \
+    switch (left) {                                                                         \
+        case 1: QB_CALL(BITS, 1); break;                                                    \
+        QB_MORE_CASES(BITS)                                                                 \
+        default: QB_CALL(BITS, QB_ROWS); break;                                             \
+    }
+#if QB_ROWS > 2
+#define QB_MORE_CASES(BITS)                                                                 \
+    case 2: QB_CALL(BITS, 2); break; case 3: QB_CALL(BITS, 3); break;                       \
+    case 4: QB_CALL(BITS, 4); break; case 5: QB_CALL(BITS, 5); break;                       \
+    case 6: QB_CALL(BITS, 6); break; case 7: QB_CALL(BITS, 7); break;
+#else
+#define QB_MORE_CASES(BITS)
+#endif
+            if (bits == 8) {
+                QB_CASES(8)
+            } else {
+                QB_CASES(4)
+            }
+        }
+    }
+}
+
+void linear_few_rows_qblock(const float *x, int64_t rows, int64_t in, const uint8_t *wp, const uint16_t *scales,
+                            int64_t bits, const float *bias, float *y, int64_t out, uint8_t *xq, float *xs,
+                            int32_t *xsum, int num_threads) {
+    linear_qb(x, rows, in, wp, scales, bits, bias, y, out, xq, xs, xsum, 0, num_threads);
+}
+#endif
+
 /* A whole GPT-2 decode step for a few sequences, one token each: every layer's LayerNorms, projections (fp32,
  * or int8 through linear_q8), KV-cache write, attention and GELU in one call, so the step costs no Python
  * and no dispatch per op. The arithmetic is the op-by-op path's: the same kernels above, torch's LayerNorm
  * and tanh GELU formulas. The structs it reads (native_linear, native_layer) are in cpu_kernels.h. */
 static void apply_linear(const native_linear *l, const float *x, int64_t rows, float *y, int accumulate,
-                         uint8_t *xq, float *xs, int num_threads) {
+                         uint8_t *xq, float *xs, int32_t *xsum, int num_threads) {
 #if defined(Q8_VNNI) || defined(Q8_AVX2)
+    if (l->bscale) {
+        linear_qb(x, rows, l->in, (const uint8_t *)l->wq, l->bscale, l->bits, l->bias, y, l->out, xq, xs, xsum,
+                  accumulate, num_threads);
+        return;
+    }
     if (l->wq) {
         linear_q8(x, rows, l->in, l->wq, l->wsum, l->scale, l->bias, y, l->out, xq, xs, accumulate, num_threads);
         return;
     }
 #else
-    (void)xq, (void)xs;
+    (void)xq, (void)xs, (void)xsum;
 #endif
     linear_f32(x, rows, l->in, l->w, l->bias, y, l->out, accumulate, num_threads);
 }
@@ -495,7 +722,8 @@ static void gelu_tanh(float *x, int64_t n, int num_threads) {
 
 /* h (rows, n_embd): the token + position embeddings in, the residual stream after the last layer out;
  * out (rows, n_embd): ln_f(h). slots (rows,): each token's cache slot (block * block_size + offset).
- * work: rows * (5 * n_embd + n_inner) floats; qwork: rows * (max(n_embd, n_inner) + 3) bytes + rows floats;
+ * work: rows * (5 * n_embd + n_inner) floats; qwork (quantized rows of x, their scales and block sums):
+ * rows * (W + 32) bytes, then 64 + rows * (W / 32 + 1) floats and as many int32, W = max(n_embd, n_inner);
  * attn_scratch: num_threads * heads_per_item * max_seq_len floats. */
 void gpt2_decode_step(const native_layer *layers, int64_t n_layers, const float *lnf_w, const float *lnf_b,
                       float eps, float *h, float *out, int64_t rows, int64_t n_embd, int64_t n_head,
@@ -505,11 +733,14 @@ void gpt2_decode_step(const native_layer *layers, int64_t n_layers, const float 
     const int64_t head_dim = n_embd / n_head;
     float *x = work, *qkv = x + rows * n_embd, *att = qkv + rows * 3 * n_embd, *f = att + rows * n_embd;
     const int64_t widest = n_inner > n_embd ? n_inner : n_embd;
-    float *xs = (float *)(qwork + ((rows * (widest + 3) + 63) & ~(int64_t)63));
+    const int64_t xq_bytes = (rows * (widest + QBLOCK) + 63) & ~(int64_t)63;
+    float *xs = (float *)(qwork + xq_bytes);
+    const int64_t scales_bytes = (rows * (widest / QBLOCK + 1) * (int64_t)sizeof(float) + 63) & ~(int64_t)63;
+    int32_t *xsum = (int32_t *)(qwork + xq_bytes + scales_bytes);
     for (int64_t l = 0; l < n_layers; l++) {
         const native_layer *L = layers + l;
         layer_norm(h, rows, n_embd, L->ln1_w, L->ln1_b, eps, x);
-        apply_linear(&L->c_attn, x, rows, qkv, 0, qwork, xs, num_threads);
+        apply_linear(&L->c_attn, x, rows, qkv, 0, qwork, xs, xsum, num_threads);
         for (int64_t r = 0; r < rows; r++) {
             if (slots[r] < 0) continue;
             memcpy(L->k_cache + slots[r] * n_embd, qkv + r * 3 * n_embd + n_embd, (size_t)n_embd * sizeof(float));
@@ -518,11 +749,11 @@ void gpt2_decode_step(const native_layer *layers, int64_t n_layers, const float 
         decode_attention(qkv, 3 * n_embd, L->k_cache, L->v_cache, tables, table_stride, seq_lens, att, rows, n_head,
                          head_dim, block_size, heads_per_item, L->attn_scale, attn_scratch, max_seq_len,
                          num_threads);
-        apply_linear(&L->attn_proj, att, rows, h, 1, qwork, xs, num_threads);
+        apply_linear(&L->attn_proj, att, rows, h, 1, qwork, xs, xsum, num_threads);
         layer_norm(h, rows, n_embd, L->ln2_w, L->ln2_b, eps, x);
-        apply_linear(&L->c_fc, x, rows, f, 0, qwork, xs, num_threads);
+        apply_linear(&L->c_fc, x, rows, f, 0, qwork, xs, xsum, num_threads);
         gelu_tanh(f, rows * n_inner, num_threads);
-        apply_linear(&L->mlp_proj, f, rows, h, 1, qwork, xs, num_threads);
+        apply_linear(&L->mlp_proj, f, rows, h, 1, qwork, xs, xsum, num_threads);
     }
     layer_norm(h, rows, n_embd, lnf_w, lnf_b, eps, out);
 }

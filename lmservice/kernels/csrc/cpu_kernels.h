@@ -11,16 +11,19 @@
 
 #include <stdint.h>
 
-#define LMSERVICE_KERNELS_ABI_VERSION 1
+#define LMSERVICE_KERNELS_ABI_VERSION 2
 
-/* One projection of the decode step: fp32 weight (out, in) row-major, or int8 packed (see linear_few_rows_q8). */
+/* One projection of the decode step: fp32 weight (out, in) row-major, int8 packed with per-channel scales (see
+ * linear_few_rows_q8), or 8- or 4-bit blocks with per-block scales (bscale set; see linear_few_rows_qblock). */
 typedef struct {
-    const float *w;       /* fp32 weight (out, in), or NULL for int8 */
-    const int8_t *wq;     /* int8 weight packed (ceil(out / 16), ceil(in / 4), 16, 4), or NULL */
-    const int32_t *wsum;  /* int8: per channel, the sum of its weights */
-    const float *scale;   /* int8: per channel scale */
-    const float *bias;    /* or NULL */
+    const float *w;         /* fp32 weight (out, in), or NULL for int8 */
+    const int8_t *wq;       /* int8 weight packed (ceil(out / 16), ceil(in / 4), 16, 4), or blocks packed, or NULL */
+    const int32_t *wsum;    /* per-channel int8: per channel, the sum of its weights */
+    const float *scale;     /* per-channel int8: per channel scale */
+    const uint16_t *bscale; /* blocks: fp16 scales (ceil(out / 16), ceil(in / 32), 16), else NULL */
+    const float *bias;      /* or NULL */
     int64_t in, out;
+    int64_t bits;           /* blocks: 8 or 4 */
 } native_linear;
 
 typedef struct {
@@ -51,6 +54,14 @@ void linear_few_rows_f32(const float *x, int64_t rows, int64_t in, const float *
 void linear_few_rows_q8(const float *x, int64_t rows, int64_t in, const int8_t *wp, const int32_t *wsum,
                         const float *scale, const float *bias, float *y, int64_t out, uint8_t *xq, float *xs,
                         int num_threads);
+
+/* y = quant(x) @ W.T + bias, W in blocks of 32 inputs with fp16 scales, `bits` 8 or 4 (packed: cpu_native.py
+ * pack_block_weight), x quantized per block of 32 too; xq: rows * ceil(in / 32) * 32 bytes, xs and xsum:
+ * rows * ceil(in / 32) floats and int32.
+ * Where native_q8() is 0 it is absent. */
+void linear_few_rows_qblock(const float *x, int64_t rows, int64_t in, const uint8_t *wp, const uint16_t *scales,
+                            int64_t bits, const float *bias, float *y, int64_t out, uint8_t *xq, float *xs,
+                            int32_t *xsum, int num_threads);
 
 void gpt2_decode_step(const native_layer *layers, int64_t n_layers, const float *lnf_w, const float *lnf_b,
                       float eps, float *h, float *out, int64_t rows, int64_t n_embd, int64_t n_head,
