@@ -5,10 +5,12 @@
 
 1. linears: the 49 weights of one GPT-2-small decode step (48 projections + the LM head), per row count:
    fp32 through oneDNN and through the few-rows C linear; int8 through FBGEMM (quantized::linear_dynamic)
-   and through the C int8 x int8 kernel (where the library has it: AVX-512 VNNI).
+   and through the C int8 x int8 kernel; the 48 projections in 4-bit blocks (--quantization int4) and in 8-bit
+   blocks through the C block kernel (the C columns where the library has an int8 kernel: AVX2 or VNNI).
 2. steps: engine decode steps at each batch size with the whole-step C call (lmservice/engine/native_decode.py)
    against the op-by-op path, the same engine switching between them every round; a row per dtype that has
-   a C step on this CPU (int8 needs the int8 kernel), the others named below the table.
+   a C step on this CPU (int8 and int4 need the int8 kernel), the others named below the table
+   (`--dtypes float32 int8 int4`).
 
 The library is the one the engine would load (the best build for this CPU; LMSERVICE_CPU_ISA=x86-64-v3
 measures the AVX2 build on a bigger CPU).
@@ -33,7 +35,8 @@ from lmservice.engine.engine import Engine, EngineConfig  # noqa: E402
 from lmservice.engine.sampling_params import SamplingParams  # noqa: E402
 from lmservice.kernels import cpu_native  # noqa: E402
 from lmservice.kernels.linear import linear_onednn  # noqa: E402
-from lmservice.model.quantize import Int8Linear  # noqa: E402
+from lmservice.model.loader import load_model  # noqa: E402
+from lmservice.model.quantize import BlockLinear, Int8Linear  # noqa: E402
 
 
 def _best_ms(calls: dict[str, callable], rounds: int) -> dict[str, float]:
@@ -54,12 +57,13 @@ def linears(shape: str, rows_list: list[int], rounds: int) -> None:
     weights = [torch.randn(o, i) * 0.02 for o, i in shapes]
     biases = [torch.randn(o) * 0.02 for o, _ in shapes]
     quantized = [Int8Linear(w, b) for w, b in zip(weights, biases, strict=True)]  # on FBGEMM at any row count
+    blocks = {bits: [BlockLinear(w, b, bits) for w, b in zip(weights[:-1], biases[:-1], strict=True)] for bits in (4, 8)}
     fp32_mb = sum(w.numel() for w in weights) * 4 / 1e6
     lib = cpu_native.native_library()
     print(f"{len(weights)} weights, {fp32_mb:.0f} MB in fp32; ms for all of them (GB/s of weights read); "
           f"the {lib.variant} build\n")
-    print("| rows | fp32 oneDNN | fp32 C | int8 FBGEMM | int8 C |")
-    print("| ---: | ---: | ---: | ---: | ---: |")
+    print("| rows | fp32 oneDNN | fp32 C | int8 FBGEMM | int8 C | int4 blocks C (no LM head) | int8 blocks C (no LM head) |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for rows in rows_list:
         xs = {k: torch.randn(rows, k) for k in {i for _, i in shapes}}
         calls = {
@@ -70,9 +74,15 @@ def linears(shape: str, rows_list: list[int], rounds: int) -> None:
         if lib.has_int8:
             calls["int8 C"] = lambda xs=xs: [lib.linear_int8(xs[q.in_features], q.weight_packed, q.weight_sums,
                                                              q.scales, q.bias) for q in quantized]
+            for bits in (4, 8):
+                calls[f"int{bits} blocks C"] = lambda xs=xs, bits=bits: [
+                    lib.linear_block(xs[m.in_features], m.weight_packed, m.block_scales, bits, m.out_features, m.bias)
+                    for m in blocks[bits]]
         best = _best_ms(calls, rounds)
-        cells = [f"{best[k]:.1f} ({(fp32_mb if k.startswith('fp32') else fp32_mb / 4) / best[k]:.0f})" if k in best
-                 else "-" for k in ("fp32 oneDNN", "fp32 C", "int8 FBGEMM", "int8 C")]
+        head_mb = weights[-1].numel() * 4 / 1e6
+        size = {"fp32 oneDNN": fp32_mb, "fp32 C": fp32_mb, "int8 FBGEMM": fp32_mb / 4, "int8 C": fp32_mb / 4,
+                "int4 blocks C": (fp32_mb - head_mb) * 4.5 / 32, "int8 blocks C": (fp32_mb - head_mb) * 8.5 / 32}
+        cells = [f"{best[k]:.1f} ({size[k] / best[k]:.0f})" if k in best else "-" for k in size]
         print(f"| {rows} | " + " | ".join(cells) + " |", flush=True)
 
 
@@ -82,7 +92,7 @@ def steps(model_dir: Path, shape: str, dtypes: list[str], batches: list[int], ro
     vocab = SHAPES[shape]["vocab_size"]
     without: list[str] = []
     for dtype in dtypes:
-        loaded = load(model_dir, dtype)
+        loaded = load_model(model_dir, "cpu", "float32", quantization="int4") if dtype == "int4" else load(model_dir, dtype)
         for batch in batches:
             engine = Engine(loaded, EngineConfig.from_fields(kv_cache_memory_mb=1024, max_num_batched_tokens=8192,
                                                              enable_prefix_caching=False))
@@ -108,7 +118,7 @@ def steps(model_dir: Path, shape: str, dtypes: list[str], batches: list[int], ro
             print(f"| {dtype} | {batch} | {op:.1f} ({min(times['op']):.1f}) | {c:.1f} ({min(times['C']):.1f}) | "
                   f"{c / op:.2f} |", flush=True)
     if without:
-        print(f"\nno C step on this CPU for: {', '.join(without)} (int8 needs the int8 kernel, AVX-512 VNNI)")
+        print(f"\nno C step on this CPU for: {', '.join(without)} (int8 and int4 need the int8 kernel: AVX2)")
 
 
 def main() -> None:
@@ -117,7 +127,7 @@ def main() -> None:
     ap.add_argument("--shape", default="gpt2", choices=list(SHAPES))
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 8, 16, 32])
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "int8"])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "int8"], help="float32, int8, int4")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=128)
     add_threads_flag(ap)

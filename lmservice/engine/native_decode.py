@@ -5,8 +5,8 @@ twelve layers of a dozen torch ops each, every one a trip through the dispatcher
 whole stack (LayerNorms, projections, KV write, paged attention, GELU, residuals) in one call; only the
 embedding lookup before it and the LM head and sampling after it stay in torch. It is one of the decode
 fast paths (fast_path.py): pure decode steps without LoRA, up to the CPU-kernel policy's
-`decode_step_rows` sequences (`decode_step_int8_rows` for an int8 model); larger decode batches go op by op,
-to oneDNN and FBGEMM.
+`decode_step_rows` sequences (`decode_step_int8_rows` for a per-channel int8 model); larger decode batches go op
+by op, to oneDNN, FBGEMM or the C block kernel.
 
 Built where the policy runs C and the model exports weights the step computes the same way
 (GPT2ForServing.decode_step_weights: tanh GELU, fp32 projections, or int8 ones where the library has an
@@ -38,7 +38,9 @@ class NativeDecoder:
         weights = model.decode_step_weights(kv_caches)
         if weights is None:
             return None
-        max_rows = kernels.decode_step_int8_rows if weights.is_int8 else kernels.decode_step_rows
+        # per-channel int8 has FBGEMM op by op, which beats the C kernel past a few rows on AVX2; fp32 and block
+        # weights (int4) run the same C linears op by op, so the one-call step is the faster up to its limit
+        max_rows = kernels.decode_step_int8_rows if weights.has_channel_int8 else kernels.decode_step_rows
         if max_rows == 0 or (weights.is_int8 and not library.has_int8):
             return None
         return cls(model, NativeDecodeStep(library, weights), max_rows)

@@ -455,7 +455,13 @@ class DecodeStepWeights:
 
     @property
     def is_int8(self) -> bool:
+        """Any projection quantized: the step needs the library's int8 kernel."""
         return any(lw.is_int8 for layer in self.layers for lw in layer.linears)
+
+    @property
+    def has_channel_int8(self) -> bool:
+        """Any projection in per-channel int8 (whose op-by-op alternative is FBGEMM, not the C kernel)."""
+        return any(lw.is_int8 and not lw.bits for layer in self.layers for lw in layer.linears)
 
 
 class NativeDecodeStep:

@@ -13,8 +13,8 @@ The row thresholds, each measured on GPT-2 small's decode steps (docs/kernels.md
   more to FBGEMM; 0 where the library has no int8 kernel;
 - linears with block-quantized weights (`--quantization int4`) take the C kernel for any number of rows where
   the library has an int8 kernel (`linear_block_rows`), else the dequantized torch path;
-- pure decode steps of at most `decode_step_rows` sequences run as one C call, and of an int8 model at most
-  `decode_step_int8_rows` (0: never).
+- pure decode steps of at most `decode_step_rows` sequences run as one C call, and of a per-channel int8 model
+  at most `decode_step_int8_rows` (0: never).
 On AVX-512 VNNI the C int8 kernel beats FBGEMM up to 32 rows. On AVX2 it computes the same sums with more
 instructions per product than FBGEMM (which sums in int16 and lets them saturate), so it loses to FBGEMM once a
 call has a few rows; there it runs only in decode steps of a few rows, where one C call saves the per-op

@@ -135,10 +135,10 @@ def test_not_built_for_what_it_does_not_compute(tmp_path, model_dir):
     engine = Engine(load_model(exact_gelu, "cpu", "float32"), EngineConfig.from_fields(num_kv_blocks=16,
                                                                                       cpu_kernels="native"))
     assert engine.runner.fast_path is None
-    for quantization in ("none", "int8") if INT8 else ("none",):
+    for quantization in ("none", "int8", "int4") if INT8 else ("none",):
         engine = Engine(load_model(model_dir, "cpu", "float32", quantization=quantization),
                         EngineConfig.from_fields(num_kv_blocks=16, cpu_kernels="native"))
-        rows = DECODE_STEP_INT8_ROWS[LIB.int8_kernel] if quantization == "int8" else DECODE_STEP_ROWS
+        rows = DECODE_STEP_INT8_ROWS[LIB.int8_kernel] if quantization == "int8" else DECODE_STEP_ROWS  # int4: C anyway
         assert engine.runner.fast_path.max_rows == rows
     if not INT8:  # int8 weights the library cannot multiply: op by op (FBGEMM), never the C step
         engine = Engine(load_model(model_dir, "cpu", "float32", quantization="int8"),
