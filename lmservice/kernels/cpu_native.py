@@ -5,7 +5,8 @@ and V out of their blocks into one tensor before SDPA can read it, so at batch 3
 whole context twice; the C kernel reads the blocks in place through the block table. For decode steps of a
 few rows, `linear_f32` reads each fp32 weight row once for all rows, at memory speed, where oneDNN's
 small-M GEMM does not; `linear_int8` multiplies packed int8 weights by per-row-quantized activations
-(AVX-512 VNNI, or AVX2's vpmaddubsw). And `NativeDecodeStep` runs a whole GPT-2 decode step in one call, with no Python and no
+(AVX-512 VNNI, or AVX2's vpmaddubsw), and `linear_block` weights in blocks of 32 inputs with a scale each, 8 or 4
+bits (--quantization int4), by activations quantized in blocks of 32 too. And `NativeDecodeStep` runs a whole GPT-2 decode step in one call, with no Python and no
 dispatch per op (lmservice/engine/native_decode.py). docs/kernels.md has the measurements.
 
 Which library: `native_library()` loads, once per process, the best variant (lmservice/kernels/native_build.py)
