@@ -20,6 +20,7 @@ from lmservice.engine.async_engine import AsyncEngine
 from lmservice.engine.engine import Engine, EngineConfig
 from lmservice.model.loader import load_model
 from lmservice.model.lora import read_adapter
+from lmservice.serving import allocator
 from lmservice.serving.adapters import DEFAULT_MAX_ADAPTER_PATH_CHARS, find_adapters
 from lmservice.serving.models import ModelRegistry, base_entry
 from lmservice.serving.structured import GrammarCompiler
@@ -61,9 +62,38 @@ def build_serving(settings: Settings) -> Serving:
     thread left its team alive beside the engine thread's, and with more OpenMP threads than cores libgomp
     stops spinning at barriers: every parallel region of every step then put its workers to sleep and woke
     them (~75 context switches per decode step, each a wake-up of an idle vCPU), and an int8 batch-1 step took
-    11.7 ms in the server against 7.9 in process (docs/benchmarks.md). A thread that ends takes its team with it."""
+    11.7 ms in the server against 7.9 in process (docs/benchmarks.md). A thread that ends takes its team with it.
+
+    The process's malloc is held to a few arenas from here on, and its heap trimmed while the engine idles
+    (lmservice/serving/allocator.py)."""
+    allocator.limit_arenas()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmservice-load") as pool:
-        return pool.submit(_build_serving, settings).result()
+        serving = pool.submit(_build_serving, settings).result()
+    _idle_trimmer(serving.engine).start()
+    return serving
+
+
+def _idle_trimmer(engine: AsyncEngine) -> allocator.IdleTrimmer:
+    """Trims after work, while nothing runs or waits; ends once the engine thread has run and stopped."""
+    num_steps = 0
+    was_alive = False
+
+    def steps_done() -> int:
+        nonlocal num_steps
+        num_steps = engine.step_samples_since(num_steps)[1]
+        return num_steps
+
+    def is_idle() -> bool:
+        stats = engine.stats()
+        return stats.num_running == 0 and stats.num_waiting == 0
+
+    def is_done() -> bool:
+        nonlocal was_alive
+        alive = engine.is_alive()
+        was_alive = was_alive or alive
+        return was_alive and not alive
+
+    return allocator.IdleTrimmer(is_idle, steps_done, is_done)
 
 
 def _build_serving(settings: Settings) -> Serving:
