@@ -67,14 +67,16 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--ppl-tokens", type=int, default=50_000)
     ap.add_argument("--max-num-seqs", type=int, default=256, help="the engine's batch limit (decode rows per step)")
+    ap.add_argument("--as-written", action="store_true", help="the valid stories cased, as written (for a base "
+                    "trained on cased text); by default lowercased")
     ap.add_argument("--quantization", nargs="+", default=["int8", "int4"],
                     choices=["int8", "int8-blocks", "int4"])
     add_threads_flag(ap)
     args = ap.parse_args()
     apply_threads(args)
 
-    # the base model was trained on lowercased TinyStories (models/README.md): evaluate it on the same form
-    stories = [s.strip().lower() for s in VALID.read_text().split("\n\n") if s.strip()]
+    # a base model trained on lowercased TinyStories (models/README.md) is evaluated on the same form
+    stories = [s.strip() if args.as_written else s.strip().lower() for s in VALID.read_text().split("\n\n") if s.strip()]
     outputs, ppl = {}, {}
     for q in ("none", *args.quantization):
         engine = engine_for(args.model, q, args.max_num_seqs)
