@@ -59,7 +59,7 @@ BASE_MODIFYING_INITS = ("pissa", "corda", "olora", "loftq", "mica")  # they rewr
 # Bounds on what one adapter directory may make the server do (real PEFT configs are a few KB).
 MAX_JSON_FILE_BYTES = 1 << 20  # adapter_config.json, lmservice.json
 MAX_PATTERN_KEYS = 1024  # entries of rank_pattern or alpha_pattern (a GPT-2 has 4 * n_layer + 2 modules)
-MAX_PATTERN_CHARS = 1024  # one rank_pattern/alpha_pattern key
+MAX_PATTERN_CHARS = 256  # one rank_pattern/alpha_pattern key (PEFT writes module names: ~40)
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False  # a bad pattern is the user's error, reported as such, not logged by RE2
 _RE2_OPTIONS.max_mem = 8 << 20  # per compiled pattern (RE2's default): a bigger program is refused
