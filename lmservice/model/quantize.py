@@ -1,4 +1,5 @@
-"""8-bit weights for the loaded model (`--quantization int8`), applied after loading by swapping modules.
+"""8- and 4-bit weights for the loaded model (`--quantization int8 | int4`), applied after loading by swapping
+modules.
 
 Every projection (c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj) and the LM head becomes an `Int8Linear`:
 the weight stored as int8 with one fp32 scale per output channel (symmetric, scale = max|w| / 127),
@@ -9,7 +10,15 @@ than fp32, and than weight-only int8 with bf16 activations (`python benchmarks/l
 Calls of at most the CPU-kernel policy's `linear_int8_rows` rows (decode steps) take our own C kernel
 instead where it is faster than FBGEMM, on AVX-512 VNNI (lmservice/kernels/cpu_native.py
 NativeLibrary.linear_int8: packed weights, each input row quantized with its own scale; docs/kernels.md);
-prefills stay on FBGEMM. (On AVX2 the same kernel runs inside the C decode step only: cpu_policy.py.) Until the policy is handed over (use_cpu_kernels) every call is FBGEMM's.
+prefills stay on FBGEMM. (On AVX2 the same kernel runs inside the C decode step only: cpu_policy.py.) Until the
+policy is handed over (use_cpu_kernels) every call is FBGEMM's.
+
+`--quantization int4` makes every projection a `BlockLinear` of 4 bits: blocks of 32 inputs per channel, each
+with an fp16 scale (llama.cpp's q4_0 layout), and the input quantized to int8 in blocks of 32 as well; the LM
+head, which is the tied embedding and shapes every logit, stays a per-channel Int8Linear. The C block kernel
+takes every call where the library has an int8 kernel (AVX2 or AVX-512 VNNI), prefills too; elsewhere the
+dequantized torch path, which is also its reference. The same module with 8 bits is q8_0's layout
+(benchmarks/quantization.py int8-blocks).
 
 Embeddings, LayerNorms, the KV cache and classification score heads stay in fp32; LoRA adapters add
 their fp32 delta to the quantized projection's output, unchanged. The scheduler never sees any of it.
