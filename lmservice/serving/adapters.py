@@ -47,7 +47,10 @@ def resolve_adapter_dir(adapters_dir: Path | None, directory: str) -> Path:
     if adapters_dir is None:
         raise AdapterPathError("this server has no adapters dir (--adapters-dir): it cannot load adapters")
     root = Path(adapters_dir).resolve()
-    path = (root / directory).resolve()
+    try:
+        path = (root / directory).resolve()
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+        raise AdapterPathError(f"adapter directory {shown(directory)} cannot be resolved (a symlink loop)") from None
     if path == root or root not in path.parents:
         raise AdapterPathError(f"adapter directory {shown(directory)} is outside the adapters dir")
     return path

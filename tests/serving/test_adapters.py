@@ -7,7 +7,9 @@ import json
 import logging
 import time
 
-from lmservice.serving.adapters import find_adapters
+import pytest
+
+from lmservice.serving.adapters import AdapterPathError, find_adapters, resolve_adapter_dir
 from lmservice.serving.bootstrap import load_adapters_dir, serving_for
 from tests.adapter_files import REDOS_KEY, write_adapter, write_hostile_adapters
 
@@ -54,3 +56,14 @@ def test_the_scan_loads_the_good_and_skips_each_bad_one_with_a_log_line(tiny_eng
         [line] = [line for line in lines if f"/adapters/{name}" in line]
         assert line.startswith("adapter ") and " not loaded: " in line and reason in line, line
         assert len(line) < 500
+
+
+def test_a_requested_path_that_loops_or_escapes_is_refused(tmp_path):
+    root = tmp_path / "adapters"
+    _adapter(root / "good")
+    (root / "loop").symlink_to(root / "loop")
+    with pytest.raises(AdapterPathError, match="cannot be resolved"):
+        resolve_adapter_dir(root, "loop/x")
+    with pytest.raises(AdapterPathError, match="outside the adapters dir"):
+        resolve_adapter_dir(root, "../" * 50)
+    assert resolve_adapter_dir(root, "good") == (root / "good").resolve()
