@@ -12,6 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from lmservice.api.errors import install_handlers
 from lmservice.api.middleware import RequestContextMiddleware
+from lmservice.api.playground import docs_router
 from lmservice.api.playground import router as playground_router
 from lmservice.api.routes import admin, embeddings, openai, probes, tasks, tokenize
 from lmservice.api.state import ServerState
@@ -55,11 +56,17 @@ def create_app(settings: Settings, serving: Serving | None = None, metrics: Metr
         summary="GPT-2-family inference: native generate/classify/translate and an OpenAI-compatible API.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # Swagger UI from the package instead of a CDN: docs_router
+        redoc_url=None,
+        # No 307 to the path with(out) a trailing slash: Starlette builds its Location from the client's Host
+        # header; an unknown path is a 404 like any other.
+        redirect_slashes=False,
     )
     app.state.server = state
     install_handlers(app)
     for module in (probes, tasks, openai, embeddings, tokenize, admin):
         app.include_router(module.router)
+    app.include_router(docs_router)
     if settings.playground:
         app.include_router(playground_router)
     if settings.cors_origins:

@@ -31,6 +31,8 @@ ERROR_TYPES = {
     405: "invalid_request_error",
     413: "invalid_request_error",
     422: "invalid_request_error",
+    408: "invalid_request_error",
+    414: "invalid_request_error",
     429: "rate_limit_error",
     431: "invalid_request_error",
     499: "client_closed_request",

@@ -1,4 +1,5 @@
-"""Per-request context: the request id, the body size limit, one structured log line and the requests counter.
+"""Per-request context: the request id, the security headers, the body size limit, one structured log line and
+the requests counter.
 
 A pure ASGI middleware (not BaseHTTPMiddleware) so streamed responses pass
 through untouched and client disconnects reach the routes.
@@ -19,12 +20,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmservice.api.errors import error_body
 from lmservice.api.jsonlog import request_id_var
+from lmservice.api.playground import SECURITY_HEADERS
 from lmservice.api.state import ServerState
 
 access_log = logging.getLogger("lmservice.access")
 
 # A client's X-Request-ID is echoed only when it is short and printable; otherwise we make one.
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+_SECURITY_HEADERS = [(name.lower().encode(), value.encode()) for name, value in SECURITY_HEADERS.items()]
 # Routes we name in the metric; anything else counts as "other" so a scanner cannot blow up label cardinality.
 _OTHER = "other"
 
@@ -73,7 +76,8 @@ class RequestContextMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode()),
+                                      *_SECURITY_HEADERS]
             await send(message)
 
         limit = self.state.settings.max_body_bytes

@@ -2,13 +2,15 @@
 
 SIGTERM: stop admitting (/ready -> 503, new model requests -> 503), let the
 in-flight requests finish for up to settings.drain_timeout_s, abort the rest,
-then shut uvicorn down and exit 0. A second SIGTERM, or SIGINT, exits at once:
-in-flight requests are aborted (streams still end with their last chunk and
-`[DONE]`), and the process exits within about a second, with status 1.
+then shut uvicorn down and exit 0. SIGINT takes the same path with no grace:
+in-flight requests are aborted at once (streams still end with their last chunk
+and `[DONE]`), uvicorn and the engine shut down in order, and the process exits
+within about a second, with status 1. A second signal during either exits at once.
 
-A connection must send its request headers within settings.header_read_timeout_s
-of opening (or of starting its next request): half-sent requests cannot hold
-sockets open.
+The port is bound before the model loads: a busy port fails at once.
+
+Connections are bounded by lmservice/api/protocol.py (header sizes and counts, header and body read
+timeouts): half-sent or oversized requests cannot hold sockets or memory.
 """
 
 from __future__ import annotations
@@ -16,61 +18,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from types import FrameType
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from lmservice.api.app import create_app
 from lmservice.api.jsonlog import configure_logging
+from lmservice.api.protocol import HttpLimits, limited_protocol
 from lmservice.config import Settings
 
 logger = logging.getLogger(__name__)
 
 
-def header_timeout_protocol(timeout_s: float) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol, closing connections whose request headers take over `timeout_s`."""
-
-    class HeaderTimeoutProtocol(HttpToolsProtocol):
-        _header_timer: asyncio.TimerHandle | None = None
-
-        def _arm(self) -> None:
-            if self._header_timer is None:
-                self._header_timer = self.loop.call_later(timeout_s, self._headers_too_slow)
-
-        def _disarm(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-
-        def _headers_too_slow(self) -> None:
-            self._header_timer = None
-            logger.info("closing a connection: request headers not received in time",
-                        extra={"header_read_timeout_s": timeout_s})
-            self.transport.close()
-
-        def connection_made(self, transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._arm()
-
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self._arm()
-
-        def on_headers_complete(self) -> None:
-            self._disarm()
-            super().on_headers_complete()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
-
-    return HeaderTimeoutProtocol
-
-
 class DrainingServer(uvicorn.Server):
-    """uvicorn.Server whose first SIGTERM drains instead of closing connections at once,
-    and whose second SIGTERM (or a SIGINT) aborts what runs and exits (see module docstring)."""
+    """uvicorn.Server whose first signal drains instead of closing connections at once (SIGTERM for
+    up to drain_timeout_s, SIGINT for none), and whose second signal aborts what runs and exits at once
+    (see module docstring)."""
 
     def __init__(self, config: uvicorn.Config, drain, abort_all) -> None:
         super().__init__(config)
@@ -79,6 +43,7 @@ class DrainingServer(uvicorn.Server):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task] = set()
         self.draining = False
+        self.interrupted = False  # the drain was a SIGINT's (no grace)
         self.forced = False
         self.drain_timeout_s = 0.0
 
@@ -90,8 +55,9 @@ class DrainingServer(uvicorn.Server):
         # Runs in the signal handler: only schedule; the work runs on the loop.
         if self._loop is None or not self.started:
             super().handle_exit(sig, frame)
-        elif sig == signal.SIGTERM and not self.draining:
+        elif not self.draining:
             self.draining = True
+            self.interrupted = sig == signal.SIGINT
             self._loop.call_soon_threadsafe(self._start, self._drain_then_exit)
         elif not self.forced:
             self.forced = True
@@ -103,8 +69,13 @@ class DrainingServer(uvicorn.Server):
         task.add_done_callback(self._tasks.discard)
 
     async def _drain_then_exit(self) -> None:
-        logger.info("SIGTERM: draining", extra={"drain_timeout_s": self.drain_timeout_s})
-        aborted = await self._drain(self.drain_timeout_s)
+        # NOTE: a SIGINT takes the same path with no grace: in-flight requests are aborted at once (streams end
+        # with their last chunk and [DONE]), then uvicorn shuts down in order, the app's lifespan included; a
+        # forced exit instead would cancel the lifespan task (an error-level CancelledError traceback).
+        timeout_s = 0.0 if self.interrupted else self.drain_timeout_s
+        logger.info("SIGINT: aborting in-flight requests" if self.interrupted else "SIGTERM: draining",
+                    extra={"drain_timeout_s": timeout_s})
+        aborted = await self._drain(timeout_s)
         logger.info("drained", extra={"aborted": aborted})
         self.should_exit = True
 
@@ -117,10 +88,30 @@ class DrainingServer(uvicorn.Server):
         self.force_exit = True
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads, so a busy port is one clear line at once
+    (OSError) rather than after the load."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
 def run(settings: Settings) -> int:
-    """Serve until SIGTERM/SIGINT; 0 after a clean drain, 1 when the model cannot be loaded or
-    a second signal forced the exit."""
+    """Serve until SIGTERM/SIGINT; 0 after a SIGTERM's drain, 1 when the port cannot be bound, the model
+    cannot be loaded, or the exit was a SIGINT's or forced by a second signal."""
     configure_logging(settings.log_level)
+    try:
+        sock = bind(settings.host, settings.port)
+    except OSError as e:
+        logger.error("cannot listen", extra={"host": settings.host, "port": settings.port, "error": str(e)})
+        return 1
     from lmservice.serving.bootstrap import build_serving  # here: torch and the model only when serving
 
     try:
@@ -128,15 +119,16 @@ def run(settings: Settings) -> int:
         serving = build_serving(settings)
     except (ValueError, OSError) as e:  # ModelConfigError, LoRAAdapterError, AdapterPathError, missing files
         logger.error("cannot load the model", extra={"error": str(e)})
+        sock.close()
         return 1
     app = create_app(settings, serving)
     state = app.state.server
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_config=None, access_log=False,
         log_level=settings.log_level, timeout_graceful_shutdown=5, lifespan="on",
-        http=header_timeout_protocol(settings.header_read_timeout_s),
+        http=limited_protocol(HttpLimits.from_settings(settings)),
     )
     server = DrainingServer(config, drain=state.drain, abort_all=state.abort_all)
     server.drain_timeout_s = settings.drain_timeout_s
-    server.run()
-    return 0 if server.started and not server.forced else 1
+    server.run(sockets=[sock])
+    return 0 if server.started and not (server.forced or server.interrupted) else 1

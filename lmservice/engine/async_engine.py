@@ -122,6 +122,12 @@ class AsyncEngine:
     def eos_token_id(self) -> int | None:
         return self.engine.eos_token_id
 
+    @property
+    def kernels(self) -> dict[str, str]:
+        """The kernels in use, chosen once at start-up: `ops` the op set (torch, native, triton), `cpu` the
+        build of the C kernels this CPU runs (x86-64-v4-vnni, ...) or torch where none runs."""
+        return {"ops": self.engine.ops.name, "cpu": str(self.engine.cpu_kernels.describe()["variant"])}
+
     def stats(self) -> EngineStats:
         """Counters now (plain reads of ints under the GIL; never waits for a step, changes nothing)."""
         return self.engine.stats()

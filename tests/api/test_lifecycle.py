@@ -117,3 +117,48 @@ def test_unloadable_model_is_one_clear_line_and_exit_1(tmp_path):
     assert proc.returncode == 1
     errors = [json.loads(line) for line in proc.stderr.splitlines() if '"level": "error"' in line]
     assert len(errors) == 1 and "model directory not found" in errors[0]["error"]
+
+
+def test_sigint_aborts_quietly_and_fast(slow_model_dirs, tmp_path_factory):
+    import signal
+
+    server = start_server(slow_model_dirs, tmp_path_factory, "sigint", "--api-key", API_KEY,
+                          "--drain-timeout-s", "60")
+    try:
+        stream = StreamInBackground(server.url, LONG)
+        assert stream.started.wait(60)
+        start = time.monotonic()
+        server.proc.send_signal(signal.SIGINT)
+        rc = server.proc.wait(30)
+        print(f"SIGINT to exit: {time.monotonic() - start:.2f} s")
+        assert time.monotonic() - start < 3.0  # no grace period, unlike SIGTERM's drain
+        assert rc == 1
+        stream.thread.join(10)
+        assert stream.finish_reason() == "abort" and stream.done
+        records = server.log_records()
+        assert not [r for r in records if r["level"] == "error"], [r["msg"][:300] for r in records
+                                                                   if r["level"] == "error"]
+        assert any(r["msg"] == "Application shutdown complete." for r in records)  # the lifespan ran its end
+    finally:
+        server.stop()
+
+
+def test_busy_port_fails_before_the_model_loads(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from tests.servers import ROOT
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        start = time.monotonic()
+        # The model directory does not exist either: the port is looked at first.
+        proc = subprocess.run([sys.executable, "-m", "lmservice.cli", "serve", "--model", str(tmp_path / "missing"),
+                               "--port", str(port)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    errors = [json.loads(line) for line in proc.stderr.splitlines() if '"level": "error"' in line]
+    assert len(errors) == 1 and errors[0]["msg"] == "cannot listen" and errors[0]["port"] == port, proc.stderr[-800:]
+    print(f"busy port found after {time.monotonic() - start:.2f} s")

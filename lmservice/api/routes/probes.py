@@ -21,7 +21,7 @@ async def health(request: Request) -> Health | Response:
     state = server_state(request)
     if state.engine is not None and not state.engine.is_alive() and not state.is_draining:
         return error_response(APIError(503, "engine loop is not running"))
-    return Health()
+    return Health(kernels=state.engine.kernels if state.engine is not None else None)
 
 
 @router.get("/ready", response_model=Readiness, responses=_UNAVAILABLE)
