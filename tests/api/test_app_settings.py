@@ -51,3 +51,18 @@ def test_openapi_has_an_example_for_every_endpoint(app_client):
             assert any(c.get("example") or (c.get("schema") and has_example(c["schema"]))
                        for c in contents.values()), f"{method} {path}: response without example"
     assert app_client.get("/docs").status_code == 200
+
+
+def test_every_flag_docs_api_names_exists_and_every_http_limit_is_named():
+    import re
+    from pathlib import Path
+
+    from lmservice.config import Settings
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
+    flags = set(re.findall(r"`--([a-z0-9-]+)", text)) - {"no-playground"}
+    fields = {name.replace("_", "-") for name in Settings.model_fields}
+    assert flags and not flags - fields, flags - fields
+    limits = ("max-header-line-bytes", "max-header-bytes", "max-headers", "body-read-timeout-s",
+              "header-read-timeout-s", "max-body-bytes", "max-structured-spec-bytes")
+    assert all(limit in flags for limit in limits)
