@@ -29,7 +29,9 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
 }
 _HEADERS = {"Cache-Control": "no-cache"}  # revalidate: a server upgrade must not leave an old page talking to it
-# What /docs serves: Swagger UI's bundle and style (vendored unchanged, Apache-2.0: swagger-ui.LICENSE) and ours.
+# What /docs serves: Swagger UI's bundle and style (swagger-ui-dist 5.35.0 from npm, unchanged; Apache-2.0:
+# swagger-ui.LICENSE, swagger-ui.NOTICE; the one Python package of them ships 4.x, which cannot read OpenAPI 3.1)
+# and our start-up script.
 _DOCS_ASSETS = {"docs.js", "swagger-ui-bundle.js", "swagger-ui.css", "favicon.svg"}
 _ASSETS = {p.name: (p.read_bytes(), _MEDIA_TYPES[p.suffix])
            for p in sorted(STATIC_DIR.iterdir()) if p.suffix in _MEDIA_TYPES}

@@ -7,4 +7,5 @@ window.ui = SwaggerUIBundle({
   showExtensions: true,
   showCommonExtensions: true,
   presets: [SwaggerUIBundle.presets.apis, SwaggerUIBundle.SwaggerUIStandalonePreset],
+  validatorUrl: null,  // no badge fetched from elsewhere
 });
