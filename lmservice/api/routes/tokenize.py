@@ -46,4 +46,5 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
     bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
     if bad is not None:
         raise APIError(400, f"tokens: token id {bad} is outside the vocabulary [0, {vocab})", param="tokens")
-    return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
+    prompt = await server_state(request).tokenizing.run(engine.tokenizer.decode, body.tokens)  # off the loop
+    return DetokenizeResponse(prompt=prompt)
