@@ -49,6 +49,7 @@ def create_app(settings: Settings, serving: Serving | None = None, metrics: Metr
             yield
         finally:
             await state.engine.shutdown()
+            state.tokenizing.shutdown()
             logger.info("engine stopped")
 
     app = FastAPI(

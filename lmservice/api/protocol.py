@@ -17,9 +17,10 @@ bounds are enforced here, on the bytes as they arrive, before the parser sees th
 - `body_read_timeout_s`: the body must be complete this long after the head; else 408 (when no answer has
   started) and the connection is closed; the route sees a disconnect.
 
-NOTE: the head is scanned from the first byte after the previous request's body. A client that pipelines
-a request in the same read as the previous body gets that read (at most 256 KiB) past the scan; the
-parser still bounds it by the read size, and every later read is counted.
+NOTE: the scan follows the parser: a head is scanned from the first read after the previous request's body
+until the parser has its headers. A client that pipelines a request in the same read as the previous body
+gets that read (at most 256 KiB) past the scan, which still bounds what the parser can hold; every later
+read of that head is counted.
 """
 
 from __future__ import annotations
@@ -160,6 +161,8 @@ def limited_protocol(limits: HttpLimits) -> type[HttpToolsProtocol]:
             super().data_received(data)
 
         def on_headers_complete(self) -> None:
+            if self._scan is not None:  # the parser is in the body now, even where the scan did not see the head
+                self._scan.is_open = False
             self._arm(limits.body_read_timeout_s, self._body_too_slow)
             super().on_headers_complete()
 

@@ -125,6 +125,14 @@ def test_ordinary_requests_pass_on_a_kept_alive_connection(limited):
     assert sent_all and response.count(b"HTTP/1.1 200 OK") == 3, response[:500]
 
 
+def test_a_pipelined_body_is_not_taken_for_a_head(limited):
+    body = b'{"prompt": "' + b"z" * 9000 + b'"}'  # one line longer than a header line may be
+    post = (b"POST /tokenize HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + API_KEY.encode() +
+            b"\r\ncontent-type: application/json\r\nConnection: close\r\ncontent-length: %d\r\n\r\n" % len(body))
+    response, _, sent_all = _attack(limited.port, [HEAD + b"\r\n" + post + body[:100], body[100:]], pause_s=0.3)
+    assert sent_all and response.count(b"HTTP/1.1 200 OK") == 2, response[-600:]
+
+
 @pytest.mark.parametrize("chunks", [
     [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n{\n\n\n\n}"],  # the body's newlines are not counted
     [b"GET / HTTP/1.1\r", b"\nHost: x\r\n", b"\r", b"\n" + b"\n" * 500],  # split anywhere
