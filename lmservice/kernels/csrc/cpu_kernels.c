@@ -453,9 +453,9 @@ int native_q8(void) { return 0; }
 
 /* Weights in blocks of QBLOCK inputs, each block of each channel with its own fp16 scale (llama.cpp's q8_0 and
  * q4_0 formats in spirit): `bits` 8 (values -127..127) or 4 (values -8..7), stored unsigned with an offset
- * (128, or 8) so that they are the u8 operand of the u8 x s8 multiply-adds, and x (quantized per row as
- * above) the s8 one. The offset comes back out per block: sum (q + off) x = sum q x + off * xsum, with xsum the
- * block's sum of x (block_sums). Packed (lmservice/kernels/cpu_native.py pack_block_weight) in 16-channel
+ * (128, or 8) so that they are the u8 operand of the u8 x s8 multiply-adds, and x (quantized per block of
+ * QBLOCK too: quantize_x_blocks) the s8 one. The offset comes back out per block: sum (q + off) x = sum q x +
+ * off * xsum, with xsum the block's sum of x. Packed (lmservice/kernels/cpu_native.py pack_block_weight) in 16-channel
  * tiles like the int8 kernel's: per block, 8 groups of 4 inputs, each 64 bytes (4 inputs x 16 channels);
  * 4-bit blocks hold two groups per 64 bytes, the even one in the low nibbles. Scales: (tiles, blocks, 16).
  * Per block: int32 sums, the offset out, then converted and multiplied by the block's scales into fp32
