@@ -1,8 +1,8 @@
 """The API's one door to the engine: every route takes the same path through it.
 
-    sub = Submission.open(request, entry, "cmpl")              # entry: state.models resolved the model
-    call = sub.submit(await sub.tokenize(prompts), params, task)  # checked once, admitted all or none
-    return await call.respond(request, chunks or None, build)  # SSE, or run to the end and answer the model
+    sub = Submission.open(request, entry, "cmpl")                 # entry: state.models resolved the model
+    call = sub.submit(await sub.tokenize(prompts), params, task)  # checked once, then admitted all or none
+    return await call.respond(request, chunks or None, build)     # SSE, or run to the end and answer the model
 
 Three jobs, three modules: submitting (lmservice/api/submission.py), collecting results
 (lmservice/api/results.py) and recording latency and usage (lmservice/api/accounting.py). An
