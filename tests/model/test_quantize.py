@@ -129,3 +129,25 @@ def test_int4_model_is_close_to_fp32_and_serves_to_the_end(model_dir):
     engine = Engine(loaded, EngineConfig.from_fields(num_kv_blocks=64))
     out = run_to_completion(engine, [("a", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))])
     assert len(out["a"]["tokens"][0]) == 8 and engine.pool.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_lora_adds_its_delta_to_quantized_projections(model_dir, tmp_path, quantization):
+    """A LoRA adapter on a quantized model: each prompt token's log-likelihood near fp32-with-adapter's, and far
+    from the quantized model's own without it (the negative control: the delta really is added)."""
+    from tests.engine.test_multi_lora import make_adapter
+
+    adapter = make_adapter(model_dir, tmp_path / "adapter", 4, 8, ["c_attn", "c_proj", "c_fc"], False, seed=3)
+    batch = prompts(4, 1000, 8, 30, seed=5)
+    params = SamplingParams(temperature=0.0, max_tokens=0, prompt_logprobs=0)
+    results = {}
+    for name, q in (("fp32", "none"), ("quantized", quantization)):
+        engine = Engine(load_model(model_dir, "cpu", "float32", quantization=q), EngineConfig.from_fields(num_kv_blocks=128))
+        engine.add_adapter("a", adapter)
+        for with_adapter in (True, False):
+            out = run_to_completion(engine, [(str(i), p, params, "a" if with_adapter else None) for i, p in enumerate(batch)])
+            results[name, with_adapter] = torch.tensor([lp.logprob for i in range(len(batch))
+                                                        for lp in out[str(i)]["events"][-1].prompt_logprobs if lp])
+    near = (results["quantized", True] - results["fp32", True]).abs().mean()
+    moved = (results["quantized", True] - results["quantized", False]).abs().mean()
+    assert near < 0.05 and moved > 10 * near, (near, moved)
