@@ -148,3 +148,25 @@ def test_the_head_scan_counts_across_chunks():
     scan = _HeadScan()
     assert scan.feed(b"GET / HTTP/1.1\r\nX: " + b"e" * 8000, LIMITS) is None
     assert scan.feed(b"e" * 200, LIMITS) == (431, "a header line is longer than 8192 bytes")
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+
+def test_eight_sockets_streaming_huge_header_lines_cost_no_memory(limited, alone):
+    before = _rss_mib(limited.proc.pid)
+    line = [b"f" * 65536] * 512  # 32 MiB each, if the server read it all
+    results = []
+    with Bystander(limited.url, alone):
+        threads = [threading.Thread(target=lambda: results.append(_attack(limited.port, [HEAD, b"X-Huge: ", *line])))
+                   for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    growth = _rss_mib(limited.proc.pid) - before
+    print(f"RSS growth with 8 header bombs: {growth:.1f} MiB")
+    assert len(results) == 8 and not any(sent_all for _, _, sent_all in results)
+    assert growth < 50
