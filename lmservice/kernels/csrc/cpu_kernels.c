@@ -532,7 +532,7 @@ TILE_QB {
     for (int64_t b = 0; b < nblocks; b++) {
         const uint8_t *wb = wt + b * QB_BYTES(bits);
         __m512i iacc[QB_ROWS];
-        for (int r = 0; r < R; r++) iacc[r] = _mm512_setzero_si512();
+        for (int r = 0; r < R; r++) iacc[r] = _mm512_set1_epi32(-off * xsum[r * nblocks + b]); /* the offset out */
         for (int j = 0; j < 8; j += (bits == 8 ? 1 : 2)) {
             __m512i w0, w1 = _mm512_setzero_si512();
             if (bits == 8) {
@@ -550,8 +550,7 @@ TILE_QB {
         }
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(st + b * 16)));
         for (int r = 0; r < R; r++) {
-            const __m512i exact = _mm512_sub_epi32(iacc[r], _mm512_set1_epi32(off * xsum[r * nblocks + b]));
-            facc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), _mm512_mul_ps(d, _mm512_set1_ps(xs[r * nblocks + b])),
+            facc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r]), _mm512_mul_ps(d, _mm512_set1_ps(xs[r * nblocks + b])),
                                       facc[r]);
         }
     }
