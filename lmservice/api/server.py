@@ -50,6 +50,9 @@ class DrainingServer(uvicorn.Server):
     async def startup(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
+        if self.started and sockets:  # uvicorn says where it listens only for sockets it bound itself
+            host, port = sockets[0].getsockname()[:2]
+            logger.info("listening", extra={"url": f"http://{f'[{host}]' if ':' in host else host}:{port}"})
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Runs in the signal handler: only schedule; the work runs on the loop.
