@@ -43,5 +43,7 @@ def write_hostile_adapters(root: Path, outside: Path, n_embd: int) -> dict[str, 
     for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE):
         (stolen / name).unlink()
         (stolen / name).symlink_to(real / name)
+    (root / "escape").symlink_to(real, target_is_directory=True)
     return {"paren": "rank_pattern: key '(' is not a pattern", "deep": "JSON nested too deeply",
-            "passwd": "is a link to a file outside", "stolen": "is a link to a file outside"}
+            "passwd": "is a link to a file outside", "stolen": "is a link to a file outside",
+            "escape": "outside the adapters dir"}

@@ -10,6 +10,7 @@ calls it off the event loop, since resolving walks the file system).
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -20,7 +21,13 @@ DEFAULT_MAX_ADAPTER_PATH_CHARS: int = Settings.model_fields["max_adapter_path_ch
 
 
 class AdapterPathError(ValueError):
-    """An adapter name or directory the server refuses (outside the adapters dir, bad name): HTTP 400."""
+    """An adapter name or directory the server refuses (outside the adapters dir, bad name): HTTP 400, the
+    request's mistake."""
+
+
+class AdapterLinkError(ValueError):
+    """A requested directory inside the adapters dir that is a symlink leading out of it: HTTP 400, and a
+    failed load of the adapter's files (what is in the adapters dir is at fault, not the request)."""
 
 
 def shown(text: str, limit: int = 64) -> str:
@@ -42,17 +49,21 @@ def check_adapter_path(directory: str, max_path_chars: int) -> None:
 
 
 def resolve_adapter_dir(adapters_dir: Path | None, directory: str) -> Path:
-    """`directory` inside `adapters_dir`, or AdapterPathError (no path traversal, no absolute escape).
-    Walks the file system: call it off the event loop."""
+    """`directory` inside `adapters_dir`: AdapterPathError when it leads out as written (`..`, an absolute
+    path) or loops, AdapterLinkError when a symlink leads it out. Walks the file system: call it off the
+    event loop."""
     if adapters_dir is None:
         raise AdapterPathError("this server has no adapters dir (--adapters-dir): it cannot load adapters")
     root = Path(adapters_dir).resolve()
+    written = Path(os.path.normpath(root / directory))  # `..` taken as written, symlinks not followed
+    if written == root or root not in written.parents:
+        raise AdapterPathError(f"adapter directory {shown(directory)} is outside the adapters dir")
     try:
-        path = (root / directory).resolve()
+        path = written.resolve()
     except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
         raise AdapterPathError(f"adapter directory {shown(directory)} cannot be resolved (a symlink loop)") from None
     if path == root or root not in path.parents:
-        raise AdapterPathError(f"adapter directory {shown(directory)} is outside the adapters dir")
+        raise AdapterLinkError(f"adapter directory {shown(directory)} is a link leading outside the adapters dir")
     return path
 
 

@@ -167,9 +167,8 @@ class ModelRegistry:
         self._claim(name)
         try:
             async with self._read_lock:
-                path = await _on_own_thread(lambda: resolve_adapter_dir(self.adapters_dir, directory))
-                adapter, card = await self._counting_failures(
-                    path, _on_own_thread(lambda: self._read(path, name, self.adapters_dir)))
+                path, adapter, card = await self._counting_failures(
+                    directory, _on_own_thread(lambda: self._resolve_and_read(directory, name)))
             await self.engine.call(lambda engine: engine.serve_adapter(adapter))  # its files are fine by now
         finally:
             self._loading.discard(name)
@@ -201,16 +200,24 @@ class ModelRegistry:
         self.num_load_failures += 1
         log.warning("adapter %s not loaded: %s", path, reason)
 
+    def _resolve_and_read(self, directory: str, name: str) -> tuple[Path, LoRAAdapter, ModelCard]:
+        path = resolve_adapter_dir(self.adapters_dir, directory)
+        return (path, *self._read(path, name, self.adapters_dir))
+
     def _read(self, path: Path, name: str, root: Path | None) -> tuple[LoRAAdapter, ModelCard]:
         if self.read_adapter is None:
             raise AdapterPathError("this server cannot load adapters")
         return self.read_adapter(Path(path), name, Path(root or path))
 
-    async def _counting_failures(self, path: Path, work: Any) -> Any:
+    async def _counting_failures(self, directory: str, work: Any) -> Any:
+        """`await work`; a failure of the adapter's files (not AdapterPathError: the request's mistake) is
+        logged and counted before it is raised."""
         try:
             return await work
+        except AdapterPathError:
+            raise
         except (ValueError, OSError) as e:
-            self.record_load_failure(path, e)
+            self.record_load_failure(Path(self.adapters_dir or ".") / directory, e)
             raise
 
     def _claim(self, name: str) -> None:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from lmservice.serving.adapters import AdapterPathError, find_adapters, resolve_adapter_dir
+from lmservice.serving.adapters import AdapterLinkError, AdapterPathError, find_adapters, resolve_adapter_dir
 from lmservice.serving.bootstrap import load_adapters_dir, serving_for
 from tests.adapter_files import REDOS_KEY, write_adapter, write_hostile_adapters
 
@@ -66,4 +66,8 @@ def test_a_requested_path_that_loops_or_escapes_is_refused(tmp_path):
         resolve_adapter_dir(root, "loop/x")
     with pytest.raises(AdapterPathError, match="outside the adapters dir"):
         resolve_adapter_dir(root, "../" * 50)
+    (root / "escape").symlink_to(_adapter(tmp_path / "elsewhere"), target_is_directory=True)
+    with pytest.raises(AdapterLinkError, match="a link leading outside the adapters dir"):  # the files' fault
+        resolve_adapter_dir(root, "escape")
+    assert not issubclass(AdapterLinkError, AdapterPathError)
     assert resolve_adapter_dir(root, "good") == (root / "good").resolve()
