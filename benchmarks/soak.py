@@ -76,12 +76,14 @@ def structured_specs(n: int) -> list[dict]:
 class Mix:
     """The requests of the soak; `next(i)` is request i's coroutine factory (deterministic for a seed)."""
 
-    def __init__(self, url: str, specs: list[dict], seed: int) -> None:
+    def __init__(self, url: str, specs: list[dict], seed: int, only: list[str] | None = None) -> None:
         self.url, self.specs, self.rng = url, specs, random.Random(seed)
         self.adapter_lock = asyncio.Lock()  # one load/unload pair at a time
         self.kinds = [(self.completion, 20), (self.stream, 8), (self.dropped_stream, 6), (self.chat, 8),
                       (self.adapter_completion, 6), (self.classify, 6), (self.embeddings, 6), (self.tokenize, 6),
                       (self.structured, 20), (self.client_error, 10), (self.adapter_cycle, 1)]
+        if only:  # a part of the mix alone, to find which part holds memory
+            self.kinds = [(k, w) for k, w in self.kinds if k.__name__ in only]
         self.weights = [w for _, w in self.kinds]
 
     def prompt(self) -> str:
@@ -205,7 +207,7 @@ async def sample_rss(pid: int, samples: list[tuple[float, float]], stop: asyncio
 
 
 async def soak(args: argparse.Namespace, url: str, pid: int) -> dict:
-    mix = Mix(url, structured_specs(args.specs), args.seed)
+    mix = Mix(url, structured_specs(args.specs), args.seed, args.only)
     statuses: dict[int, int] = {}
     errors: dict[str, int] = {}
     health: list[float] = []
@@ -276,6 +278,7 @@ def main() -> int:
     ap.add_argument("--header-bombs", type=int, default=0, help="Sockets streaming endless header lines.")
     ap.add_argument("--idle-s", type=float, default=10.0, help="Idle time before the last RSS reading.")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", nargs="+", help="Only these kinds of request (Mix's method names, e.g. structured).")
     ap.add_argument("--serve-arg", action="append", default=[], help="Extra `lmservice serve` flag.")
     ap.add_argument("--out", type=Path, help="Write the JSON summary here too.")
     ap.add_argument("--keep", action="store_true", help="Keep the work directory (models, server log).")

@@ -66,3 +66,15 @@ class Metrics:
             registry=r)
         self.draining = Gauge(
             "lmservice_draining", "1 while the server drains after SIGTERM.", registry=r)
+
+    def forget_model(self, name: str) -> None:
+        """Drop every series labelled with `model` = `name` (an adapter that was unloaded). NOTE: the series
+        of a model live only while it is served: a server that loads and unloads many adapter names would
+        otherwise keep a few dozen KB of series per name for ever (and export them at every scrape)."""
+        for metric in (self.requests, self.prompt_tokens, self.generation_tokens, self.time_to_first_token,
+                       self.inter_token_latency, self.e2e_request_latency, self.request_queue_time):
+            names = metric._labelnames  # noqa: SLF001 (prometheus_client offers no public list of children)
+            children = {tuple(s.labels[n] for n in names) for family in metric.collect() for s in family.samples
+                        if s.labels.get("model") == name}
+            for values in children:
+                metric.remove(*values)

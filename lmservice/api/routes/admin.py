@@ -53,8 +53,10 @@ async def load_adapter(body: LoadAdapterRequest, request: Request) -> LoadedAdap
 
 @router.delete("/v1/adapters/{name}", response_model=DeletedAdapter, responses=ERROR_RESPONSES)
 async def unload_adapter(name: str, request: Request) -> DeletedAdapter:
+    state = server_state(request)
     try:
-        await server_state(request).started()[1].remove_adapter(name)
+        await state.started()[1].remove_adapter(name)
     except UnknownModelError as e:
         raise model_not_found(name, param="name") from e
+    state.metrics.forget_model(name)
     return DeletedAdapter(id=name)
