@@ -73,7 +73,7 @@ def run_engine_closed_loop(model_dir: Path, dtype: str, concurrency: int, num_re
                            new_tokens: int, vocab: int, force_token: int | None) -> float:
     """benchmarks/serve.py's workload without HTTP: `num_requests` requests, at most `concurrency` in flight,
     each replaced as soon as it finishes (same prompts, same logit_bias); returns generated tokens/s."""
-    import random  # noqa: PLC0415
+    import random
 
     rng = random.Random(concurrency)
     prompts = [[rng.randrange(vocab) for _ in range(prompt_len)] for _ in range(num_requests)]

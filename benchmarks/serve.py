@@ -120,7 +120,7 @@ async def run_level(base_url: str, api_key: str, model: str, concurrency: int, n
 def launch_lmservice(shape: str, workdir: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
     """Start `lmservice serve` on a fresh random-weight model; returns (process, base_url)."""
     sys.path.insert(0, str(ROOT))
-    from tests.helpers import make_gpt2_dir  # noqa: PLC0415
+    from tests.helpers import make_gpt2_dir
 
     shapes = {"gpt2": dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12),
               "tiny": dict(vocab_size=1000, n_positions=512, n_embd=64, n_layer=2, n_head=4)}

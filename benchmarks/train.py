@@ -27,7 +27,7 @@ DATA = ROOT.parent / "shared" / "data" / "tinystories" / "train_first5000_lowerc
 
 
 def bare_loop(steps: int, batch_size: int, bf16: bool, threads: int) -> float:
-    from transformers import GPT2Config, GPT2LMHeadModel  # noqa: PLC0415
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

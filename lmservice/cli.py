@@ -55,13 +55,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from lmservice.api.server import run  # noqa: PLC0415
+    from lmservice.api.server import run
 
     return run(settings_from_args(args))
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from lmservice.generate_cli import run  # noqa: PLC0415
+    from lmservice.generate_cli import run
 
     return run(settings_from_args(args), args)
 
@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
         # The training jobs own their flags; they are never imported by the server.
-        from lmservice.train.cli import main as train_main  # noqa: PLC0415
+        from lmservice.train.cli import main as train_main
 
         return train_main(argv[1:])
     args = build_parser().parse_args(argv)

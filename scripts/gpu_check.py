@@ -61,11 +61,11 @@ def missing_wheels(folder: Path) -> list[str]:
 
 def child(name: str, out: Path, dry: bool) -> int:
     """Run one step in this process (the driver's child) and write its JSON."""
-    import importlib  # noqa: PLC0415
-    import tempfile  # noqa: PLC0415
+    import importlib
+    import tempfile
 
     sys.path.insert(0, str(ROOT))
-    from benchmarks.gpu.common import run_step, write_json  # noqa: PLC0415
+    from benchmarks.gpu.common import run_step, write_json
 
     module = importlib.import_module(f"benchmarks.gpu.{STEPS[name][0]}")
     with tempfile.TemporaryDirectory(prefix=f"gpu_check_{name}_") as tmp:
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.child:
         if args.stack_dump_s:
-            import faulthandler  # noqa: PLC0415
+            import faulthandler
 
             faulthandler.dump_traceback_later(args.stack_dump_s, exit=False)
         return child(args.child, args.out, args.dry_run)

@@ -24,8 +24,8 @@ class GrammarMasks:
         rows = [(m, i) for i, m in enumerate(matchers) if m is not None]
         if not rows:
             return None
-        import llguidance  # noqa: PLC0415 (only with structured output)
-        import llguidance.torch as llt  # noqa: PLC0415
+        import llguidance  # only with structured output
+        import llguidance.torch as llt
 
         if self._executor is None:
             self._executor = llguidance.LLExecutor(num_threads=1)  # 2 threads were slower on 2 cores

@@ -97,7 +97,7 @@ class Tokenizer:
         if tokenize:
             raise ValueError("tokenize=True is not supported: encode the rendered text")
         if self._template is None:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: PLC0415 (only for chat templates)
+            from jinja2.sandbox import ImmutableSandboxedEnvironment  # only for chat templates
 
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 

@@ -50,11 +50,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"install it with: {INSTALL_TRAIN_EXTRA}", file=sys.stderr)
         return 2
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    from transformers.utils import logging as hf_logging  # noqa: PLC0415
+    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight-loading bars; training draws its own
-    from lmservice.train.data import DataError  # noqa: PLC0415
-    from lmservice.train.modeling import ModelError  # noqa: PLC0415
+    from lmservice.train.data import DataError
+    from lmservice.train.modeling import ModelError
 
     try:
         return int(importlib.import_module(args.module).run(args) or 0)

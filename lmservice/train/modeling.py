@@ -47,7 +47,7 @@ def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
 
 def lora_target_names(model: torch.nn.Module) -> list[str]:
     """Leaf names of the modules LoRA can wrap: Linear, GPT-2's Conv1D and the embeddings (`wte`, `wpe`)."""
-    from transformers.pytorch_utils import Conv1D  # noqa: PLC0415
+    from transformers.pytorch_utils import Conv1D
 
     names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
              if isinstance(m, torch.nn.Linear | Conv1D | torch.nn.Embedding)}

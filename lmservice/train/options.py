@@ -120,6 +120,6 @@ def training_arguments(args: argparse.Namespace, work_dir: Path, has_eval: bool)
 
 
 def _cuda_available() -> bool:
-    import torch  # noqa: PLC0415
+    import torch
 
     return torch.cuda.is_available()

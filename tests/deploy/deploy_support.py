@@ -52,7 +52,7 @@ def tool(name: str) -> str:
 def kubernetes_validate():  # noqa: ANN201 (the module)
     """The kubernetes-validate package (Kubernetes' OpenAPI schemas as JSON schema, strict variants too)."""
     try:
-        import kubernetes_validate  # noqa: PLC0415
+        import kubernetes_validate
     except ImportError:
         missing("kubernetes-validate")
     return kubernetes_validate
@@ -106,16 +106,16 @@ def compose_document(path: Path = COMPOSE_FILES[0]) -> dict:
 
 
 def settings_env_names() -> set[str]:
-    from lmservice.config import Settings  # noqa: PLC0415
+    from lmservice.config import Settings
 
     return {f"LMSERVICE_{name.upper()}" for name in Settings.model_fields}
 
 
 def settings_flags() -> set[str]:
     """Every settings flag of `lmservice serve`, made by the same function the CLI uses."""
-    import argparse  # noqa: PLC0415
+    import argparse
 
-    from lmservice.cli import add_settings_flags  # noqa: PLC0415
+    from lmservice.cli import add_settings_flags
 
     parser = argparse.ArgumentParser(add_help=False)
     add_settings_flags(parser)

@@ -63,7 +63,7 @@ def test_dashboard_queries_only_what_the_server_exports() -> None:
 def test_dashboard_queries_only_what_a_live_server_exports(server) -> None:
     """The same check against a real server's /metrics, after traffic that gives every labelled metric a
     child; and the live exposition carries exactly the series lmservice.metrics registers."""
-    from tests.servers import API_KEY  # noqa: PLC0415
+    from tests.servers import API_KEY
 
     reply = httpx.post(server.url + "/v1/generate", json={"prompt": "one two", "max_tokens": 3, "ignore_eos": True},
                        headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)

@@ -18,7 +18,7 @@ _SNIPPET = re.compile(r"python -c '\n(?P<code>.*?)' (?P<name>[\w-]+)\n", re.DOTA
 
 
 def test_readme_publish_snippet_loads_an_adapter(server, model_dirs) -> None:
-    from tests.servers import ADMIN_KEY, API_KEY  # noqa: PLC0415
+    from tests.servers import ADMIN_KEY, API_KEY
 
     match = _SNIPPET.search((DEPLOY / "README.md").read_text())
     assert match, "deploy/README.md has no publish snippet"

@@ -151,10 +151,10 @@ def _train_commands() -> dict[str, list[str]]:
 
 
 def _job_has_flags(job: str) -> bool:
-    import argparse  # noqa: PLC0415
-    import importlib  # noqa: PLC0415
+    import argparse
+    import importlib
 
-    from lmservice.train.cli import JOBS  # noqa: PLC0415
+    from lmservice.train.cli import JOBS
 
     parser = argparse.ArgumentParser(add_help=False)
     importlib.import_module(JOBS[job][0]).add_arguments(parser)
@@ -162,7 +162,7 @@ def _job_has_flags(job: str) -> bool:
 
 
 def test_train_commands_parse_with_the_train_cli() -> None:
-    from lmservice.train.cli import build_parser  # noqa: PLC0415
+    from lmservice.train.cli import build_parser
 
     commands = _train_commands()
     assert {"docker-compose.yml:finetune", "deploy/k8s/overlays/gpu/finetune:train"} <= set(commands)

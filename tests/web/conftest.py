@@ -33,7 +33,7 @@ from tests.web.web_support import (
 @pytest.fixture(scope="session")
 def browser():
     try:
-        from playwright.sync_api import sync_playwright  # noqa: PLC0415
+        from playwright.sync_api import sync_playwright
     except ImportError:
         missing("playwright (the `test` extra)")
     executable = chromium_path()
