@@ -1,5 +1,5 @@
 """The web playground: a static page at `/` and its assets at `/playground/<file>`; and the interactive API
-docs (Swagger UI) at `/docs`, whose assets are shipped here too (`/docs/<file>`).
+docs (Swagger UI) at `/docs`, whose assets come from an installed package too (`/docs/<file>`).
 
 The page is a client of the public API like any other (it calls /v1/... and /metrics with the key
 the user types), so serving it needs no key and reveals nothing: the files are the same for every
@@ -9,6 +9,7 @@ only names in that fixed set are served, so no request path ever reaches the fil
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from fastapi import APIRouter
@@ -17,6 +18,9 @@ from fastapi.responses import Response
 from lmservice.api.errors import APIError
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+# Swagger UI's bundle and style, as the swagger-ui-py package ships them (Swagger UI 5, which reads OpenAPI
+# 3.1; Apache-2.0): found without importing the package, whose code /docs does not need.
+SWAGGER_UI_DIR = Path(importlib.util.find_spec("swagger_ui").submodule_search_locations[0]) / "static"
 _MEDIA_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                 ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
 # NOTE: no inline script or style anywhere in the pages, so the policy can forbid both; a page may talk
@@ -29,12 +33,11 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
 }
 _HEADERS = {"Cache-Control": "no-cache"}  # revalidate: a server upgrade must not leave an old page talking to it
-# What /docs serves: Swagger UI's bundle and style (swagger-ui-dist 5.35.0 from npm, unchanged; Apache-2.0:
-# swagger-ui.LICENSE, swagger-ui.NOTICE; the one Python package of them ships 4.x, which cannot read OpenAPI 3.1)
-# and our start-up script.
+# What /docs serves: Swagger UI's bundle and style, and our start-up script and icon.
 _DOCS_ASSETS = {"docs.js", "swagger-ui-bundle.js", "swagger-ui.css", "favicon.svg"}
 _ASSETS = {p.name: (p.read_bytes(), _MEDIA_TYPES[p.suffix])
-           for p in sorted(STATIC_DIR.iterdir()) if p.suffix in _MEDIA_TYPES}
+           for p in [*sorted(STATIC_DIR.iterdir()), SWAGGER_UI_DIR / "swagger-ui-bundle.js",
+                     SWAGGER_UI_DIR / "swagger-ui.css"] if p.suffix in _MEDIA_TYPES}
 
 router = APIRouter(include_in_schema=False)
 docs_router = APIRouter(include_in_schema=False)
