@@ -50,22 +50,23 @@ tokenizer)
   ;;
 pretrain)
   # 6 x 256 GPT-2 (6.9M params, context 256) with bf16 autocast (1.5x faster than fp32 on a CPU with
-  # AVX512-BF16; drop --bf16 elsewhere). 1600 steps x 16 x 256 = 6.6M tokens, ~2.2 epochs of the
-  # ~3.0M-token corpus (TinyStories + Multi30k en/de + SST-2 train sentences): 35 min on a quiet
+  # AVX512-BF16; drop --bf16 elsewhere). 1200 steps x 16 x 256 = 4.9M tokens, ~1.7 epochs of the
+  # ~3.0M-token corpus (TinyStories + Multi30k en/de + SST-2 train sentences): 26 min on a quiet
   # 2-core AMD EPYC (~3k tokens/s).
   # Held out: the cased TinyStories valid file (as written) and Multi30k val.
   $TRAIN pretrain --tokenizer "$WORK/tokenizer" --output "$BASE" --train "${TEXT[@]}" \
     --eval "$DATA/tinystories/valid.txt" "$DATA/multi30k/val.en" "$DATA/multi30k/val.de" \
     --sample-by line --preset mini --n-layer 6 --n-positions 256 \
-    --max-steps 1600 --batch-size 16 --lr 2e-3 --warmup-steps 100 --weight-decay 0.1 \
+    --max-steps 1200 --batch-size 16 --lr 2e-3 --warmup-steps 100 --weight-decay 0.1 \
     --eval-steps 400 --save-steps 100 --logging-steps 20 --max-eval-examples 128 --threads "$THREADS" \
     --bf16 --no-progress
   ;;
 sentiment)
   # LoRA (r 32, alpha 32) on attention + MLP *and on the token embeddings (wte)*, + a trained score head;
-  # SST-2 train, scored on SST-2 dev. Labels 0/1 are named negative/positive in the card. Shorter phrases
-  # batched together (less padding). 3800 x 32 = 122k phrases (~2 epochs), bf16: 10 min, dev accuracy 0.881.
-  # Why wte: one-epoch runs on this base (dev accuracy), LoRA on c_attn c_proj c_fc only: r 16 lr 2e-3
+  # SST-2 train phrases + their sentence-cased copies, scored on the whole-sentence dev rows. Labels 0/1 are
+  # named negative/positive in the card. Shorter phrases batched together (less padding). 3800 x 32 = 122k
+  # rows (~1 epoch), bf16: ~10 min quiet; whole-sentence dev accuracy 0.872.
+  # Why wte (measured on the previous, lowercase base; dev accuracy of one-epoch runs), LoRA on c_attn c_proj c_fc only: r 16 lr 2e-3
   # 0.707, r 16 lr 5e-4 0.748, r 32 lr 1e-3 0.751 (4 epochs: 0.794), r 64 alpha 128 lr 3e-3 0.601
   # (unstable), --lora-extract r 64 0.744. Full fine-tuning 0.862; full fine-tuning of the projection
   # weights + wte only 0.868, of wte + score alone 0.857: the words' embeddings carry the task.
@@ -80,7 +81,7 @@ sentiment)
 translate)
   # LoRA (r 32 on attention + MLP) on Multi30k train; BLEU/chrF of greedy output on Multi30k val.
   # 8000 x 16 = 128k pairs (~4.4 epochs), label smoothing 0.1, bf16 autocast (1.5x faster than fp32 on
-  # a CPU with AVX512-BF16): ~37 min on a quiet 2-core AMD EPYC.
+  # a CPU with AVX512-BF16): ~25 min on a 2-core AMD EPYC; BLEU 23.94 on Multi30k val (4500 steps: 20.6).
   $TRAIN translate --base "$BASE" --output "$MODELS/translate-en-de" \
     --train-src "$DATA/multi30k/train.en" --train-tgt "$DATA/multi30k/train.de" \
     --eval-src "$DATA/multi30k/val.en" --eval-tgt "$DATA/multi30k/val.de" --source-lang en --target-lang de \
