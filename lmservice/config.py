@@ -59,6 +59,12 @@ class Settings(BaseSettings):
     enable_prefix_caching: bool = Field(EngineConfig.enable_prefix_caching, description="Reuse KV blocks of identical prompt prefixes across requests.")
     max_waiting_requests: int = Field(SchedulerConfig.max_waiting_requests, ge=1, description="Waiting-queue bound; past it requests get 429.")
     max_waiting_tokens: int = Field(SchedulerConfig.max_waiting_tokens, ge=1, description="Bound on prompt tokens waiting; past it requests get 429.")
+    speculative: str | None = Field(EngineConfig.speculative, description="Speculative decoding: ngram (guesses from the sequence's own earlier tokens: prompt lookup) or draft:DIR (a small model with the base's tokenizer guesses); unset: off. Output is the same as without it (greedy and seeded) or from the same distribution (sampled).")
+    num_speculative_tokens: int = Field(EngineConfig.num_speculative_tokens, ge=1, le=16, description="Tokens guessed per sequence per step (--speculative).")
+    speculative_ngram_min: int = Field(EngineConfig.speculative_ngram_min, ge=1, description="Shortest run of last tokens that n-gram lookup matches.")
+    speculative_ngram_max: int = Field(EngineConfig.speculative_ngram_max, ge=1, description="Longest run of last tokens that n-gram lookup matches (tried first).")
+    speculative_disable_batch_size: int = Field(EngineConfig.speculative_disable_batch_size, ge=0, description="No guessing in a step with more decoding sequences than this: a large batch is no longer bound by reading the weights, and checking guesses costs more than they save.")
+
 
     # --- request limits (400 beyond each, naming the limit) ---
     max_n: int = Field(RequestLimits.max_n, ge=1, description="Most sequences one request may ask for (n).")

@@ -53,6 +53,20 @@ class Metrics:
             "lmservice_prefix_cache_hit_ratio", "Prefix-cache hits / queries since start (0-1).", registry=r)
         self.num_preemptions = Counter(
             "lmservice_num_preemptions", "Requests preempted (KV blocks freed, recomputed later).", registry=r)
+        # speculative decoding (vLLM's spec_decode names); they stay at 0 while --speculative is off
+        self.spec_decode_num_drafts = Counter(
+            "lmservice_spec_decode_num_drafts", "Sequence-steps that carried speculative guesses.", registry=r)
+        self.spec_decode_num_draft_tokens = Counter(
+            "lmservice_spec_decode_num_draft_tokens", "Speculative tokens guessed.", registry=r)
+        self.spec_decode_num_accepted_tokens = Counter(
+            "lmservice_spec_decode_num_accepted_tokens", "Speculative tokens the model agreed with.", registry=r)
+        self.spec_decode_num_emitted_tokens = Counter(
+            "lmservice_spec_decode_num_emitted_tokens",
+            "Tokens emitted by speculating sequence-steps (accepted guesses + the model's own token).", registry=r)
+        self.spec_decode_num_accepted_tokens_per_pos = Counter(
+            "lmservice_spec_decode_num_accepted_tokens_per_pos",
+            "Accepted speculative tokens by position in the guess (0: the first guessed token).",
+            ["position"], registry=r)
         self.batch_size = Histogram(
             "lmservice_batch_size", "Requests in one engine step.", buckets=_BATCH_BUCKETS, registry=r)
         self.batch_tokens = Histogram(

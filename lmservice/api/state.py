@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from lmservice.api.errors import APIError
 from lmservice.api.tokenizing import PromptTokenizer
 from lmservice.config import Settings
+from lmservice.engine.speculative import SpecDecodeStats
 from lmservice.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ class _Cumulative:
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
     num_steps: int = 0  # cursor: step samples before this index are in the histograms
+    spec: SpecDecodeStats = field(default_factory=SpecDecodeStats)
 
 
 @dataclass
@@ -102,9 +104,22 @@ class ServerState:
         seen.num_preemptions = stats.num_preemptions
         if stats.prefix_cache_queries:
             m.prefix_cache_hit_ratio.set(stats.prefix_cache_hits / stats.prefix_cache_queries)
+        if stats.spec is not None:
+            self._refresh_spec_metrics(stats.spec)
         samples, seen.num_steps = self.engine.step_samples_since(seen.num_steps)
         for num_seqs, num_tokens in samples:
             m.batch_size.observe(num_seqs)
             m.batch_tokens.observe(num_tokens)
         if self.models is not None:
             m.loaded_adapters.set(self.models.num_adapters)
+
+    def _refresh_spec_metrics(self, spec: SpecDecodeStats) -> None:
+        m, seen = self.metrics, self._seen.spec
+        m.spec_decode_num_drafts.inc(max(0, spec.num_drafts - seen.num_drafts))
+        m.spec_decode_num_draft_tokens.inc(max(0, spec.num_draft_tokens - seen.num_draft_tokens))
+        m.spec_decode_num_accepted_tokens.inc(max(0, spec.num_accepted_tokens - seen.num_accepted_tokens))
+        m.spec_decode_num_emitted_tokens.inc(max(0, spec.num_emitted_tokens - seen.num_emitted_tokens))
+        for pos, count in enumerate(spec.accepted_per_pos):
+            before = seen.accepted_per_pos[pos] if pos < len(seen.accepted_per_pos) else 0
+            m.spec_decode_num_accepted_tokens_per_pos.labels(position=str(pos)).inc(max(0, count - before))
+        self._seen.spec = spec

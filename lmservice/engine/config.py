@@ -29,6 +29,12 @@ class EngineConfig:
     cpu_kernels: str = "auto"  # auto | native | torch: whether the native C kernels run (lmservice/kernels/cpu_policy.py)
     enable_cuda_graphs: bool = True  # decode steps as CUDA graphs (CUDA only)
     seed: int = 0  # of the sampler, for requests that carry none
+    # speculative decoding (lmservice/engine/speculative.py): None (off), "ngram" or "draft:DIR"
+    speculative: str | None = None
+    num_speculative_tokens: int = 4  # guesses per sequence per step
+    speculative_ngram_min: int = 1  # n-gram prompt lookup: shortest suffix matched
+    speculative_ngram_max: int = 4  # ... and longest (tried first)
+    speculative_disable_batch_size: int = 8  # no guesses in steps with more decoding sequences than this
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     limits: RequestLimits = field(default_factory=RequestLimits)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -24,6 +24,7 @@ from lmservice.engine.outputs import CompletionDelta, RequestOutput, RequestReje
 from lmservice.engine.request import Sequence
 from lmservice.engine.sampling_params import SamplingParams
 from lmservice.engine.scheduler import Scheduler, SchedulerOutput
+from lmservice.engine.speculative import SpecDecodeStats, Speculator
 from lmservice.engine.stop_strings import StopStrings
 from lmservice.kernels import choose_kernels
 from lmservice.model.card import ModelCard
@@ -43,6 +44,7 @@ class EngineStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+    spec: SpecDecodeStats | None = None  # None: speculative decoding is off
 
 
 @dataclass(eq=False)
@@ -97,6 +99,10 @@ class Engine:
             device=loaded.device, dtype=loaded.dtype, eos_token_id=self.eos_token_id, seed=config.seed,
             cuda_graph_max_batch=config.scheduler.max_num_seqs if config.enable_cuda_graphs else 0,
             adapters=self.adapters, cpu_kernels=self.cpu_kernels)
+        self.speculator = Speculator.build(config, loaded, self)
+        self.spec_stats = SpecDecodeStats() if self.speculator is not None else None
+        if self.speculator is not None:
+            log.info("speculative decoding: %s", self.speculator.name)
         self.groups: dict[str, _Group] = {}
         # NOTE: (step index, num_seqs, num_tokens) of recent steps, appended by the engine thread and read
         # by scrapes (step_samples_since); reading never removes, so any number of readers see every sample.
@@ -190,6 +196,8 @@ class Engine:
 
     # --- the step ---
     def step(self) -> list[RequestOutput]:
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running, self.max_model_len)
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
@@ -209,7 +217,7 @@ class Engine:
         for i, item in enumerate(sched.scheduled):
             seq = item.seq
             start = seq.num_computed_tokens
-            seq.num_computed_tokens += item.num_new_tokens
+            seq.num_computed_tokens += item.num_new_tokens - len(item.spec_token_ids)
             group = self.groups[seq.group_id]
             touched[group.request_id] = group
             if seq.is_finished:  # a sibling's failure already ended it
@@ -232,10 +240,25 @@ class Engine:
                 elif i in result.sampled:
                     token_id, logprob = result.sampled[i]
                     self._append_token(group, seq, token_id, logprob, now)
+                elif i in result.emitted:
+                    self._append_verified(group, seq, item.spec_token_ids, result.emitted[i], now)
             except Exception as e:  # noqa: BLE001 (fails this request alone)
                 log.warning("request %s failed: %s", group.request_id, e)
                 self._fail_group(group, e)
         return [self._collect(g) for g in touched.values()]
+
+    def _append_verified(self, group: _Group, seq: Sequence, guesses: list[int],
+                         emitted: list[tuple[int, TokenLogprob | None]], now: float) -> None:
+        """A speculating row's tokens, one by one (each checked for stops and limits, so nothing overshoots);
+        the accepted guesses' KV is already in the cache, the blocks past the sequence go back to the pool."""
+        self.spec_stats.record(len(guesses), len(emitted))
+        for j, (token_id, logprob) in enumerate(emitted):
+            self._append_token(group, seq, token_id, logprob, now)
+            if seq.is_finished:
+                return
+            if j < len(emitted) - 1:  # an accepted guess: computed in this step
+                seq.num_computed_tokens += 1
+        self.scheduler.kv.trim(seq)
 
     def _fail_group(self, group: _Group, error: Exception) -> None:
         group.error = f"{type(error).__name__}: {error}"
@@ -322,7 +345,9 @@ class Engine:
             num_running=len(self.scheduler.running), num_waiting=self.scheduler.num_waiting,
             num_waiting_tokens=self.scheduler.num_waiting_tokens, num_kv_blocks_total=self.pool.num_blocks,
             num_kv_blocks_used=self.pool.num_used_blocks, prefix_cache_queries=self.pool.num_queries,
-            prefix_cache_hits=self.pool.num_hits, num_preemptions=self.scheduler.num_preemptions)
+            prefix_cache_hits=self.pool.num_hits, num_preemptions=self.scheduler.num_preemptions,
+            spec=replace(self.spec_stats, accepted_per_pos=list(self.spec_stats.accepted_per_pos))
+            if self.spec_stats is not None else None)
 
     def step_samples_since(self, num_seen: int) -> tuple[list[tuple[int, int]], int]:
         """(num_seqs, num_tokens) of every kept step (the last 10,000) with index >= num_seen, and the

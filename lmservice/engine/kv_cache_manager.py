@@ -45,13 +45,16 @@ class KVCacheManager:
         del seq.block_hashes[len(hits):]
         return hits
 
-    def allocate_slots(self, seq: Sequence, num_new_tokens: int, cached_block_ids: list[int] = ()) -> bool:
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int, cached_block_ids: list[int] = (),
+                       num_lookahead: int = 0) -> bool:
         """Make room for `num_new_tokens` more tokens of seq (after taking its cached
-        prefix blocks). False, with nothing changed, when the pool is too short."""
+        prefix blocks), plus `num_lookahead` slots after them for speculative guesses (never
+        published to the prefix cache: they are not the sequence's tokens until verified).
+        False, with nothing changed, when the pool is too short."""
         cached_block_ids = list(cached_block_ids)
         num_computed = seq.num_computed_tokens + len(cached_block_ids) * self.block_size
         total = num_computed + num_new_tokens
-        num_needed = -(-total // self.block_size) - len(seq.block_ids) - len(cached_block_ids)
+        num_needed = -(-(total + num_lookahead) // self.block_size) - len(seq.block_ids) - len(cached_block_ids)
         num_cached_free = sum(1 for b in cached_block_ids if self.pool.blocks[b].ref_count == 0)
         if num_needed + num_cached_free > self.pool.num_free_blocks:
             return False
@@ -68,6 +71,13 @@ class KVCacheManager:
         for i in range(first_new, len(seq.block_hashes)):
             self.pool.register(seq.block_ids[i], seq.block_hashes[i])
         return True
+
+    def trim(self, seq: Sequence) -> None:
+        """Give back the blocks past the slots seq's tokens need (those that held rejected guesses)."""
+        keep = -(-seq.num_tokens // self.block_size)
+        if len(seq.block_ids) > keep:
+            self.pool.free(seq.block_ids[keep:])
+            del seq.block_ids[keep:]
 
     def forget(self, seq: Sequence) -> None:
         """Withdraw seq's blocks from the prefix cache: a failed step may have left them unwritten

@@ -22,6 +22,7 @@ from lmservice.engine.outputs import TokenLogprob
 from lmservice.engine.request import Sequence
 from lmservice.engine.sampler import Sampler, SamplingBatch
 from lmservice.engine.scheduler import SchedulerOutput
+from lmservice.engine.speculative import accept
 from lmservice.kernels import TORCH_CPU_KERNELS, CpuKernels, KernelOps
 from lmservice.model.gpt2 import AttentionMetadata, GPT2ForServing, LoRAHook
 
@@ -33,6 +34,8 @@ class ModelRunnerOutput:
     """Per scheduled sequence (by position in SchedulerOutput.scheduled)."""
 
     sampled: dict[int, tuple[int, TokenLogprob | None]] = field(default_factory=dict)
+    # a speculating sequence's tokens: its accepted guesses and the model's token after them
+    emitted: dict[int, list[tuple[int, TokenLogprob | None]]] = field(default_factory=dict)
     scores: dict[int, list[float]] = field(default_factory=dict)
     embeddings: dict[int, list[float]] = field(default_factory=dict)
     prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
@@ -90,8 +93,10 @@ class ModelRunner:
         nd = sched.num_decodes
 
         input_ids: list[int] = []
-        for seq, start, n in zip(seqs, starts, num_new, strict=True):
-            input_ids.extend(seq.token_slice(start, start + n))
+        for item, start in zip(scheduled, starts, strict=True):
+            guesses = item.spec_token_ids
+            input_ids.extend(item.seq.token_slice(start, start + item.num_new_tokens - len(guesses)))
+            input_ids.extend(guesses)
         seq_lens = torch.tensor([s + n for s, n in zip(starts, num_new, strict=True)], dtype=torch.int32)
         q_lens = torch.tensor(num_new, dtype=torch.int64)
         block_tables = self._block_table(seqs)  # (S, max_blocks)
@@ -109,7 +114,7 @@ class ModelRunner:
             hidden = self.fast_path.run(batch)
         else:
             hidden = self._forward_eager(batch, cu)
-        return self._heads(hidden, seqs, starts, num_new, cu)
+        return self._heads(hidden, seqs, starts, num_new, cu, [s.spec_token_ids for s in scheduled])
 
     def _forward_eager(self, batch: StepBatch, cu: torch.Tensor) -> torch.Tensor:
         dev, nd = self.device, batch.num_decodes
@@ -130,7 +135,7 @@ class ModelRunner:
                           self.ops, batch.lora)  # (T, C)
 
     def _heads(self, hidden: torch.Tensor, seqs: list[Sequence], starts: list[int], num_new: list[int],
-               cu: torch.Tensor) -> ModelRunnerOutput:
+               cu: torch.Tensor, guesses: list[list[int]]) -> ModelRunnerOutput:
         """Prompt logprobs, classification scores and sampling, on the rows that need them."""
         out = ModelRunnerOutput()
         last_row = (cu[1:] - 1).tolist()
@@ -140,7 +145,7 @@ class ModelRunner:
                 out.prompt_logprobs[i] = self._prompt_logprobs(hidden[cu[i]:cu[i + 1]], seq, start)
             if seq.task == "embed":
                 self._pool(hidden[cu[i]:cu[i + 1]], seq, start, n, i, out)
-            elif start + n == seq.num_tokens:
+            elif start + n - len(guesses[i]) == seq.num_tokens:
                 if seq.task == "classify":
                     classify_idx.append(i)
                 elif seq.max_tokens > 0:
@@ -149,32 +154,59 @@ class ModelRunner:
             self._classify(hidden, [last_row[i] for i in classify_idx], [seqs[i] for i in classify_idx],
                            classify_idx, out)
         if sample_idx:
-            logits = self.model.compute_logits(hidden[[last_row[i] for i in sample_idx]])  # (B, V)
-            finite = torch.isfinite(logits).all(dim=-1)
-            if not bool(finite.all()):
-                for row in (~finite).nonzero().flatten().tolist():
-                    out.errors[sample_idx[row]] = "the model produced non-finite logits"
-                logits = torch.where(finite[:, None], logits, torch.zeros_like(logits))
-            batch = SamplingBatch(
-                params=[seqs[i].params for i in sample_idx],
-                generators=[seqs[i].generator for i in sample_idx],
-                output_token_ids=[seqs[i].output_token_ids for i in sample_idx],
-                prompt_token_ids=[seqs[i].prompt_token_ids for i in sample_idx],
-                eos_token_id=self.eos_token_id,
-                bitmask=self.grammar_masks.fill([seqs[i].grammar for i in sample_idx]),
-                masks=self.grammar_masks,
-            )
-            sampled = self.sampler(logits, batch)
-            for row, message in sampled.errors.items():
-                out.errors.setdefault(sample_idx[row], message)
-            for row, i in enumerate(sample_idx):
-                if i in out.errors:
-                    continue
-                lp = None
-                if sampled.logprobs is not None and seqs[i].params.logprobs is not None:
-                    lp = TokenLogprob(sampled.token_ids[row], sampled.logprobs[row], sampled.top_logprobs[row])
-                out.sampled[i] = (sampled.token_ids[row], lp)
+            self._sample(hidden, seqs, sample_idx, last_row, guesses, out)
         return out
+
+    def _sample(self, hidden: torch.Tensor, seqs: list[Sequence], sample_idx: list[int], last_row: list[int],
+                guesses: list[list[int]], out: ModelRunnerOutput) -> None:
+        """One sampling pass over the rows that produce tokens. A speculating sequence has a row per position
+        of its guesses and one after them, each sampled as if the guesses before it had been generated (its
+        history, and a seeded sequence's next draws, in position order); it emits the guesses up to the
+        first the model disagrees with, then the model's token there (speculative.accept)."""
+        owner, rows, history = [], [], []  # per sampling row: its sequence's index, hidden row, extra history
+        for i in sample_idx:
+            k = len(guesses[i])
+            for j in range(k + 1):
+                owner.append(i)
+                rows.append(last_row[i] - k + j)
+                history.append(guesses[i][:j])
+        logits = self.model.compute_logits(hidden[rows])  # (R, V)
+        finite = torch.isfinite(logits).all(dim=-1)
+        if not bool(finite.all()):
+            for row in (~finite).nonzero().flatten().tolist():
+                out.errors[owner[row]] = "the model produced non-finite logits"
+            logits = torch.where(finite[:, None], logits, torch.zeros_like(logits))
+        speculating = [i for i in sample_idx if guesses[i]]
+        states = {i: seqs[i].generator.get_state() for i in speculating if seqs[i].generator is not None}
+        batch = SamplingBatch(
+            params=[seqs[i].params for i in owner],
+            generators=[seqs[i].generator for i in owner],
+            output_token_ids=[seqs[i].output_token_ids + extra if extra else seqs[i].output_token_ids
+                              for i, extra in zip(owner, history, strict=True)],
+            prompt_token_ids=[seqs[i].prompt_token_ids for i in owner],
+            eos_token_id=self.eos_token_id,
+            bitmask=self.grammar_masks.fill([seqs[i].grammar for i in owner]),
+            masks=self.grammar_masks,
+        )
+        sampled = self.sampler(logits, batch)
+        for row, message in sampled.errors.items():
+            out.errors.setdefault(owner[row], message)
+        tokens: dict[int, list[tuple[int, TokenLogprob | None]]] = {}
+        for row, i in enumerate(owner):
+            lp = None
+            if sampled.logprobs is not None and seqs[i].params.logprobs is not None:
+                lp = TokenLogprob(sampled.token_ids[row], sampled.logprobs[row], sampled.top_logprobs[row])
+            tokens.setdefault(i, []).append((sampled.token_ids[row], lp))
+        for i in sample_idx:
+            if i in out.errors:
+                continue
+            if not guesses[i]:
+                out.sampled[i] = tokens[i][0]
+                continue
+            emitted = accept(guesses[i], [t for t, _ in tokens[i]])
+            out.emitted[i] = tokens[i][:len(emitted)]
+            if i in states:  # draws of the positions not emitted are given back
+                self.sampler.rewind(seqs[i].generator, states[i], len(emitted))
 
     def _pool(self, hidden: torch.Tensor, seq: Sequence, start: int, n: int, i: int, out: ModelRunnerOutput) -> None:
         """Mean pooling across prefill chunks: the chunk's sum joins the sequence's (restarted when the

@@ -55,6 +55,7 @@ class Sequence:
     generator: object | None = None  # a seeded sequence's own torch.Generator (opaque here)
     grammar: object | None = None  # structured output: this sequence's own matcher (llguidance LLMatcher)
     pooled_sum: object | None = None  # embed: sum of the final hidden states computed so far (a tensor)
+    spec_token_ids: list[int] = field(default_factory=list)  # guesses for the next step (speculative decoding)
 
     @property
     def num_prompt_tokens(self) -> int:

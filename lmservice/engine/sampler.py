@@ -84,6 +84,14 @@ class Sampler:
                 g.set_state(state)
         return self._sample_rows(logits, batch)
 
+    def rewind(self, generator: torch.Generator, state: torch.Tensor, num_draws: int) -> None:
+        """Put a seeded row's generator back to `state` advanced by `num_draws` of its per-token draws:
+        a speculating sequence drew for every position it checked but keeps the draws of the tokens it
+        emits, so its generator is where it would be without speculation."""
+        generator.set_state(state)
+        for _ in range(num_draws):
+            torch.empty(self.vocab_size).exponential_(generator=generator)
+
     def _sample_rows(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         num_rows = logits.shape[0]
         out = SamplerOutput(token_ids=[0] * num_rows, logprobs=None, top_logprobs=None)

@@ -32,7 +32,8 @@ class SchedulerConfig:
 @dataclass
 class ScheduledSeq:
     seq: Sequence
-    num_new_tokens: int
+    num_new_tokens: int  # including the guesses below
+    spec_token_ids: list[int] = field(default_factory=list)  # speculative guesses after its pending token
 
 
 @dataclass
@@ -42,6 +43,7 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     num_decodes: int = 0
     num_batched_tokens: int = 0
+    num_spec_tokens: int = 0  # speculative guesses among the batched tokens
     preempted: list[Sequence] = field(default_factory=list)
 
     @property
@@ -106,6 +108,15 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            guesses = seq.spec_token_ids[:budget - 1] if num_new == 1 else []
+            seq.spec_token_ids = []
+            # guesses take slots (no hashes: they are not verified) only where the pool has room without
+            # preempting anyone; else the sequence decodes one token as usual
+            if guesses and self.kv.allocate_slots(seq, num_new, num_lookahead=len(guesses)):
+                out.scheduled.append(ScheduledSeq(seq, num_new + len(guesses), guesses))
+                budget -= num_new + len(guesses)
+                i += 1
+                continue
             while not self.kv.allocate_slots(seq, num_new):
                 victim = max(self.running, key=lambda s: s.sort_key)
                 self._preempt(victim)
@@ -151,6 +162,7 @@ class Scheduler:
         # other, so that the LoRA kernels see contiguous groups.
         out.scheduled.sort(key=lambda s: (s.num_new_tokens != 1, s.seq.adapter or ""))
         out.num_decodes = sum(1 for s in out.scheduled if s.num_new_tokens == 1)
+        out.num_spec_tokens = sum(len(s.spec_token_ids) for s in out.scheduled)
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget
         return out
 
