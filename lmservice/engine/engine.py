@@ -204,6 +204,8 @@ class Engine:
         try:
             lora = self.adapters.step_hook([item.seq.adapter for item in sched.scheduled],
                                            [item.num_new_tokens for item in sched.scheduled], self.ops.add_lora)
+            if self.speculator is not None:
+                self.speculator.fill(sched)
             result = self.runner.execute(sched, lora)
         except Exception as e:  # noqa: BLE001 (one bad batch must not stop the server)
             return self._fail_batch(sched, e)

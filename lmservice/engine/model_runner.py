@@ -8,6 +8,7 @@ kernel set (KernelOps), whose linears run C only as the CPU-kernel policy says.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -78,6 +79,8 @@ class ModelRunner:
             self.fast_path = NativeDecoder.build(model, self.kv_caches, cpu_kernels)
         log.info("decode fast path: %s", self.fast_path.name if self.fast_path else "none (every step op by op)")
         self.adapters = adapters  # the owner of the classification heads (the base's and each adapter's)
+        # called with every step's batch after its forward: a draft model keeps its KV cache in step with ours
+        self.mirror: Callable[[StepBatch, torch.Tensor], None] | None = None
 
     def _block_table(self, seqs: list[Sequence]) -> torch.Tensor:
         width = max(len(s.block_ids) for s in seqs)
@@ -110,11 +113,17 @@ class ModelRunner:
             + positions % self.block_size
 
         batch = StepBatch(input_ids, positions, slot_mapping, seq_lens, block_tables, nd, lora)
-        if self.fast_path is not None and self.fast_path.can_run(batch):
-            hidden = self.fast_path.run(batch)
-        else:
-            hidden = self._forward_eager(batch, cu)
+        hidden = self.forward(batch, cu)
+        if self.mirror is not None:
+            self.mirror(batch, cu)
         return self._heads(hidden, seqs, starts, num_new, cu, [s.spec_token_ids for s in scheduled])
+
+    def forward(self, batch: StepBatch, cu: torch.Tensor) -> torch.Tensor:
+        """The final hidden states (T, C) of a step's tokens, their K/V written: the fast path where it
+        takes the batch, else op by op. `cu`: cumulative token counts per sequence (S + 1,)."""
+        if self.fast_path is not None and self.fast_path.can_run(batch):
+            return self.fast_path.run(batch)
+        return self._forward_eager(batch, cu)
 
     def _forward_eager(self, batch: StepBatch, cu: torch.Tensor) -> torch.Tensor:
         dev, nd = self.device, batch.num_decodes

@@ -23,7 +23,8 @@ Proposers (torch-free here; the draft model's lives in draft_model.py):
 - `draft`: a small model with the base's tokenizer guesses greedily (draft_model.py).
 
 Rows that do not speculate: structured output (a grammar decides what may follow, checked one token at a time),
-prompt-logprob and pooling tasks, sequences still in prefill. LoRA rows speculate with n-gram guesses only (a
+beam search (each beam ranks its best 2k next tokens), prompt-logprob and pooling tasks, sequences still in
+prefill. LoRA rows speculate with n-gram guesses only (a
 draft model has no adapter: its guesses would mostly be wasted). Speculation switches itself off for a step
 whose decoding batch is larger than `speculative_disable_batch_size`: there the step is no longer bound by
 reading the weights, and verifying guesses costs more than it saves (docs/benchmarks.md has the measurement).
@@ -97,7 +98,8 @@ class SpecDecodeStats:
 def can_speculate(seq: Sequence) -> bool:
     """Whether this decoding sequence may carry guesses: it generates text and nothing makes each token
     depend on a check that runs one token at a time (a grammar)."""
-    return seq.task == "generate" and seq.grammar is None and seq.params.prompt_logprobs is None
+    return (seq.task == "generate" and seq.grammar is None and seq.params.prompt_logprobs is None
+            and getattr(seq.params, "num_beams", 1) == 1)  # a beam ranks 2k candidates, not one token
 
 
 def ngram_propose(tokens: np.ndarray, k: int, n_min: int, n_max: int) -> list[int]:
@@ -174,6 +176,12 @@ class Speculator:
         c = self.config
         what = "n-gram prompt lookup" if c.method == "ngram" else f"draft model {c.draft_model}"
         return f"{what}, {c.num_speculative_tokens} tokens, off above {c.disable_batch_size} decoding sequences"
+
+    def fill(self, sched) -> None:
+        """After scheduling: a proposer that guesses once the guesses have slots (a draft model) does it here."""
+        fill = getattr(self.proposer, "fill", None)
+        if fill is not None:
+            fill(sched)
 
     def propose(self, running: list[Sequence], max_model_len: int) -> None:
         for seq in running:

@@ -260,3 +260,45 @@ def test_sampled_output_follows_the_models_distribution(tmp_path):
     p_value = _chi2_sf(stat, len(obs) - 1)
     assert len(cells) >= 10
     assert p_value > 1e-3, (stat, len(obs), p_value)
+
+
+def test_draft_model_greedy_equals_plain(tiny_engine, tiny_model_dir, tmp_path):
+    """A draft model: the base itself as its own draft (its KV cache kept in step through every kind of step,
+    so nearly every guess is right), and a different small random draft (most guesses wrong); both give the
+    plain output, alone and beside adapter and sampled rows, across preemptions."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    reqs = [(f"g{i}", p, greedy) for i, p in enumerate(prompts(6, 1000, 5, 30, seed=9))]
+    reqs.append(("n2", [3, 1, 4, 1, 5], SamplingParams(temperature=0.0, n=2, max_tokens=20, ignore_eos=True)))
+    reqs.append(("smp", [2, 7, 1, 8], SamplingParams(temperature=0.9, seed=5, max_tokens=25, ignore_eos=True)))
+    small = {"num_kv_blocks": 40, "block_size": 4}
+    plain = tiny_engine(**small)
+    want = tokens_of(run_to_completion(plain, reqs, stagger=2))
+    assert plain.stats().num_preemptions > 0
+
+    same = tiny_engine(**small, speculative=f"draft:{tiny_model_dir}", num_speculative_tokens=3,
+                       speculative_disable_batch_size=64)
+    assert tokens_of(run_to_completion(same, reqs, stagger=2)) == want
+    assert same.stats().spec.num_accepted_tokens > 0
+    # greedy rows alone: the base guessing for itself is right nearly always (its KV cache was kept in step)
+    same = tiny_engine(**small, speculative=f"draft:{tiny_model_dir}", num_speculative_tokens=3,
+                       speculative_disable_batch_size=64)
+    assert tokens_of(run_to_completion(same, reqs[:-1], stagger=2)) == {k: v for k, v in want.items() if k != "smp"}
+    stats = same.stats().spec
+    assert stats.num_draft_tokens > 100 and stats.num_accepted_tokens > 0.95 * stats.num_draft_tokens
+
+    other_dir = make_gpt2_dir(tmp_path / "draft", seed=11, n_layer=1, n_embd=32, n_head=2)
+    other = tiny_engine(**small, speculative=f"draft:{other_dir}", num_speculative_tokens=3,
+                        speculative_disable_batch_size=64)
+    assert tokens_of(run_to_completion(other, reqs, stagger=2)) == want
+    stats = other.stats().spec
+    assert stats.num_draft_tokens > 100 and stats.num_accepted_tokens < 0.5 * stats.num_draft_tokens
+    assert other.pool.num_used_blocks == 0
+
+
+def test_draft_model_must_match_the_base(tiny_engine, tmp_path):
+    short = make_gpt2_dir(tmp_path / "short", seed=1, n_positions=64)
+    with pytest.raises(ValueError, match="n_positions"):
+        tiny_engine(speculative=f"draft:{short}")
+    other_vocab = make_gpt2_dir(tmp_path / "vocab", seed=1, vocab_size=900)
+    with pytest.raises(ValueError, match="tokenizer|vocab_size"):
+        tiny_engine(speculative=f"draft:{other_vocab}")
