@@ -92,6 +92,17 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     playground: bool = Field(True, description="Serve the web playground and live dashboard at / (a page that calls the API with the user's key).")
 
+    # --- tracing (OpenTelemetry; the otel extra) ---
+    otlp_traces_endpoint: str | None = Field(None, description="Send a span per generating request to this OTLP/HTTP traces URL (e.g. http://collector:4318/v1/traces); unset: tracing off. The OTEL_* variables (service name, headers, sampler, batching) apply. Needs the otel extra: pip install 'lmservice[otel]'.")
+    otlp_trace_prompts: bool = Field(False, description="Put prompts and outputs in the spans (off: never traced).")
+
+    @field_validator("otlp_traces_endpoint")
+    @classmethod
+    def _check_otlp_endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"otlp_traces_endpoint {value!r} must be an http:// or https:// URL (OTLP over HTTP)")
+        return value
+
     @field_validator("adapter")
     @classmethod
     def _check_adapter(cls, value: list[str]) -> list[str]:

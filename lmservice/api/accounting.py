@@ -1,17 +1,19 @@
-"""Latency and usage of one HTTP request's engine requests: into the Prometheus metrics and the access log.
+"""Latency and usage of one HTTP request's engine requests: into the Prometheus metrics and the request's
+record (the access log line, the trace).
 
-A `CallRecorder` is told of every engine output as it is collected (`observe`) and of the end (`count`);
-it changes nothing but the metrics and the request's log record.
+A `CallRecorder` is told of the admission (`admitted`), of every engine output as it is collected (`observe`)
+and of the end (`count`); it changes nothing but the metrics and the record.
 """
 
 from __future__ import annotations
 
 import time
 
-from lmservice.api.middleware import RequestRecord
+from lmservice.api.middleware import EngineTimes, RequestRecord
 from lmservice.api.results import PromptRun
 from lmservice.api.schemas.common import Usage
 from lmservice.engine.outputs import RequestOutput
+from lmservice.engine.sampling_params import SamplingParams
 from lmservice.metrics import Metrics
 
 
@@ -26,16 +28,22 @@ class CallRecorder:
     """Time to first token, queue time, inter-token latency and end-to-end latency per engine request;
     prompt and generated tokens once per HTTP request (`count`, from the call's idempotent close)."""
 
-    def __init__(self, metrics: Metrics, record: RequestRecord, model: str, log_prompts: bool) -> None:
+    def __init__(self, metrics: Metrics, record: RequestRecord, model: str, keep_prompts: bool,
+                 adapter: str | None = None) -> None:
         self.metrics, self.record, self.model = metrics, record, model
-        self.log_prompts = log_prompts
+        self.keep_prompts = keep_prompts  # prompts and outputs into the record (for the log or the trace)
         self.arrival = time.monotonic()  # the engine's own arrival time wins when it reports one
-        record.model = model
+        record.model, record.adapter = model, adapter
+
+    def admitted(self, call_id: str, params: SamplingParams | None, num_requests: int) -> None:
+        self.record.response_id, self.record.params = call_id, params
+        self.record.num_engine_requests += num_requests
 
     def observe(self, run: PromptRun, out: RequestOutput, new_tokens: int) -> None:
         """`out` was just applied to `run`, bringing `new_tokens` tokens."""
         now = time.monotonic()
         m, model, arrival = self.metrics, self.model, out.arrival_time or self.arrival
+        _note_times(self.record.times, arrival, out, now)
         if new_tokens and run.last_token_time is None:
             ttft = max(0.0, (out.first_token_time or now) - arrival)
             m.time_to_first_token.labels(model).observe(ttft)
@@ -65,9 +73,22 @@ class CallRecorder:
             self.record.completion_tokens += run.num_generated_tokens
 
     def log_prompt(self, prompt: object) -> None:
-        if self.log_prompts:
+        if self.keep_prompts:
             self.record.prompt = prompt if isinstance(prompt, str) else repr(prompt)
 
     def log_output(self, output: object) -> None:
-        if self.log_prompts:
+        if self.keep_prompts:
             self.record.output = output if isinstance(output, str) else repr(output)
+
+
+def _note_times(times: EngineTimes, arrival: float, out: RequestOutput, now: float) -> None:
+    """Fold one engine request's timestamps into the call's: the earliest of each, the latest finish."""
+    times.arrival = _earliest(times.arrival, arrival)
+    times.first_scheduled = _earliest(times.first_scheduled, out.first_scheduled_time)
+    times.first_token = _earliest(times.first_token, out.first_token_time)
+    if out.finished:
+        times.finished = now  # outputs are collected in time order: the last finish is the latest
+
+
+def _earliest(known: float | None, new: float | None) -> float | None:
+    return new if known is None else known if new is None else min(known, new)

@@ -11,7 +11,8 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -23,6 +24,9 @@ from lmservice.api.jsonlog import request_id_var
 from lmservice.api.playground import SECURITY_HEADERS
 from lmservice.api.state import ServerState
 
+if TYPE_CHECKING:
+    from lmservice.engine.sampling_params import SamplingParams
+
 access_log = logging.getLogger("lmservice.access")
 
 # A client's X-Request-ID is echoed only when it is short and printable; otherwise we make one.
@@ -33,19 +37,45 @@ _OTHER = "other"
 
 
 @dataclass
+class EngineTimes:
+    """When the engine handled one HTTP request's engine requests (time.monotonic()): the earliest arrival, first
+    scheduling and first token among them, and when the last one's final output was collected."""
+
+    arrival: float | None = None
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+
+
+@dataclass
 class RequestRecord:
-    """What the routes tell the log line and the metrics about one HTTP request."""
+    """What the routes tell the log line, the metrics and the trace about one HTTP request."""
 
     model: str = ""
+    response_id: str | None = None  # the id the answer carries (cmpl-…, gen-…)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     num_engine_requests: int = 0
     ttft_ms: float | None = None
     queue_ms: float | None = None
     finish_reasons: list[str] = field(default_factory=list)
-    prompt: str | None = None  # only with settings.log_prompts
-    output: str | None = None  # only with settings.log_prompts
+    prompt: str | None = None  # only with settings.log_prompts or otlp_trace_prompts (each sink checks its own)
+    output: str | None = None  # likewise
     client_disconnected: bool = False  # a stream the client dropped before its end (status 499)
+    error: str | None = None  # a failure reported inside a stream whose 200 had gone out
+    error_status: int | None = None  # ... and the status it would have had
+    # For the trace only (lmservice/api/tracing.py), never in the log line:
+    adapter: str | None = None  # the adapter that served, None for the base model
+    params: SamplingParams | None = None
+    times: EngineTimes = field(default_factory=EngineTimes)
+
+    def log_fields(self, with_prompts: bool) -> dict[str, object]:
+        """The access log line's fields: those set, prompt and output only `with_prompts`."""
+        skip = {"client_disconnected", "adapter", "params", "times"}
+        if not with_prompts:
+            skip |= {"prompt", "output"}
+        return {f.name: value for f in fields(self)
+                if f.name not in skip and (value := getattr(self, f.name)) not in (None, [], "")}
 
 
 def record_of(scope: Scope) -> RequestRecord:
@@ -106,9 +136,8 @@ class RequestContextMiddleware:
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or _OTHER
             self.state.metrics.requests.labels(endpoint, record.model, str(status)).inc()
-            fields = {k: v for k, v in asdict(record).items()
-                      if v not in (None, [], "") and k != "client_disconnected"}
             access_log.info("request", extra={
                 "method": scope["method"], "path": scope["path"], "status": status,
-                "duration_ms": round((time.perf_counter() - start) * 1000, 2), **fields})
+                "duration_ms": round((time.perf_counter() - start) * 1000, 2),
+                **record.log_fields(with_prompts=self.state.settings.log_prompts)})
             request_id_var.reset(token)

@@ -23,7 +23,7 @@ from types import FrameType
 
 import uvicorn
 
-from lmservice.api.app import create_app
+from lmservice.api.app import TracingUnavailableError, create_app, open_tracing
 from lmservice.api.jsonlog import configure_logging
 from lmservice.api.protocol import HttpLimits, limited_protocol
 from lmservice.config import Settings
@@ -107,13 +107,20 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def run(settings: Settings) -> int:
-    """Serve until SIGTERM/SIGINT; 0 after a SIGTERM's drain, 1 when the port cannot be bound, the model
-    cannot be loaded, or the exit was a SIGINT's or forced by a second signal."""
+    """Serve until SIGTERM/SIGINT; 0 after a SIGTERM's drain, 1 when the port cannot be bound, tracing is asked
+    for without the otel extra, the model cannot be loaded, or the exit was a SIGINT's or forced by a second
+    signal."""
     configure_logging(settings.log_level)
     try:
         sock = bind(settings.host, settings.port)
     except OSError as e:
         logger.error("cannot listen", extra={"host": settings.host, "port": settings.port, "error": str(e)})
+        return 1
+    try:
+        tracing = open_tracing(settings)  # before the model loads: a missing extra is one line at once
+    except TracingUnavailableError as e:
+        logger.error("cannot trace", extra={"error": str(e)})
+        sock.close()
         return 1
     from lmservice.serving.bootstrap import build_serving  # here: torch and the model only when serving
 
@@ -124,7 +131,7 @@ def run(settings: Settings) -> int:
         logger.error("cannot load the model", extra={"error": str(e)})
         sock.close()
         return 1
-    app = create_app(settings, serving)
+    app = create_app(settings, serving, tracing=tracing)
     state = app.state.server
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_config=None, access_log=False,

@@ -35,7 +35,9 @@ class Submission:
     @classmethod
     def open(cls, request: Request, entry: ModelEntry, prefix: str) -> Submission:
         state: ServerState = request.app.state.server
-        recorder = CallRecorder(state.metrics, record_of(request.scope), entry.name, state.settings.log_prompts)
+        settings = state.settings
+        recorder = CallRecorder(state.metrics, record_of(request.scope), entry.name,
+                                settings.log_prompts or settings.otlp_trace_prompts, adapter=entry.adapter)
         return cls(state, recorder, entry, prefix)
 
     async def tokenize(self, prompts: list[str | list[int]], param: str = "prompt") -> list[list[int]]:
@@ -81,5 +83,6 @@ class Submission:
         runs = [PromptRun(request.request_id, list(request.prompt_token_ids), params, stream,
                           [SequenceResult() for _ in range(params.n)])
                 for request, stream in zip(requests, streams, strict=True)]
-        self.recorder.record.num_engine_requests += len(runs)
+        # A prefill-only task's params are defaults, not the client's: the trace names none.
+        self.recorder.admitted(self.id, params if task == "generate" else None, len(runs))
         return EngineCall(self.state, self.recorder, self.entry, self.id, runs, spec=self.spec)
