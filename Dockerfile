@@ -38,7 +38,8 @@ RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_
 WORKDIR /src
 COPY pyproject.toml setup.py README.md constraints.txt ./
 COPY lmservice ./lmservice
-# `train` extras so that `lmservice train` runs from this image; Triton only where there is a GPU for it.
+# `train` extras so that `lmservice train` runs from this image, `otel` so that --otlp-traces-endpoint works
+# (deploy/README.md#tracing); Triton only where there is a GPU for it.
 # Installing the package builds the native CPU kernels (C decode attention, few-row linears, the whole decode
 # step: docs/kernels.md) with this stage's gcc, one library per x86-64 level, into the package
 # (lmservice/kernels/_native/); the runtime stage has no compiler, and the server loads the best one its CPU
@@ -47,7 +48,7 @@ COPY lmservice ./lmservice
 # DL3013 (pin versions in pip) does not apply: this installs the local package, whose dependencies
 # pyproject.toml pins.
 # hadolint ignore=DL3013
-RUN extras="train"; [ "${TORCH_VARIANT}" = "cpu" ] || extras="train,triton"; \
+RUN extras="train,otel"; [ "${TORCH_VARIANT}" = "cpu" ] || extras="train,otel,triton"; \
     pip install --no-cache-dir -c constraints.txt ".[${extras}]" \
     && python -P -c "import lmservice.kernels.cpu_native as n; assert n.native_library() is not None"
 
