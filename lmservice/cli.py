@@ -1,4 +1,4 @@
-"""`lmservice`: the one entry point (serve, generate, train).
+"""`lmservice`: the one entry point (serve, generate, batch, train).
 
 The composition root: flags and environment are read here, once, into
 `Settings`, and handed down. Each subcommand imports only what it needs.
@@ -11,7 +11,9 @@ import sys
 import types
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 
+from lmservice.batch import DEFAULT_CONCURRENCY
 from lmservice.config import Settings
 
 
@@ -66,6 +68,12 @@ def _generate(args: argparse.Namespace) -> int:
     return run(settings_from_args(args), args)
 
 
+def _batch(args: argparse.Namespace) -> int:
+    from lmservice.batch.runner import run
+
+    return run(settings_from_args(args), args.input_file, args.output_file, args.concurrency)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmservice", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                      help="Print text as it is generated (single prompt).")
     gen.set_defaults(func=_generate)
+
+    batch = sub.add_parser(
+        "batch", help="Answer an OpenAI batch input file (JSONL) with the server's app, in process (no socket).",
+        description="Each line {custom_id, method, url, body} is sent to the server's own app in this process; "
+                    "each answer is appended to the output file as {id, custom_id, response, error}. Run it "
+                    "again with the same files to resume: lines already answered are skipped. Exit status 0 "
+                    "when every line is answered (per-line errors included). See docs/api.md#batch-files.")
+    batch.add_argument("-i", "--input-file", type=Path, required=True, help="Batch input file (JSONL).")
+    batch.add_argument("-o", "--output-file", type=Path, required=True,
+                       help="Batch output file (JSONL); appended to, so a rerun resumes.")
+    batch.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
+                       help="Lines in the engine at once (continuous batching fills each step from them).")
+    add_settings_flags(batch)
+    batch.set_defaults(func=_batch)
 
     train = sub.add_parser("train", help="Fine-tuning jobs: tokenizer, pretrain, lm, classify, translate.",
                            add_help=False)
