@@ -112,10 +112,21 @@ class ModelRunner:
         slot_mapping = block_tables[seq_idx, positions // self.block_size].long() * self.block_size \
             + positions % self.block_size
 
-        batch = StepBatch(input_ids, positions, slot_mapping, seq_lens, block_tables, nd, lora)
-        hidden = self.forward(batch, cu)
+        if sched.num_spec_tokens:
+            # a speculating sequence's tokens are decodes of their own: token j attends to positions
+            # <= start + j (every K/V of a layer is written before any row attends), so a step of decodes and
+            # speculating sequences is a pure decode step for the kernels and the fast paths
+            rows = torch.repeat_interleave(torch.arange(nd), q_lens[:nd])  # decode section: a row per token
+            seq_lens = torch.cat([(positions[:len(rows)] + 1).to(torch.int32), seq_lens[nd:]])
+            row_tables = torch.cat([block_tables[rows], block_tables[nd:]])
+            row_cu = torch.cat([torch.arange(len(rows)), cu[nd:]])
+            batch = StepBatch(input_ids, positions, slot_mapping, seq_lens, row_tables, len(rows), lora)
+        else:
+            row_cu = cu
+            batch = StepBatch(input_ids, positions, slot_mapping, seq_lens, block_tables, nd, lora)
+        hidden = self.forward(batch, row_cu)
         if self.mirror is not None:
-            self.mirror(batch, cu)
+            self.mirror(batch, row_cu)
         return self._heads(hidden, seqs, starts, num_new, cu, [s.spec_token_ids for s in scheduled])
 
     def forward(self, batch: StepBatch, cu: torch.Tensor) -> torch.Tensor:

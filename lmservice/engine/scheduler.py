@@ -35,6 +35,11 @@ class ScheduledSeq:
     num_new_tokens: int  # including the guesses below
     spec_token_ids: list[int] = field(default_factory=list)  # speculative guesses after its pending token
 
+    @property
+    def is_decode(self) -> bool:
+        """One pending token, and maybe guesses after it (each a decode row of its own for the kernels)."""
+        return self.num_new_tokens - len(self.spec_token_ids) == 1
+
 
 @dataclass
 class SchedulerOutput:
@@ -158,10 +163,10 @@ class Scheduler:
         for seq in deferred:
             self._push_waiting(seq)
 
-        # Decodes first (the runner gives them the decode kernel); rows of one adapter next to each
-        # other, so that the LoRA kernels see contiguous groups.
-        out.scheduled.sort(key=lambda s: (s.num_new_tokens != 1, s.seq.adapter or ""))
-        out.num_decodes = sum(1 for s in out.scheduled if s.num_new_tokens == 1)
+        # Decodes first, speculating ones too (the runner gives them the decode kernel); rows of one adapter next
+        # to each other, so that the LoRA kernels see contiguous groups.
+        out.scheduled.sort(key=lambda s: (not s.is_decode, s.seq.adapter or ""))
+        out.num_decodes = sum(1 for s in out.scheduled if s.is_decode)
         out.num_spec_tokens = sum(len(s.spec_token_ids) for s in out.scheduled)
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget
         return out
