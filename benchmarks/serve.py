@@ -125,13 +125,18 @@ def launch_lmservice(shape: str, workdir: Path, extra: list[str]) -> tuple[subpr
     shapes = {"gpt2": dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12),
               "tiny": dict(vocab_size=1000, n_positions=512, n_embd=64, n_layer=2, n_head=4)}
     model_dir = make_gpt2_dir(workdir / "model", seed=0, **shapes[shape])
+    return serve_model(model_dir, workdir, ["--served-model-name", "base", *extra])
+
+
+def serve_model(model_dir: Path, workdir: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    """Start `lmservice serve --model model_dir` on a free port (its log in workdir/server.log) and wait until
+    it is ready; returns (process, base_url)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(workdir / "server.log", "wb")  # noqa: SIM115 (lives as long as the server)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lmservice.cli", "serve", "--model", str(model_dir), "--served-model-name", "base",
-         "--port", str(port), *extra],
+        [sys.executable, "-m", "lmservice.cli", "serve", "--model", str(model_dir), "--port", str(port), *extra],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
