@@ -30,7 +30,7 @@ GOOD = {  # custom_id -> (url, body): every endpoint a batch takes, answered 200
                                       "max_tokens": 5, "temperature": 0}),
     "embd": ("/v1/embeddings", {"model": "base", "input": ["a dog", "a cat runs"], "encoding_format": "float"}),
     "cls": ("/v1/classify", {"model": "cls", "text": ["good", "bad film"]}),
-    "tr": ("/v1/translate", {"text": ["A dog.", "Two men."], "max_tokens": 5}),
+    "tr": ("/v1/translate", {"model": "tr", "text": ["A dog.", "Two men."], "max_tokens": 5}),
 }
 REFUSED = {  # custom_id -> (url, body, status): the server's own error answers
     "bad-param": ("/v1/completions", {"model": "base", "prompt": "x", "max_tokens": -3}, 400),
