@@ -3,6 +3,8 @@
 Cache layout, per layer (NOTE: shared by every kernel and the engine):
     k_cache, v_cache: (num_blocks, block_size, num_heads, head_dim)
     token t of a sequence lives in block block_table[t // block_size], row t % block_size.
+    An int8 cache has k_scales, v_scales: (num_blocks, block_size, num_heads) beside it; narrow caches are
+    widened to the query's dtype as they are read (storage formats: lmservice/kernels/kv_cache.py).
 
 The torch functions here are both the reference the Triton kernels are tested
 against and the CPU path of the engine.
@@ -15,13 +17,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lmservice.kernels.kv_cache import widen_kv
 
-def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """K or V of one sequence, contiguous: (seq_len, num_heads, head_dim)."""
+
+def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, scales: torch.Tensor | None,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """K or V of one sequence, contiguous, widened to `dtype`: (seq_len, num_heads, head_dim)."""
     block_size = cache.shape[1]
     num_blocks = (seq_len + block_size - 1) // block_size
-    blocks = cache.index_select(0, block_table[:num_blocks].long())  # (nb, bs, nh, hd)
-    return blocks.flatten(0, 1)[:seq_len]
+    ids = block_table[:num_blocks].long()
+    blocks = cache.index_select(0, ids).flatten(0, 1)[:seq_len]  # (L, nh, hd)
+    return widen_kv(blocks, None if scales is None else scales.index_select(0, ids).flatten(0, 1)[:seq_len], dtype)
 
 
 def prefill_attention_torch(
@@ -32,6 +38,8 @@ def prefill_attention_torch(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed query chunks against their whole paged context.
 
@@ -48,8 +56,8 @@ def prefill_attention_torch(
         q_len = q_end - q_start
         if q_len == 0:
             continue
-        k = _gather_context(k_cache, block_tables[s], seq_len).transpose(0, 1)  # (nh, L, hd)
-        v = _gather_context(v_cache, block_tables[s], seq_len).transpose(0, 1)  # (nh, L, hd)
+        k = _gather_context(k_cache, block_tables[s], seq_len, k_scales, q.dtype).transpose(0, 1)  # (nh, L, hd)
+        v = _gather_context(v_cache, block_tables[s], seq_len, v_scales, q.dtype).transpose(0, 1)  # (nh, L, hd)
         qs = q[q_start:q_end].transpose(0, 1)  # (nh, q_len, hd)
         if q_len == seq_len:
             o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale)
@@ -75,6 +83,11 @@ class DecodePlan:
     mask: torch.Tensor  # (num_seqs, 1, 1, num_blocks * block_size) bool, True inside the context
 
 
+def _gather_scales(scales: torch.Tensor, plan: DecodePlan, num_seqs: int, ctx_len: int) -> torch.Tensor:
+    """An int8 cache's scales in the plan's gathered order: (num_seqs, ctx_len, num_heads)."""
+    return scales.view(scales.shape[0], -1).index_select(0, plan.block_ids).view(num_seqs, ctx_len, -1)
+
+
 def plan_decode_torch(seq_lens: torch.Tensor, block_tables: torch.Tensor, block_size: int) -> DecodePlan:
     device = block_tables.device
     num_blocks = -(-int(seq_lens.max()) // block_size)
@@ -92,6 +105,8 @@ def decode_attention_torch(
     block_tables: torch.Tensor,
     scale: float,
     plan: DecodePlan | None = None,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per sequence against its paged context.
 
@@ -107,6 +122,9 @@ def decode_attention_torch(
     # a 2-D view gathers faster than the 4-D cache: one row copy per block
     k = k_cache.view(k_cache.shape[0], -1).index_select(0, plan.block_ids).view(num_seqs, ctx_len, num_heads, head_dim)
     v = v_cache.view(v_cache.shape[0], -1).index_select(0, plan.block_ids).view(num_seqs, ctx_len, num_heads, head_dim)
+    if k.dtype != q.dtype:  # a narrow cache: gathered narrow (less to copy), then widened
+        k, v = (widen_kv(x, None if scales is None else _gather_scales(scales, plan, num_seqs, ctx_len), q.dtype)
+                for x, scales in ((k, k_scales), (v, v_scales)))
     # NOTE: rows past a sequence's end hold whatever their block held before (NaN after a failed request).
     # The mask gives them no weight, but NaN + -inf and 0 * NaN are NaN: they are zeroed in the copies.
     k.view(-1, num_heads * head_dim).index_fill_(0, plan.stale_rows, 0.0)

@@ -20,7 +20,8 @@ The ABI: csrc/cpu_kernels.h declares the functions and structs; this module decl
 ctypes, and `load_library` refuses a library whose ABI version or struct layout differs (NativeLibraryError).
 The library links libgomp by its soname, and torch has already loaded its own libgomp.so.1, so both share
 one OpenMP runtime and one pool of threads (tests/kernels/test_native_attention.py checks that).
-fp32 activations only; other dtypes use the torch path.
+fp32 activations only; other dtypes use the torch path. The KV cache may be stored in any --kv-cache-dtype
+(KV_DTYPE_CODES): the attention widens it as it reads, the decode step's write converts.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ from lmservice.kernels.cpuinfo import cpu_flags, cpuinfo_field, isa_cap
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 2  # LMSERVICE_KERNELS_ABI_VERSION in csrc/cpu_kernels.h
+ABI_VERSION = 3  # LMSERVICE_KERNELS_ABI_VERSION in csrc/cpu_kernels.h
+# the KV-cache formats the kernels read and write (KV_F32 ... KV_I8 in csrc/cpu_kernels.h; kv_cache.py)
+KV_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}
 DEVELOPER_BUILD = "native"  # the variant name of a LMSERVICE_NATIVE_BUILD library
 INT8_KERNELS = {2: "vnni", 1: "avx2"}  # native_q8()'s answers: which int8 x int8 kernel a build has
 _INT8_FUNCTIONS = ("linear_few_rows_q8", "linear_few_rows_qblock")  # absent where it has none
@@ -70,6 +73,7 @@ class _Layer(ctypes.Structure):  # native_layer
     _fields_ = [("ln1_w", ctypes.c_void_p), ("ln1_b", ctypes.c_void_p), ("ln2_w", ctypes.c_void_p),
                 ("ln2_b", ctypes.c_void_p), ("c_attn", _Linear), ("attn_proj", _Linear), ("c_fc", _Linear),
                 ("mlp_proj", _Linear), ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p),
+                ("k_scales", ctypes.c_void_p), ("v_scales", ctypes.c_void_p), ("kv_dtype", ctypes.c_int64),
                 ("attn_scale", ctypes.c_float)]
 
 
@@ -83,8 +87,9 @@ def _layout() -> list[int]:
 
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {  # name: (argtypes, restype), as csrc/cpu_kernels.h declares them
-    "paged_decode_attention_f32": ([_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _F, _P, _I64,
-                                    _INT], None),
+    "paged_decode_attention": ([_P, _I64, _P, _P, _P, _P, _I64, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _F,
+                                _P, _I64, _INT], None),
+    "write_kv_cache": ([_P, _P, _I64, _I64, _P, _P, _P, _P, _P, _I64, _I64, _I64], None),
     "linear_few_rows_f32": ([_P, _I64, _I64, _P, _P, _P, _I64, _INT], None),
     "linear_few_rows_q8": ([_P, _I64, _I64, _P, _P, _P, _P, _P, _I64, _P, _P, _INT], None),
     "linear_few_rows_qblock": ([_P, _I64, _I64, _P, _P, _I64, _P, _P, _I64, _P, _P, _P, _INT], None),
@@ -301,6 +306,21 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _kv_code(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scales: torch.Tensor | None,
+             v_scales: torch.Tensor | None) -> int:
+    """The kernels' code for a cache's format (KV_DTYPE_CODES), after checking what they assume of its tensors."""
+    assert k_cache.device.type == "cpu" and k_cache.dtype in KV_DTYPE_CODES, f"a {k_cache.dtype} KV cache"
+    assert v_cache.dtype == k_cache.dtype and v_cache.shape == k_cache.shape
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    if k_cache.dtype == torch.int8:
+        assert k_scales is not None and v_scales is not None, "an int8 KV cache needs its scales"
+        for scales in (k_scales, v_scales):
+            assert scales.dtype == torch.float32 and scales.is_contiguous() and scales.shape == k_cache.shape[:3]
+    else:
+        assert k_scales is None and v_scales is None, "scales belong to an int8 KV cache"
+    return KV_DTYPE_CODES[k_cache.dtype]
+
+
 class NativeLibrary:
     """One loaded, ABI-checked build of csrc/cpu_kernels.c: its kernels on tensors. `variant` names the build
     (native_build.Variant.name, or "native" for a LMSERVICE_NATIVE_BUILD one); `int8_kernel` its int8 x int8
@@ -317,15 +337,18 @@ class NativeLibrary:
         return f"NativeLibrary({self.variant}, {self.path})"
 
     def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
-                         block_tables: torch.Tensor, scale: float, plan: NativeDecodePlan | None = None) -> torch.Tensor:
-        """lmservice.kernels.attention.decode_attention_torch's contract, computed in C on fp32 CPU tensors.
+                         block_tables: torch.Tensor, scale: float, plan: NativeDecodePlan | None = None,
+                         k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None) -> torch.Tensor:
+        """lmservice.kernels.attention.decode_attention_torch's contract, computed in C on fp32 CPU queries.
 
         q: (num_seqs, num_heads, head_dim), heads packed (a view of the fused qkv is fine); caches
-        (num_blocks, block_size, num_heads, head_dim) contiguous. Returns (num_seqs, num_heads, head_dim).
+        (num_blocks, block_size, num_heads, head_dim) contiguous, fp32, fp16, bf16 or int8 (with k_scales,
+        v_scales (num_blocks, block_size, num_heads) fp32). Returns (num_seqs, num_heads, head_dim) fp32.
         """
         num_seqs, num_heads, head_dim = q.shape
-        assert q.dtype == k_cache.dtype == v_cache.dtype == torch.float32, "the native kernel is fp32 only"
-        assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[2:] == (num_heads, head_dim)
+        assert q.dtype == torch.float32, "the native kernel takes fp32 queries"
+        kv_dtype = _kv_code(k_cache, v_cache, k_scales, v_scales)
+        assert k_cache.shape[2:] == (num_heads, head_dim)
         if q.stride(2) != 1 or q.stride(1) != head_dim:
             q = q.contiguous()
         if plan is None:
@@ -336,12 +359,28 @@ class NativeLibrary:
         if plan.scratch.numel() < scratch_size:
             plan.scratch = torch.empty(scratch_size, dtype=torch.float32)  # by the step's first layer
         with _named("native::paged_decode_attention"):
-            self.lib.paged_decode_attention_f32(
-                q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), plan.block_tables.data_ptr(),
-                plan.block_tables.stride(0), plan.seq_lens.data_ptr(), out.data_ptr(), num_seqs, num_heads,
-                head_dim, k_cache.shape[1], heads_per_item, scale, plan.scratch.data_ptr(), plan.max_seq_len,
-                plan.threads)
+            self.lib.paged_decode_attention(
+                q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), _ptr(k_scales), _ptr(v_scales),
+                kv_dtype, plan.block_tables.data_ptr(), plan.block_tables.stride(0), plan.seq_lens.data_ptr(),
+                out.data_ptr(), num_seqs, num_heads, head_dim, k_cache.shape[1], heads_per_item, scale,
+                plan.scratch.data_ptr(), plan.max_seq_len, plan.threads)
         return out
+
+    def write_kv_cache(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor, k_scales: torch.Tensor | None = None,
+                       v_scales: torch.Tensor | None = None) -> None:
+        """lmservice.kernels.kv_cache.write_kv_cache_torch's contract in C, for fp32 key and value (num_tokens,
+        num_heads, head_dim) whose rows are contiguous and share one stride (views of the fused qkv are fine):
+        the decode step's write, callable alone."""
+        num_tokens, num_heads, head_dim = key.shape
+        assert key.dtype == value.dtype == torch.float32 and key.stride() == value.stride()
+        assert key.stride(2) == 1 and key.stride(1) == head_dim, "each token's heads packed"
+        kv_dtype = _kv_code(k_cache, v_cache, k_scales, v_scales)
+        slots = slot_mapping.to(torch.int64).contiguous()
+        with _named("native::write_kv_cache"):
+            self.lib.write_kv_cache(key.data_ptr(), value.data_ptr(), key.stride(0), num_tokens, slots.data_ptr(),
+                                    k_cache.data_ptr(), v_cache.data_ptr(), _ptr(k_scales), _ptr(v_scales), kv_dtype,
+                                    num_heads, head_dim)
 
     def linear_f32(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """y = x @ weight.T + bias for fp32 x (..., in) on a CPU, weight (out, in) contiguous: each weight row is
@@ -435,9 +474,11 @@ class LayerWeights:
     attn_proj: LinearWeights
     c_fc: LinearWeights
     mlp_proj: LinearWeights
-    k_cache: torch.Tensor  # (num_blocks, block_size, n_head, head_dim) fp32 contiguous
+    k_cache: torch.Tensor  # (num_blocks, block_size, n_head, head_dim) contiguous, fp32, fp16, bf16 or int8
     v_cache: torch.Tensor
     attn_scale: float
+    k_scales: torch.Tensor | None = None  # int8 caches: (num_blocks, block_size, n_head) fp32
+    v_scales: torch.Tensor | None = None
 
     @property
     def linears(self) -> tuple[LinearWeights, ...]:
@@ -480,13 +521,13 @@ class NativeDecodeStep:
         self.block_size = layers[0].k_cache.shape[1]
         specs = (_Layer * len(layers))()
         for spec, layer in zip(specs, layers, strict=True):
-            assert layer.k_cache.is_contiguous() and layer.v_cache.is_contiguous()
-            assert layer.k_cache.dtype == torch.float32
+            kv_dtype = _kv_code(layer.k_cache, layer.v_cache, layer.k_scales, layer.v_scales)
             spec.ln1_w, spec.ln1_b = _ptr(layer.ln_1[0]), _ptr(layer.ln_1[1])
             spec.ln2_w, spec.ln2_b = _ptr(layer.ln_2[0]), _ptr(layer.ln_2[1])
             for name in ("c_attn", "attn_proj", "c_fc", "mlp_proj"):
                 setattr(spec, name, self._linear(getattr(layer, name)))
             spec.k_cache, spec.v_cache = _ptr(layer.k_cache), _ptr(layer.v_cache)
+            spec.k_scales, spec.v_scales, spec.kv_dtype = _ptr(layer.k_scales), _ptr(layer.v_scales), kv_dtype
             spec.attn_scale = layer.attn_scale
         self._specs = specs
         self._work = torch.empty(0)

@@ -49,7 +49,8 @@ TORCH_OPS = KernelOps(
 
 
 def native_ops(library: NativeLibrary) -> KernelOps:
-    """torch's set with the C decode attention of `library` (CPU, fp32), which reads the paged cache in place."""
+    """torch's set with the C decode attention of `library` (CPU, fp32 queries), which reads the paged cache in place
+    (any KV-cache format)."""
     return replace(TORCH_OPS, name="native", decode_attention=library.decode_attention, plan_decode=plan_decode_native)
 
 

@@ -8,6 +8,9 @@ Both kernels gather K/V through the block tables one token row at a time, so the
 tile width BLOCK_N is independent of block_size and a prefix-cached or chunked
 prefill attends to its cached context without a copy.
 
+The cache may be stored narrower than q (lmservice/kernels/kv_cache.py): tiles are widened as they are loaded,
+int8 ones times their per-token-and-head scales.
+
 NOTE: the CPU interpreter (TRITON_INTERPRET=1) has no bf16 arithmetic, so on CPU
 the prefill casts its tiles to fp32 right after loading (UPCAST); on CUDA its dots
 take the storage dtype (tensor cores) and accumulate in fp32, and fp32 inputs use
@@ -49,7 +52,13 @@ def _launch_options(t: torch.Tensor) -> dict:
     }
 
 
-def _check_paged_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables) -> None:
+_KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
+
+
+def _check_paged_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables,
+                        k_scales: torch.Tensor | None, v_scales: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checks the shapes the kernels assume; returns the scales to pass (the cache itself where there are none:
+    the kernels read them only for an int8 cache)."""
     num_heads, head_dim = q.shape[1:]
     assert q.dim() == 3 and q.stride(-1) == 1, f"q must be (num_tokens, num_heads, head_dim), got {q.shape}"
     assert k_cache.dim() == 4 and k_cache.shape[2:] == (num_heads, head_dim), (
@@ -57,9 +66,15 @@ def _check_paged_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     )
     assert v_cache.shape == k_cache.shape and v_cache.stride() == k_cache.stride(), "k/v caches differ in layout"
     assert k_cache.stride(-1) == 1, "cache head_dim must be contiguous"
-    assert q.dtype == k_cache.dtype == v_cache.dtype, f"dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+    assert k_cache.dtype == v_cache.dtype and k_cache.dtype in _KV_DTYPES, f"caches {k_cache.dtype}, {v_cache.dtype}"
     assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, f"head_dim {head_dim} must be a power of two >= 16"
     assert block_tables.dim() == 2 and not block_tables.is_floating_point(), "block_tables: (num_seqs, max_blocks) int"
+    if k_cache.dtype != torch.int8:
+        return k_cache, v_cache
+    assert k_scales is not None and v_scales is not None, "an int8 KV cache needs its scales"
+    assert k_scales.shape == v_scales.shape == k_cache.shape[:3] and k_scales.stride() == v_scales.stride()
+    assert k_scales.dtype == v_scales.dtype == torch.float32 and k_scales.stride(2) == 1
+    return k_scales, v_scales
 
 
 # --------------------------------------------------------------------------- prefill
@@ -67,10 +82,10 @@ def _check_paged_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 @triton.jit
 def _prefill_tile(
-    acc, l_i, m_i, q, q_pos, start_n, seq_len, table_row, K_CACHE, V_CACHE, head, scale_log2,
-    stride_cb, stride_cr, stride_ch,
+    acc, l_i, m_i, q, q_pos, start_n, seq_len, table_row, K_CACHE, V_CACHE, K_SCALES, V_SCALES, head, scale_log2,
+    stride_cb, stride_cr, stride_ch, stride_sb, stride_sr,
     CAUSAL: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, IS_INT8: tl.constexpr,
 ):
     """One K/V tile of the online softmax; CAUSAL tiles mask by position and by seq_len."""
     kv_pos = start_n + tl.arange(0, BLOCK_N)
@@ -85,9 +100,15 @@ def _prefill_tile(
     else:
         k = tl.load(K_CACHE + rows[None, :] + offs_d[:, None])  # (D, N)
         v = tl.load(V_CACHE + rows[:, None] + offs_d[None, :])  # (N, D)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    if IS_INT8:  # widened times each token's scale, then to q's dtype (the dots' operand type)
+        scale_rows = block_ids * stride_sb + (kv_pos % BLOCK_SIZE) * stride_sr + head  # (BLOCK_N,)
+        ks = tl.load(K_SCALES + scale_rows, mask=in_seq, other=0.0)
+        vs = tl.load(V_SCALES + scale_rows, mask=in_seq, other=0.0)
+        k = (k.to(tl.float32) * ks[None, :]).to(q.dtype)
+        v = (v.to(tl.float32) * vs[:, None]).to(q.dtype)
+    else:
+        k = k.to(q.dtype)  # a no-op unless the cache is narrower than q (or UPCAST made q fp32)
+        v = v.to(q.dtype)
     s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # (M, N), log2 units
     if CAUSAL:
         visible = (kv_pos[None, :] <= q_pos[:, None]) & in_seq[None, :]
@@ -109,10 +130,10 @@ def _prefill_tile(
 )
 @triton.jit
 def _prefill_kernel(
-    Q, K_CACHE, V_CACHE, OUT, CU_SEQLENS_Q, SEQ_LENS, BLOCK_TABLES, scale_log2,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cr, stride_ch, stride_bt,
+    Q, K_CACHE, V_CACHE, K_SCALES, V_SCALES, OUT, CU_SEQLENS_Q, SEQ_LENS, BLOCK_TABLES, scale_log2,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cr, stride_ch, stride_sb, stride_sr, stride_bt,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, IS_INT8: tl.constexpr,
 ):
     m_block = tl.program_id(0)  # fastest: neighbouring programs share K/V in L2
     head = tl.program_id(1)
@@ -141,14 +162,16 @@ def _prefill_kernel(
     full_end = (first_pos + m_block * BLOCK_M) // BLOCK_N * BLOCK_N
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _prefill_tile(
-            acc, l_i, m_i, q, q_pos, start_n, seq_len, table_row, K_CACHE, V_CACHE, head, scale_log2,
-            stride_cb, stride_cr, stride_ch, False, BLOCK_SIZE, HEAD_DIM, BLOCK_N, UPCAST, DOT_PRECISION,
+            acc, l_i, m_i, q, q_pos, start_n, seq_len, table_row, K_CACHE, V_CACHE, K_SCALES, V_SCALES, head,
+            scale_log2, stride_cb, stride_cr, stride_ch, stride_sb, stride_sr, False, BLOCK_SIZE, HEAD_DIM, BLOCK_N,
+            UPCAST, DOT_PRECISION, IS_INT8,
         )
     kv_end = tl.minimum(seq_len, first_pos + (m_block + 1) * BLOCK_M)
     for start_n in range(full_end, kv_end, BLOCK_N):
         acc, l_i, m_i = _prefill_tile(
-            acc, l_i, m_i, q, q_pos, start_n, seq_len, table_row, K_CACHE, V_CACHE, head, scale_log2,
-            stride_cb, stride_cr, stride_ch, True, BLOCK_SIZE, HEAD_DIM, BLOCK_N, UPCAST, DOT_PRECISION,
+            acc, l_i, m_i, q, q_pos, start_n, seq_len, table_row, K_CACHE, V_CACHE, K_SCALES, V_SCALES, head,
+            scale_log2, stride_cb, stride_cr, stride_ch, stride_sb, stride_sr, True, BLOCK_SIZE, HEAD_DIM, BLOCK_N,
+            UPCAST, DOT_PRECISION, IS_INT8,
         )
     # every stored row saw key 0, so l_i > 0 there
     out = acc / l_i[:, None]
@@ -164,12 +187,14 @@ def prefill_attention_triton(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed query chunks against their paged context; see prefill_attention_torch.
 
     NOTE: reads max(q_len) to the host to size the grid, so a prefill is not CUDA-graph capturable.
     """
-    _check_paged_inputs(q, k_cache, v_cache, block_tables)
+    k_scales, v_scales = _check_paged_inputs(q, k_cache, v_cache, block_tables, k_scales, v_scales)
     num_seqs = seq_lens.shape[0]
     assert cu_seqlens_q.shape == (num_seqs + 1,), f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} vs {num_seqs} seqs"
     assert block_tables.shape[0] == num_seqs, "one block table row per sequence"
@@ -185,10 +210,11 @@ def prefill_attention_triton(
         return (triton.cdiv(max_q_len, meta["BLOCK_M"]), num_heads, num_seqs)
 
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables, scale * _LOG2E,
+        q, k_cache, v_cache, k_scales, v_scales, out, cu_seqlens_q, seq_lens, block_tables, scale * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=head_dim, **fixed, **_launch_options(q),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_scales.stride(0), k_scales.stride(1),
+        block_tables.stride(0), BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=head_dim, **fixed, **_launch_options(q),
+        IS_INT8=k_cache.dtype == torch.int8,
     )
     return out
 
@@ -212,9 +238,10 @@ def choose_num_splits(num_seqs: int, num_heads: int, max_context: int, num_sms: 
 
 @triton.jit
 def _decode_kernel(
-    Q, K_CACHE, V_CACHE, OUT, PART_OUT, PART_LSE, SEQ_LENS, BLOCK_TABLES, scale_log2,
-    stride_qs, stride_qh, stride_os, stride_oh, stride_cb, stride_cr, stride_ch, stride_bt, num_splits,
-    IS_SPLIT: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q, K_CACHE, V_CACHE, K_SCALES, V_SCALES, OUT, PART_OUT, PART_LSE, SEQ_LENS, BLOCK_TABLES, scale_log2,
+    stride_qs, stride_qh, stride_os, stride_oh, stride_cb, stride_cr, stride_ch, stride_sb, stride_sr, stride_bt,
+    num_splits, IS_SPLIT: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_INT8: tl.constexpr,
 ):
     """One (sequence, head, split): softmax over its partition of the context.
     num_splits is a runtime value, so a new split count does not compile a new kernel mid-serving.
@@ -244,6 +271,10 @@ def _decode_kernel(
         v = tl.load(V_CACHE + rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)  # (N, D)
         k = k.to(tl.float32)  # memory-bound: fp32 math is free, and the interpreter needs it for bf16
         v = v.to(tl.float32)
+        if IS_INT8:
+            scale_rows = block_ids * stride_sb + (kv_pos % BLOCK_SIZE) * stride_sr + head  # (N,)
+            k = k * tl.load(K_SCALES + scale_rows, mask=valid, other=0.0)[:, None]
+            v = v * tl.load(V_SCALES + scale_rows, mask=valid, other=0.0)[:, None]
         s = tl.sum(k * q[None, :], 1) * scale_log2  # (N,)
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))
@@ -296,6 +327,8 @@ def decode_attention_triton(
     block_tables: torch.Tensor,
     scale: float,
     plan: None = None,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
     """One query token per sequence against its paged context; see decode_attention_torch.
@@ -305,7 +338,7 @@ def decode_attention_triton(
     that depends only on shapes: CUDA-graph capturable. `plan` is plan_decode_triton's (None). A padding row with seq_len 0
     (a graph's unused batch slot) gives zeros, where the reference gives NaN.
     """
-    _check_paged_inputs(q, k_cache, v_cache, block_tables)
+    k_scales, v_scales = _check_paged_inputs(q, k_cache, v_cache, block_tables, k_scales, v_scales)
     num_seqs, num_heads, head_dim = q.shape
     assert seq_lens.shape == (num_seqs,) and block_tables.shape[0] == num_seqs, "one seq_len and table row per query"
     block_size = k_cache.shape[1]
@@ -323,11 +356,11 @@ def decode_attention_triton(
         part_lse = torch.empty(num_seqs, num_heads, num_splits, device=q.device, dtype=torch.float32)
     on_cuda = q.device.type == "cuda"
     _decode_kernel[(num_seqs, num_heads, num_splits)](
-        q, k_cache, v_cache, out, part_out, part_lse, seq_lens, block_tables, scale * _LOG2E,
+        q, k_cache, v_cache, k_scales, v_scales, out, part_out, part_lse, seq_lens, block_tables, scale * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), num_splits,
-        IS_SPLIT=num_splits > 1, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_N=64 if on_cuda else 16,
-        num_warps=4,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_scales.stride(0), k_scales.stride(1),
+        block_tables.stride(0), num_splits, IS_SPLIT=num_splits > 1, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
+        BLOCK_N=64 if on_cuda else 16, IS_INT8=k_cache.dtype == torch.int8, num_warps=4,
     )
     if num_splits > 1:
         _decode_merge_kernel[(num_seqs, num_heads)](

@@ -20,6 +20,7 @@ from torch import nn
 from lmservice.kernels import CpuKernels, KernelOps
 from lmservice.kernels.activation import TANH_GELU
 from lmservice.kernels.cpu_native import DecodeStepWeights, LayerWeights, LinearWeights
+from lmservice.kernels.kv_cache import LayerKVCache
 from lmservice.model.config import GPT2Config
 
 
@@ -72,28 +73,29 @@ class GPT2Attention(nn.Module):
         self.scale = scale
         self.prefix = f"h.{layer_idx}."
 
-    def forward(self, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
+    def forward(self, x: torch.Tensor, kv_cache: tuple[torch.Tensor, ...], meta: AttentionMetadata,
                 ops: KernelOps, lora: LoRAHook | None) -> torch.Tensor:
         num_tokens = x.shape[0]
         qkv = _linear(self.c_attn, self.prefix + "attn.c_attn", x, lora)  # (T, 3C)
         q, k, v = qkv.view(num_tokens, 3, self.n_head, self.head_dim).unbind(1)  # each (T, nh, hd)
-        k_cache, v_cache = kv_cache
+        k_cache, v_cache, k_scales, v_scales = LayerKVCache(*kv_cache)  # scales: an int8 cache's, else None
         # Write first, then attend: prefix-cached and chunked prefills read their
         # context (and same-step siblings' blocks) from the cache alone.
-        ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, k_scales, v_scales)
         nd = meta.num_decode_tokens
         if nd == num_tokens:
             out = ops.decode_attention(q, k_cache, v_cache, meta.decode_seq_lens, meta.decode_block_tables, self.scale,
-                                       meta.decode_plan)
+                                       meta.decode_plan, k_scales, v_scales)
         elif nd == 0:
             out = ops.prefill_attention(q, k_cache, v_cache, meta.prefill_cu_seqlens_q, meta.prefill_seq_lens,
-                                        meta.prefill_block_tables, self.scale)
+                                        meta.prefill_block_tables, self.scale, k_scales, v_scales)
         else:
             out = torch.empty_like(q)
             out[:nd] = ops.decode_attention(q[:nd], k_cache, v_cache, meta.decode_seq_lens,
-                                            meta.decode_block_tables, self.scale, meta.decode_plan)
+                                            meta.decode_block_tables, self.scale, meta.decode_plan, k_scales, v_scales)
             out[nd:] = ops.prefill_attention(q[nd:], k_cache, v_cache, meta.prefill_cu_seqlens_q,
-                                             meta.prefill_seq_lens, meta.prefill_block_tables, self.scale)
+                                             meta.prefill_seq_lens, meta.prefill_block_tables, self.scale, k_scales,
+                                             v_scales)
         return _linear(self.c_proj, self.prefix + "attn.c_proj", out.reshape(num_tokens, self.n_embd), lora)
 
 
@@ -153,7 +155,7 @@ class GPT2ForServing(nn.Module):
         self.score = nn.Linear(config.n_embd, config.num_labels, bias=False) if config.is_classifier else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], ops: KernelOps,
+                kv_caches: list[tuple[torch.Tensor, ...]], ops: KernelOps,
                 lora: LoRAHook | None = None) -> torch.Tensor:
         t = self.transformer
         h = self.embed(input_ids, positions)  # (T, C)
@@ -194,21 +196,23 @@ class GPT2ForServing(nn.Module):
             if hand is not None:
                 hand(kernels)
 
-    def decode_step_weights(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> DecodeStepWeights | None:
+    def decode_step_weights(self, kv_caches: list[tuple[torch.Tensor, ...]]) -> DecodeStepWeights | None:
         """What a whole decode step in C (lmservice/kernels/cpu_native.py NativeDecodeStep) reads of this model
         and its caches; None where a layer is not one it computes: an activation other than tanh GELU,
-        LayerNorms of different eps, weights or caches that are not float32 on the CPU."""
+        LayerNorms of different eps, weights that are not float32 on the CPU, caches not on the CPU (any
+        --kv-cache-dtype is fine)."""
         c, t = self.config, self.transformer
         eps = {m.eps for b in t.h for m in (b.ln_1, b.ln_2)} | {t.ln_f.eps}
         if c.activation_function not in TANH_GELU or t.wte.weight.dtype != torch.float32 or len(eps) != 1:
             return None
         layers = []
-        for block, (k_cache, v_cache) in zip(t.h, kv_caches, strict=True):
+        for block, kv_cache in zip(t.h, kv_caches, strict=True):
+            kv = LayerKVCache(*kv_cache)
             linears = [_native_weights(m) for m in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)]
-            if any(lw is None for lw in linears) or k_cache.device.type != "cpu" or k_cache.dtype != torch.float32:
+            if any(lw is None for lw in linears) or kv.k.device.type != "cpu":
                 return None
             layers.append(LayerWeights((block.ln_1.weight, block.ln_1.bias), (block.ln_2.weight, block.ln_2.bias),
-                                       *linears, k_cache, v_cache, block.attn.scale))
+                                       *linears, kv.k, kv.v, block.attn.scale, kv.k_scales, kv.v_scales))
         return DecodeStepWeights(layers, (t.ln_f.weight, t.ln_f.bias), eps.pop(), c.n_head, c.n_inner)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

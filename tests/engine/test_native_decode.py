@@ -1,5 +1,6 @@
 """The whole-stack C decode step (lmservice/engine/native_decode.py, lmservice/kernels/cpu_native.py gpt2_decode_step):
-the same hidden states and KV writes as the op-by-op forward, for fp32, int8 and int4 projections, the runner
+the same hidden states and KV writes as the op-by-op forward, for fp32, int8 and int4 projections and for each
+KV-cache format, the runner
 sending it exactly the steps it is for, and `cpu_kernels torch` running no C code at all (counted)."""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from lmservice.engine.sampling_params import SamplingParams
 from lmservice.kernels import CpuKernels, native_ops
 from lmservice.kernels.cpu_native import native_library
 from lmservice.kernels.cpu_policy import DECODE_STEP_INT8_ROWS, DECODE_STEP_ROWS
+from lmservice.kernels.kv_cache import LayerKVCache, quantize_kv_int8, widen_kv
 from lmservice.model.gpt2 import AttentionMetadata
 from lmservice.model.loader import load_model
 from tests.helpers import make_gpt2_dir, prompts, run_to_completion
@@ -50,10 +52,9 @@ def _decode_batch(rows: int, block_size: int, num_blocks: int, g: torch.Generato
     return ids, positions, slots, torch.tensor(lens, dtype=torch.int32), tables
 
 
-@pytest.mark.parametrize("quantization", QUANTIZATIONS)
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 6, 9])
-@pytest.mark.parametrize("block_size", [1, 16])
-def test_decode_step_matches_the_op_by_op_forward(model_dir, quantization, rows, block_size):
+def _both_paths(model_dir, quantization: str, rows: int, block_size: int, kv_dtype: torch.dtype):
+    """One decode step of `rows` sequences over random caches stored in `kv_dtype`, through the C step and the op-by-op
+    forward (on copies of the caches): (C hidden states, op-by-op ones, C caches, op-by-op caches, written slots)."""
     loaded = load_model(model_dir, "cpu", "float32", quantization=quantization)
     model, c = loaded.model, loaded.config
     kernels = CpuKernels.using(LIB)
@@ -61,30 +62,68 @@ def test_decode_step_matches_the_op_by_op_forward(model_dir, quantization, rows,
     model.use_cpu_kernels(replace(kernels, linear_int8_rows=rows if INT8 else 0))
     num_blocks = rows * -(-c.n_positions // block_size)
     g = torch.Generator().manual_seed(rows * 100 + block_size)
-    caches = [(torch.randn(num_blocks, block_size, c.n_head, c.head_dim, generator=g),
-               torch.randn(num_blocks, block_size, c.n_head, c.head_dim, generator=g)) for _ in range(c.n_layer)]
+    caches = []
+    for _ in range(c.n_layer):
+        k, v = (torch.randn(num_blocks, block_size, c.n_head, c.head_dim, generator=g) for _ in range(2))
+        if kv_dtype == torch.int8:
+            (k, k_scales), (v, v_scales) = quantize_kv_int8(k), quantize_kv_int8(v)
+            caches.append(LayerKVCache(k, v, k_scales, v_scales))
+        else:
+            caches.append(LayerKVCache(k.to(kv_dtype), v.to(kv_dtype)))
     ids, positions, slots, seq_lens, tables = _decode_batch(rows, block_size, num_blocks, g)
-
     ops = native_ops(LIB)
     meta = AttentionMetadata(slot_mapping=slots, num_decode_tokens=rows, decode_seq_lens=seq_lens,
                              decode_block_tables=tables, prefill_cu_seqlens_q=torch.zeros(1, dtype=torch.int32),
                              prefill_seq_lens=torch.zeros(0, dtype=torch.int32),
                              prefill_block_tables=torch.zeros(0, tables.shape[1], dtype=torch.int32),
                              decode_plan=ops.plan_decode(seq_lens, tables, block_size))
-    op_caches = [(k.clone(), v.clone()) for k, v in caches]
+    op_caches = [LayerKVCache(*(None if t is None else t.clone() for t in kv)) for kv in caches]
     with torch.inference_mode():
         want = model(torch.tensor(ids), positions, meta, op_caches, ops)
         decoder = NativeDecoder.build(model, caches, kernels)
         assert decoder is not None
         got = decoder.run(StepBatch(ids, positions, slots, seq_lens, tables, rows, None))
+    return got, want, caches, op_caches, slots
+
+
+@pytest.mark.parametrize("quantization", QUANTIZATIONS)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 6, 9])
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_decode_step_matches_the_op_by_op_forward(model_dir, quantization, rows, block_size):
+    got, want, caches, op_caches, _ = _both_paths(model_dir, quantization, rows, block_size, torch.float32)
     # int8: both paths quantize each row the same way (the same int8 kernel). int4 quantizes x per block of 32:
     # a LayerNorm output that differs by an ulp between C and torch can round to the next level in a block of
     # small values, which moves the outputs by about that block's step (a wrong sum would move them by O(1))
     atol, rtol = (2e-3, 1e-2) if quantization == "int4" else (2e-5, 1e-4)
     torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
-    for (k, v), (k_ref, v_ref) in zip(caches, op_caches, strict=True):
-        torch.testing.assert_close(k, k_ref, atol=1e-5, rtol=1e-5)  # the written slots agree, the rest untouched
-        torch.testing.assert_close(v, v_ref, atol=1e-5, rtol=1e-5)
+    for kv, kv_ref in zip(caches, op_caches, strict=True):
+        torch.testing.assert_close(kv.k, kv_ref.k, atol=1e-5, rtol=1e-5)  # the written slots agree, the rest untouched
+        torch.testing.assert_close(kv.v, kv_ref.v, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("quantization", ["none", QUANTIZATIONS[1]])
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.bfloat16, torch.int8], ids=["fp16", "bf16", "int8"])
+@pytest.mark.parametrize("rows", [1, 4, 9])
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_decode_step_on_a_narrow_cache_matches_the_op_by_op_forward(model_dir, quantization, kv_dtype, rows,
+                                                                    block_size):
+    """The C step's KV write (its own conversion, int8 quantization) and attention over a narrow cache against the
+    op-by-op forward: torch's write (the reference) and the C attention. The written slots hold the same values up
+    to one rounding step of the format (the two paths' K and V differ by fp32 rounding before they are stored)."""
+    got, want, caches, op_caches, slots = _both_paths(model_dir, quantization, rows, block_size, kv_dtype)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-2)
+    num_slots, n_head, head_dim = caches[0].k.shape[0] * caches[0].k.shape[1], *caches[0].k.shape[2:]
+    written = torch.zeros(num_slots, dtype=torch.bool)
+    written[slots] = True
+    for kv, kv_ref in zip(caches, op_caches, strict=True):
+        for x, ref, s, s_ref in ((kv.k, kv_ref.k, kv.k_scales, kv_ref.k_scales),
+                                 (kv.v, kv_ref.v, kv.v_scales, kv_ref.v_scales)):
+            wide = widen_kv(x, s).view(num_slots, n_head, head_dim)
+            wide_ref = widen_kv(ref, s_ref).view(num_slots, n_head, head_dim)
+            assert torch.equal(wide[~written], wide_ref[~written])  # the rest untouched
+            ulp = 2**-10 if kv_dtype == torch.float16 else 2**-7
+            step = s_ref.view(num_slots, n_head, 1) if s_ref is not None else wide_ref.abs() * ulp
+            assert ((wide - wide_ref).abs()[written] <= step[written] * 1.01 + 1e-6).all()
 
 
 def test_greedy_tokens_match_transformers_through_the_native_step(model_dir):
@@ -155,7 +194,7 @@ def test_cpu_kernels_torch_runs_no_c_code(model_dir, quantization, monkeypatch):
     of 1 and of several rows, prefills, oneDNN linears on this model), and each path calls them under
     `native` (the negative control)."""
     counts: dict[str, int] = {}
-    for name in ("paged_decode_attention_f32", "linear_few_rows_f32", "linear_few_rows_q8", "linear_few_rows_qblock",
+    for name in ("paged_decode_attention", "linear_few_rows_f32", "linear_few_rows_q8", "linear_few_rows_qblock",
                  "gpt2_decode_step"):
         if hasattr(LIB.lib, name) and (name not in ("linear_few_rows_q8", "linear_few_rows_qblock") or INT8):
             fn = getattr(LIB.lib, name)
@@ -179,7 +218,7 @@ def test_cpu_kernels_torch_runs_no_c_code(model_dir, quantization, monkeypatch):
             linear = {"none": "linear_few_rows_f32", "int8": "linear_few_rows_q8" if int8_rows else None,
                       "int4": "linear_few_rows_qblock"}[quantization]
             assert linear is None or counts.get(linear, 0) > 0, counts
-            assert counts.get("paged_decode_attention_f32", 0) > 0, counts
+            assert counts.get("paged_decode_attention", 0) > 0, counts
 
 
 def test_the_fast_path_takes_only_plain_decodes_it_has_room_for(model_dir):

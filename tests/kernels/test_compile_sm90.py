@@ -23,27 +23,34 @@ def _compile_all() -> list[str]:
 
     target = GPUTarget("cuda", 90, 32)
     paged = {"stride_qt": "i32", "stride_qh": "i32", "stride_ot": "i32", "stride_oh": "i32",
-             "stride_cb": "i32", "stride_cr": "i32", "stride_ch": "i32", "stride_bt": "i32"}
+             "stride_cb": "i32", "stride_cr": "i32", "stride_ch": "i32", "stride_sb": "i32", "stride_sr": "i32",
+             "stride_bt": "i32"}
     cases = []
-    for dt in ("bf16", "fp32"):  # fp16 takes the bf16 path
-        cases.append((f"prefill {dt}", triton_attention._prefill_kernel, {
-            "Q": f"*{dt}", "K_CACHE": f"*{dt}", "V_CACHE": f"*{dt}", "OUT": f"*{dt}", "CU_SEQLENS_Q": "*i32",
-            "SEQ_LENS": "*i32", "BLOCK_TABLES": "*i32", "scale_log2": "fp32", **paged,
+    # (queries, KV cache): fp16 takes the bf16 path; narrow caches under bf16 and fp32 queries
+    for dt, kv in (("bf16", "bf16"), ("fp32", "fp32"), ("bf16", "i8"), ("fp32", "fp16")):
+        cases.append((f"prefill {dt} over {kv}", triton_attention._prefill_kernel, {
+            "Q": f"*{dt}", "K_CACHE": f"*{kv}", "V_CACHE": f"*{kv}", "K_SCALES": "*fp32", "V_SCALES": "*fp32",
+            "OUT": f"*{dt}", "CU_SEQLENS_Q": "*i32", "SEQ_LENS": "*i32", "BLOCK_TABLES": "*i32", "scale_log2": "fp32",
+            **paged,
         }, {"BLOCK_SIZE": 16, "HEAD_DIM": 64, "BLOCK_M": 128, "BLOCK_N": 64, "UPCAST": False,
-            "DOT_PRECISION": "ieee" if dt == "fp32" else "tf32"}))
-    decode_sig = {"Q": "*bf16", "K_CACHE": "*bf16", "V_CACHE": "*bf16", "OUT": "*bf16", "PART_OUT": "*fp32",
-                  "PART_LSE": "*fp32", "SEQ_LENS": "*i32", "BLOCK_TABLES": "*i32", "scale_log2": "fp32",
-                  **{k.replace("qt", "qs").replace("ot", "os"): v for k, v in paged.items()}}
-    for is_split in (False, True):
-        cases.append((f"decode split={is_split}", triton_attention._decode_kernel, {**decode_sig, "num_splits": "i32"},
-                      {"IS_SPLIT": is_split, "BLOCK_SIZE": 16, "HEAD_DIM": 64, "BLOCK_N": 64}))
+            "DOT_PRECISION": "ieee" if dt == "fp32" else "tf32", "IS_INT8": kv == "i8"}))
+    for is_split, kv in ((False, "bf16"), (True, "bf16"), (False, "i8")):
+        decode_sig = {"Q": "*bf16", "K_CACHE": f"*{kv}", "V_CACHE": f"*{kv}", "K_SCALES": "*fp32", "V_SCALES": "*fp32",
+                      "OUT": "*bf16", "PART_OUT": "*fp32", "PART_LSE": "*fp32", "SEQ_LENS": "*i32",
+                      "BLOCK_TABLES": "*i32", "scale_log2": "fp32",
+                      **{k.replace("qt", "qs").replace("ot", "os"): v for k, v in paged.items()}}
+        cases.append((f"decode split={is_split} over {kv}", triton_attention._decode_kernel,
+                      {**decode_sig, "num_splits": "i32"},
+                      {"IS_SPLIT": is_split, "BLOCK_SIZE": 16, "HEAD_DIM": 64, "BLOCK_N": 64, "IS_INT8": kv == "i8"}))
     cases.append(("decode merge", triton_attention._decode_merge_kernel,
                   {"OUT": "*bf16", "PART_OUT": "*fp32", "PART_LSE": "*fp32", "stride_os": "i32", "stride_oh": "i32",
                    "num_splits": "i32"}, {"BLOCK_S": 4, "HEAD_DIM": 64}))
-    cases.append(("write kv", triton_kv_cache._write_kv_kernel, {
-        "KEY": "*bf16", "VALUE": "*bf16", "K_CACHE": "*bf16", "V_CACHE": "*bf16", "SLOT_MAPPING": "*i64",
-        "num_heads": "i32", **{f"stride_{s}": "i32" for s in ("kt", "kh", "vt", "vh", "cb", "cr", "ch")},
-    }, {"BLOCK_SIZE": 16, "HEAD_DIM": 64, "BLOCK_H": 32}))
+    for kv in ("bf16", "fp16", "i8"):
+        cases.append((f"write kv into {kv}", triton_kv_cache._write_kv_kernel, {
+            "KEY": "*bf16", "VALUE": "*bf16", "K_CACHE": f"*{kv}", "V_CACHE": f"*{kv}", "K_SCALES": "*fp32",
+            "V_SCALES": "*fp32", "SLOT_MAPPING": "*i64", "num_heads": "i32",
+            **{f"stride_{s}": "i32" for s in ("kt", "kh", "vt", "vh", "cb", "cr", "ch", "sb", "sr")},
+        }, {"BLOCK_SIZE": 16, "HEAD_DIM": 64, "BLOCK_H": 32, "IS_INT8": kv == "i8"}))
     cases.append(("add layer norm", triton_norm._add_layer_norm_kernel, {
         "X": "*bf16", "RESIDUAL": "*bf16", "WEIGHT": "*bf16", "BIAS": "*bf16", "OUT": "*bf16", "H": "*bf16",
         "n_cols": "i32", "eps": "fp32", **{f"stride_{s}": "i32" for s in ("x", "r", "o", "h")},
@@ -67,7 +74,7 @@ def test_every_kernel_compiles_for_sm90():
     env["PYTHONPATH"] = str(REPO)
     proc = subprocess.run([sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "compiled 8 kernels" in proc.stdout, proc.stdout
+    assert "compiled 13 kernels" in proc.stdout, proc.stdout
 
 
 if __name__ == "__main__":

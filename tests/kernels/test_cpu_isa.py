@@ -1,7 +1,8 @@
 """The kernel parity tests again, as if on an AVX2-only CPU (LMSERVICE_CPU_ISA=x86-64-v3, read by
 lmservice/kernels/cpuinfo.py): so that a machine with AVX-512 and VNNI also proves the AVX2 build of the C kernels,
 and the int8 paths that CPU takes (the AVX2 int8 kernel, vpmaddubsw instead of VNNI, in the C step and
-against its reference; FBGEMM with 7-bit activations op by op). In a subprocess: the library is chosen once per
+against its reference; FBGEMM with 7-bit activations op by op), and its 8-wide reads and writes of fp16, bf16 and
+int8 KV caches. In a subprocess: the library is chosen once per
 process."""
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from lmservice.kernels.cpuinfo import ISA_ENV, cpu_flags, isa_cap
 REPO = Path(__file__).resolve().parents[2]
 CAP = "x86-64-v3"
 PARITY_TESTS = ["tests/kernels/test_native_attention.py", "tests/kernels/test_native_blocks.py",
+                "tests/kernels/test_kv_cache_dtypes.py",
                 "tests/engine/test_native_decode.py::test_decode_step_matches_the_op_by_op_forward",
+                "tests/engine/test_native_decode.py::test_decode_step_on_a_narrow_cache_matches_the_op_by_op_forward",
                 "tests/engine/test_native_decode.py::test_cpu_kernels_torch_runs_no_c_code",
                 "tests/engine/test_native_decode.py::test_not_built_for_what_it_does_not_compute",
                 "tests/model/test_quantize.py::test_int8_linear_matches_its_dequantized_reference",

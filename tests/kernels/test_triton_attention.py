@@ -85,7 +85,10 @@ def test_choose_num_splits_fills_the_device_without_tiny_partitions():
 
 def test_rejects_mismatched_cache():
     b = make_paged_batch([5], [1], 16, 2, torch.float32, torch.Generator().manual_seed(0))
-    with pytest.raises(AssertionError, match="dtypes differ"):
-        decode_attention_triton(b.q.half(), b.k_cache, b.v_cache, b.seq_lens, b.block_tables, SCALE)
+    with pytest.raises(AssertionError, match="caches"):  # not a KV-cache format
+        decode_attention_triton(b.q, b.k_cache.double(), b.v_cache.double(), b.seq_lens, b.block_tables, SCALE)
+    with pytest.raises(AssertionError, match="needs its scales"):
+        decode_attention_triton(b.q, b.k_cache.to(torch.int8), b.v_cache.to(torch.int8), b.seq_lens, b.block_tables,
+                                SCALE)
     with pytest.raises(AssertionError, match="does not match"):
         decode_attention_triton(b.q[:, :1], b.k_cache, b.v_cache, b.seq_lens, b.block_tables, SCALE)

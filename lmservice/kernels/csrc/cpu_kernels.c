@@ -1,16 +1,19 @@
 /* Native CPU kernels (lmservice/kernels/native_build.py builds them, lmservice/kernels/cpu_native.py loads them):
- * the paged decode attention, linears for a few rows, and a whole GPT-2 decode step made of them, further down.
- * Their interface (signatures, structs, the ABI version) is cpu_kernels.h.
+ * the paged decode attention and the KV-cache write, linears for a few rows, and a whole GPT-2 decode step made
+ * of them, further down. Their interface (signatures, structs, the ABI version) is cpu_kernels.h.
  *
  * Decode attention over the paged KV cache, for CPUs: each sequence's one query token against its
  * context, read in place through its block table (no gathered copy of K or V).
  *
- * Layouts (fp32, row-major):
- *   q        (num_seqs, num_heads, head_dim), seq stride `q_seq_stride` elements, heads packed
- *   k_cache  (num_blocks, block_size, num_heads, head_dim), contiguous; v_cache the same
+ * Layouts (row-major):
+ *   q        (num_seqs, num_heads, head_dim) fp32, seq stride `q_seq_stride` elements, heads packed
+ *   k_cache  (num_blocks, block_size, num_heads, head_dim), contiguous, in kv_dtype (KV_F32, KV_F16, KV_BF16 or
+ *            KV_I8, cpu_kernels.h); v_cache the same
+ *   k_scales (num_blocks, block_size, num_heads) fp32, KV_I8 only (NULL otherwise): row (token, head) stands for
+ *            its int8 values times its scale; v_scales the same
  *   tables   (num_seqs, table_stride) int32 block ids; only the first ceil(seq_len / block_size) are read
  *   seq_lens (num_seqs,) int32, >= 1, context length including the query token
- *   out      (num_seqs, num_heads, head_dim), contiguous
+ *   out      (num_seqs, num_heads, head_dim) fp32, contiguous
  *
  * One work item is a sequence and a group of `heads_per_item` consecutive heads, spread over `num_threads`
  * OpenMP threads (the runtime torch itself uses, so the two never run a team each on the same cores). The
@@ -18,6 +21,9 @@
  * contiguous run of memory, read in order. For an item: scores = q . k * scale for every context row and
  * head, softmax with the max subtracted, then the weighted sum of the V rows. Rows at or past seq_len are
  * never read, so whatever stale blocks hold (NaN after a failed request) cannot leak in.
+ * Narrow caches are widened to fp32 in registers as they are read: fp16 by F16C (vcvtph2ps), bf16 by a shift into
+ * the high half of a float, int8 by sign extension; an int8 row's scale multiplies its whole dot product (K) or its
+ * softmax weight (V), not each element.
  * `scratch` holds heads_per_item * max_seq_len floats per thread.
  */
 #include <float.h>
@@ -43,19 +49,222 @@ int64_t native_abi_layout(int64_t *out, int64_t capacity) {
         sizeof(native_layer), offsetof(native_layer, ln1_w), offsetof(native_layer, ln1_b),
         offsetof(native_layer, ln2_w), offsetof(native_layer, ln2_b), offsetof(native_layer, c_attn),
         offsetof(native_layer, attn_proj), offsetof(native_layer, c_fc), offsetof(native_layer, mlp_proj),
-        offsetof(native_layer, k_cache), offsetof(native_layer, v_cache), offsetof(native_layer, attn_scale),
+        offsetof(native_layer, k_cache), offsetof(native_layer, v_cache), offsetof(native_layer, k_scales),
+        offsetof(native_layer, v_scales), offsetof(native_layer, kv_dtype), offsetof(native_layer, attn_scale),
     };
     const int64_t n = (int64_t)(sizeof layout / sizeof layout[0]);
     for (int64_t i = 0; i < n && i < capacity; i++) out[i] = layout[i];
     return n;
 }
 
-static void decode_attention(const float *q, int64_t q_seq_stride, const float *k_cache, const float *v_cache,
-                                const int32_t *tables, int64_t table_stride, const int32_t *seq_lens, float *out,
-                                int64_t num_seqs, int64_t num_heads, int64_t head_dim, int64_t block_size,
-                                int64_t heads_per_item, float scale, float *scratch, int64_t max_seq_len,
-                                int num_threads) {
-    const int64_t token_stride = num_heads * head_dim;  /* floats per cached token */
+/* The vector width of this build's fp32 arithmetic (the linears below use it too). */
+#if defined(__AVX512F__)
+#define VW 16
+typedef __m512 vf;
+#define VZERO() _mm512_setzero_ps()
+#define VLOAD(p) _mm512_loadu_ps(p)
+#define VSTORE(p, a) _mm512_storeu_ps(p, a)
+#define VSET1(x) _mm512_set1_ps(x)
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VSUM(a) _mm512_reduce_add_ps(a)
+#elif defined(__AVX2__) && defined(__FMA__)
+#define VW 8
+typedef __m256 vf;
+#define VZERO() _mm256_setzero_ps()
+#define VLOAD(p) _mm256_loadu_ps(p)
+#define VSTORE(p, a) _mm256_storeu_ps(p, a)
+#define VSET1(x) _mm256_set1_ps(x)
+#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+static inline float vsum256(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#define VSUM(a) vsum256(a)
+#else /* portable C; the compiler vectorizes what it can */
+#define VW 1
+typedef float vf;
+#define VZERO() 0.0f
+#define VLOAD(p) (*(p))
+#define VSTORE(p, a) (*(p) = (a))
+#define VSET1(x) (x)
+#define VFMA(a, b, c) ((a) * (b) + (c))
+#define VSUM(a) (a)
+#endif
+
+/* ---- KV-cache formats (lmservice/kernels/kv_cache.py is the reference). The bit tests stand in for isnan and
+ * isinf, which -ffast-math lets the compiler assume false. */
+
+static inline size_t kv_elem_bytes(int kv) { return kv == KV_F32 ? 4 : kv == KV_I8 ? 1 : 2; }
+
+static inline uint32_t float_bits(float f) {
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    return x;
+}
+
+static inline float bits_float(uint32_t x) {
+    float f;
+    memcpy(&f, &x, sizeof f);
+    return f;
+}
+
+/* IEEE half -> float, exact (subnormals, infinities and NaN included); for builds without F16C and for tails */
+static inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    if (e == 0x1f) return bits_float(sign | 0x7f800000u | (m << 13));
+    if (e) return bits_float(sign | ((e + 112u) << 23) | (m << 13));
+    return bits_float(sign | float_bits((float)m * 0x1p-24f)); /* zero or subnormal: m units of 2^-24 */
+}
+
+/* float -> IEEE half, round to nearest even; past the largest half (65504) infinity; NaN a quiet NaN */
+static inline uint16_t half_from_float(float f) {
+    const uint32_t x = float_bits(f), a = x & 0x7fffffffu;
+    const uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
+    if (a >= 0x7f800000u) return sign | (a > 0x7f800000u ? 0x7e00u : 0x7c00u);
+    if (a >= 0x477ff000u) return sign | 0x7c00u; /* at least 65520: rounds to infinity */
+    if (a >= 0x38800000u) {                      /* at least 2^-14: a normal half; 13 mantissa bits dropped */
+        const uint32_t r = a + 0xfffu + ((a >> 13) & 1u);
+        return sign | (uint16_t)((r - 0x38000000u) >> 13); /* exponent rebiased from 127 to 15 */
+    }
+    if (a <= 0x33000000u) return sign; /* at most 2^-25, half the smallest subnormal: zero (a tie goes to even) */
+    const uint32_t shift = 126u - (a >> 23), m = (a & 0x7fffffu) | 0x800000u; /* m >> shift units of 2^-24 */
+    const uint32_t q = m >> shift, rest = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+    return sign | (uint16_t)(q + (rest > half || (rest == half && (q & 1u))));
+}
+
+/* float -> bfloat16, round to nearest even (torch's conversion); NaN stays a NaN */
+static inline uint16_t bf16_from_float(float f) {
+    const uint32_t x = float_bits(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x >> 16) | 0x40u);
+    return (uint16_t)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
+/* element i of a cache row in format KV, as fp32 (an int8 element without its scale) */
+static inline __attribute__((always_inline)) float kv_at(const void *p, int64_t i, const int KV) {
+    if (KV == KV_F16) return half_to_float(((const uint16_t *)p)[i]);
+    if (KV == KV_BF16) return bits_float((uint32_t)((const uint16_t *)p)[i] << 16);
+    if (KV == KV_I8) return (float)((const int8_t *)p)[i];
+    return ((const float *)p)[i];
+}
+
+/* elements i .. i + VW of a cache row, widened to a vector of fp32 */
+static inline __attribute__((always_inline)) vf kv_load(const void *p, int64_t i, const int KV) {
+#if VW == 16
+    const uint16_t *h = (const uint16_t *)p + i;
+    if (KV == KV_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h));
+    if (KV == KV_BF16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)h)), 16));
+    if (KV == KV_I8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)p + i))));
+    return _mm512_loadu_ps((const float *)p + i);
+#elif VW == 8
+    const uint16_t *h = (const uint16_t *)p + i;
+#ifdef __F16C__
+    if (KV == KV_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
+#else
+    if (KV == KV_F16)
+        return _mm256_setr_ps(half_to_float(h[0]), half_to_float(h[1]), half_to_float(h[2]), half_to_float(h[3]),
+                              half_to_float(h[4]), half_to_float(h[5]), half_to_float(h[6]), half_to_float(h[7]));
+#endif
+    if (KV == KV_BF16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)h)), 16));
+    if (KV == KV_I8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)p + i))));
+    return _mm256_loadu_ps((const float *)p + i);
+#else
+    return kv_at(p, i, KV);
+#endif
+}
+
+/* q . row for a cache row of n elements in format KV (int8: without its scale) */
+static inline __attribute__((always_inline)) float kv_dot(const float *q, const void *k, int64_t n, const int KV) {
+    vf acc = VZERO();
+    int64_t i = 0;
+    for (; i + VW <= n; i += VW) acc = VFMA(VLOAD(q + i), kv_load(k, i, KV), acc);
+    float dot = VSUM(acc);
+    for (; i < n; i++) dot += q[i] * kv_at(k, i, KV);
+    return dot;
+}
+
+/* o += w * row for a cache row of n elements in format KV */
+static inline __attribute__((always_inline)) void kv_axpy(float *o, float w, const void *v, int64_t n, const int KV) {
+    const vf wv = VSET1(w);
+    int64_t i = 0;
+    for (; i + VW <= n; i += VW) VSTORE(o + i, VFMA(wv, kv_load(v, i, KV), VLOAD(o + i)));
+    for (; i < n; i++) o[i] += w * kv_at(v, i, KV);
+}
+
+/* One head's n values into int8 with their scale (kv_cache.py quantize_kv_int8): max |x| / 127, round half to
+ * even; a head with NaN or infinity gets a NaN scale and zeros. The max is taken on the bits (finite
+ * non-negative floats order as their bit patterns). */
+static void quantize_head_int8(const float *x, int64_t n, int8_t *q, float *scale) {
+    uint32_t top = 0;
+#pragma omp simd reduction(max : top)
+    for (int64_t i = 0; i < n; i++) {
+        const uint32_t magnitude = float_bits(x[i]) & 0x7fffffffu;
+        top = magnitude > top ? magnitude : top;
+    }
+    if (top >= 0x7f800000u) {
+        *scale = bits_float(0x7fc00000u);
+        memset(q, 0, (size_t)n);
+        return;
+    }
+    const float s = bits_float(top) * (1.0f / 127.0f), inv = s > 0.0f ? 1.0f / s : 0.0f;
+    *scale = s;
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) {
+        float r = nearbyintf(x[i] * inv);
+        r = r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r;
+        q[i] = (int8_t)r;
+    }
+}
+
+/* n values (one token's heads, n_head * head_dim) into a cache row in format KV; int8 scales per head */
+static void store_kv_row(const float *x, void *row, float *scales, int64_t n_head, int64_t head_dim, int kv) {
+    const int64_t n = n_head * head_dim;
+    if (kv == KV_F32) {
+        memcpy(row, x, (size_t)n * sizeof(float));
+    } else if (kv == KV_BF16) {
+        uint16_t *h = (uint16_t *)row;
+        for (int64_t i = 0; i < n; i++) h[i] = bf16_from_float(x[i]);
+    } else if (kv == KV_F16) {
+        uint16_t *h = (uint16_t *)row;
+        int64_t i = 0;
+#ifdef __F16C__
+        for (; i + 8 <= n; i += 8)
+            _mm_storeu_si128((__m128i *)(h + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i),
+                                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+        for (; i < n; i++) h[i] = half_from_float(x[i]);
+    } else {
+        for (int64_t h = 0; h < n_head; h++)
+            quantize_head_int8(x + h * head_dim, head_dim, (int8_t *)row + h * head_dim, scales + h);
+    }
+}
+
+void write_kv_cache(const float *k, const float *v, int64_t row_stride, int64_t rows, const int64_t *slots,
+                    void *k_cache, void *v_cache, float *k_scales, float *v_scales, int64_t kv_dtype, int64_t n_head,
+                    int64_t head_dim) {
+    const int64_t n = n_head * head_dim;
+    const size_t row_bytes = (size_t)n * kv_elem_bytes((int)kv_dtype);
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t slot = slots[r];
+        if (slot < 0) continue;
+        store_kv_row(k + r * row_stride, (char *)k_cache + slot * row_bytes, k_scales ? k_scales + slot * n_head : NULL,
+                     n_head, head_dim, (int)kv_dtype);
+        store_kv_row(v + r * row_stride, (char *)v_cache + slot * row_bytes, v_scales ? v_scales + slot * n_head : NULL,
+                     n_head, head_dim, (int)kv_dtype);
+    }
+}
+
+/* The attention for one cache format KV (a constant at each call, so each format compiles to its own loops). fp32
+ * keeps its plain loops (the arithmetic the parity tests with transformers were written against). */
+static inline __attribute__((always_inline)) void decode_attention_kv(
+    const float *q, int64_t q_seq_stride, const void *k_cache, const void *v_cache, const float *k_scales,
+    const float *v_scales, const int32_t *tables, int64_t table_stride, const int32_t *seq_lens, float *out,
+    int64_t num_seqs, int64_t num_heads, int64_t head_dim, int64_t block_size, int64_t heads_per_item, float scale,
+    float *scratch, int64_t max_seq_len, int num_threads, const int KV) {
+    const size_t eb = kv_elem_bytes(KV);
+    const int64_t token_stride = num_heads * head_dim; /* elements per cached token */
     const int64_t block_stride = block_size * token_stride;
     const int64_t groups = (num_heads + heads_per_item - 1) / heads_per_item;
 #pragma omp parallel num_threads(num_threads)
@@ -78,14 +287,22 @@ static void decode_attention(const float *q, int64_t q_seq_stride, const float *
                 for (int64_t h = 0; h < nh; h++) top[h] = -FLT_MAX;  /* not -INFINITY: built with -ffast-math */
                 /* scores: the group's heads side by side in each token's row, read in order */
                 for (int64_t start = 0; start < len; start += block_size) {
-                    const float *k = k_cache + (int64_t)table[start / block_size] * block_stride + h0 * head_dim;
+                    const int64_t block = table[start / block_size];
+                    const char *k = (const char *)k_cache + (block * block_stride + h0 * head_dim) * eb;
+                    const float *ks = KV == KV_I8 ? k_scales + block * block_size * num_heads + h0 : NULL;
                     const int64_t rows = len - start < block_size ? len - start : block_size;
-                    for (int64_t r = 0; r < rows; r++, k += token_stride) {
+                    for (int64_t r = 0; r < rows; r++, k += token_stride * eb) {
                         for (int64_t h = 0; h < nh; h++) {
-                            const float *kh = k + h * head_dim, *qh = qs + h * head_dim;
+                            const float *qh = qs + h * head_dim;
                             float dot = 0.0f;
+                            if (KV == KV_F32) {
+                                const float *kh = (const float *)k + h * head_dim;
 #pragma omp simd reduction(+ : dot)
-                            for (int64_t d = 0; d < head_dim; d++) dot += qh[d] * kh[d];
+                                for (int64_t d = 0; d < head_dim; d++) dot += qh[d] * kh[d];
+                            } else {
+                                dot = kv_dot(qh, k + h * head_dim * eb, head_dim, KV);
+                                if (KV == KV_I8) dot *= ks[r * num_heads + h];
+                            }
                             dot *= scale;
                             own[h * max_seq_len + start + r] = dot;
                             top[h] = dot > top[h] ? dot : top[h];
@@ -107,15 +324,22 @@ static void decode_attention(const float *q, int64_t q_seq_stride, const float *
                 float *o = out + (s * num_heads + h0) * head_dim;
                 memset(o, 0, (size_t)(nh * head_dim) * sizeof(float));
                 for (int64_t start = 0; start < len; start += block_size) {
-                    const float *v = v_cache + (int64_t)table[start / block_size] * block_stride + h0 * head_dim;
+                    const int64_t block = table[start / block_size];
+                    const char *v = (const char *)v_cache + (block * block_stride + h0 * head_dim) * eb;
+                    const float *vs = KV == KV_I8 ? v_scales + block * block_size * num_heads + h0 : NULL;
                     const int64_t rows = len - start < block_size ? len - start : block_size;
-                    for (int64_t r = 0; r < rows; r++, v += token_stride) {
+                    for (int64_t r = 0; r < rows; r++, v += token_stride * eb) {
                         for (int64_t h = 0; h < nh; h++) {
                             const float w = own[h * max_seq_len + start + r];
-                            const float *vh = v + h * head_dim;
                             float *oh = o + h * head_dim;
+                            if (KV == KV_F32) {
+                                const float *vh = (const float *)v + h * head_dim;
 #pragma omp simd
-                            for (int64_t d = 0; d < head_dim; d++) oh[d] += w * vh[d];
+                                for (int64_t d = 0; d < head_dim; d++) oh[d] += w * vh[d];
+                            } else {
+                                kv_axpy(oh, KV == KV_I8 ? w * vs[r * num_heads + h] : w, v + h * head_dim * eb,
+                                        head_dim, KV);
+                            }
                         }
                     }
                 }
@@ -129,13 +353,32 @@ static void decode_attention(const float *q, int64_t q_seq_stride, const float *
     }
 }
 
-void paged_decode_attention_f32(const float *q, int64_t q_seq_stride, const float *k_cache, const float *v_cache,
-                                const int32_t *tables, int64_t table_stride, const int32_t *seq_lens, float *out,
-                                int64_t num_seqs, int64_t num_heads, int64_t head_dim, int64_t block_size,
-                                int64_t heads_per_item, float scale, float *scratch, int64_t max_seq_len,
-                                int num_threads) {
-    decode_attention(q, q_seq_stride, k_cache, v_cache, tables, table_stride, seq_lens, out, num_seqs, num_heads,
-                     head_dim, block_size, heads_per_item, scale, scratch, max_seq_len, num_threads);
+static void decode_attention(const float *q, int64_t q_seq_stride, const void *k_cache, const void *v_cache,
+                             const float *k_scales, const float *v_scales, int kv_dtype, const int32_t *tables,
+                             int64_t table_stride, const int32_t *seq_lens, float *out, int64_t num_seqs,
+                             int64_t num_heads, int64_t head_dim, int64_t block_size, int64_t heads_per_item,
+                             float scale, float *scratch, int64_t max_seq_len, int num_threads) {
+#define ATTEND(KV)                                                                                                 \
+    decode_attention_kv(q, q_seq_stride, k_cache, v_cache, k_scales, v_scales, tables, table_stride, seq_lens, out, \
+                        num_seqs, num_heads, head_dim, block_size, heads_per_item, scale, scratch, max_seq_len,   \
+                        num_threads, KV)
+    switch (kv_dtype) {
+        case KV_F16: ATTEND(KV_F16); break;
+        case KV_BF16: ATTEND(KV_BF16); break;
+        case KV_I8: ATTEND(KV_I8); break;
+        default: ATTEND(KV_F32); break;
+    }
+#undef ATTEND
+}
+
+void paged_decode_attention(const float *q, int64_t q_seq_stride, const void *k_cache, const void *v_cache,
+                            const float *k_scales, const float *v_scales, int64_t kv_dtype, const int32_t *tables,
+                            int64_t table_stride, const int32_t *seq_lens, float *out, int64_t num_seqs,
+                            int64_t num_heads, int64_t head_dim, int64_t block_size, int64_t heads_per_item,
+                            float scale, float *scratch, int64_t max_seq_len, int num_threads) {
+    decode_attention(q, q_seq_stride, k_cache, v_cache, k_scales, v_scales, (int)kv_dtype, tables, table_stride,
+                     seq_lens, out, num_seqs, num_heads, head_dim, block_size, heads_per_item, scale, scratch,
+                     max_seq_len, num_threads);
 }
 
 /* Linears for a few rows (decode batches): y (rows, out) = x (rows, in) @ W.T + bias, W (out, in) row-major.
@@ -144,33 +387,6 @@ void paged_decode_attention_f32(const float *q, int64_t q_seq_stride, const floa
  * at memory speed, one sequential stream per thread. (Tiles of several weight rows at once, as a GEMM
  * micro-kernel would take, read slower at these row counts: docs/kernels.md.) `accumulate`: y += the
  * result instead of y = (the residual adds of the decode step). */
-#if defined(__AVX512F__)
-#define VW 16
-typedef __m512 vf;
-#define VZERO() _mm512_setzero_ps()
-#define VLOAD(p) _mm512_loadu_ps(p)
-#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
-#define VSUM(a) _mm512_reduce_add_ps(a)
-#elif defined(__AVX2__) && defined(__FMA__)
-#define VW 8
-typedef __m256 vf;
-#define VZERO() _mm256_setzero_ps()
-#define VLOAD(p) _mm256_loadu_ps(p)
-#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
-static inline float vsum256(__m256 a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-#define VSUM(a) vsum256(a)
-#else /* portable C; the compiler vectorizes what it can */
-#define VW 1
-typedef float vf;
-#define VZERO() 0.0f
-#define VLOAD(p) (*(p))
-#define VFMA(a, b, c) ((a) * (b) + (c))
-#define VSUM(a) (a)
-#endif
 #define ROWS_PER_PASS 4
 /* for each pass over (up to) ROWS_PER_PASS rows from r0: CALL(r0, R) with R a literal, so that the always
  * inlined dot_rows_* unroll for it */
@@ -673,7 +889,7 @@ void linear_few_rows_qblock(const float *x, int64_t rows, int64_t in, const uint
 #endif
 
 /* A whole GPT-2 decode step for a few sequences, one token each: every layer's LayerNorms, projections (fp32,
- * or int8 through linear_q8), KV-cache write, attention and GELU in one call, so the step costs no Python
+ * or int8 through linear_q8), KV-cache write (in the cache's format), attention and GELU in one call, so the step costs no Python
  * and no dispatch per op. The arithmetic is the op-by-op path's: the same kernels above, torch's LayerNorm
  * and tanh GELU formulas. The structs it reads (native_linear, native_layer) are in cpu_kernels.h. */
 static void apply_linear(const native_linear *l, const float *x, int64_t rows, float *y, int accumulate,
@@ -741,14 +957,11 @@ void gpt2_decode_step(const native_layer *layers, int64_t n_layers, const float 
         const native_layer *L = layers + l;
         layer_norm(h, rows, n_embd, L->ln1_w, L->ln1_b, eps, x);
         apply_linear(&L->c_attn, x, rows, qkv, 0, qwork, xs, xsum, num_threads);
-        for (int64_t r = 0; r < rows; r++) {
-            if (slots[r] < 0) continue;
-            memcpy(L->k_cache + slots[r] * n_embd, qkv + r * 3 * n_embd + n_embd, (size_t)n_embd * sizeof(float));
-            memcpy(L->v_cache + slots[r] * n_embd, qkv + r * 3 * n_embd + 2 * n_embd, (size_t)n_embd * sizeof(float));
-        }
-        decode_attention(qkv, 3 * n_embd, L->k_cache, L->v_cache, tables, table_stride, seq_lens, att, rows, n_head,
-                         head_dim, block_size, heads_per_item, L->attn_scale, attn_scratch, max_seq_len,
-                         num_threads);
+        write_kv_cache(qkv + n_embd, qkv + 2 * n_embd, 3 * n_embd, rows, slots, L->k_cache, L->v_cache, L->k_scales,
+                       L->v_scales, L->kv_dtype, n_head, head_dim);
+        decode_attention(qkv, 3 * n_embd, L->k_cache, L->v_cache, L->k_scales, L->v_scales, (int)L->kv_dtype, tables,
+                         table_stride, seq_lens, att, rows, n_head, head_dim, block_size, heads_per_item, L->attn_scale,
+                         attn_scratch, max_seq_len, num_threads);
         apply_linear(&L->attn_proj, att, rows, h, 1, qwork, xs, xsum, num_threads);
         layer_norm(h, rows, n_embd, L->ln2_w, L->ln2_b, eps, x);
         apply_linear(&L->c_fc, x, rows, f, 0, qwork, xs, xsum, num_threads);

@@ -11,7 +11,11 @@
 
 #include <stdint.h>
 
-#define LMSERVICE_KERNELS_ABI_VERSION 2
+#define LMSERVICE_KERNELS_ABI_VERSION 3
+
+/* KV-cache storage formats (native_layer.kv_dtype, the kv_dtype arguments; lmservice/kernels/kv_cache.py): fp32,
+ * IEEE half, bfloat16, or int8 with one fp32 scale per token and head in a scales array beside the cache. */
+enum { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2, KV_I8 = 3 };
 
 /* One projection of the decode step: fp32 weight (out, in) row-major, int8 packed with per-channel scales (see
  * linear_few_rows_q8), or 8- or 4-bit blocks with per-block scales (bscale set; see linear_few_rows_qblock). */
@@ -29,7 +33,9 @@ typedef struct {
 typedef struct {
     const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
     native_linear c_attn, attn_proj, c_fc, mlp_proj;
-    float *k_cache, *v_cache; /* (num_blocks, block_size, n_head, head_dim) */
+    void *k_cache, *v_cache;    /* (num_blocks, block_size, n_head, head_dim) in kv_dtype */
+    float *k_scales, *v_scales; /* KV_I8: (num_blocks, block_size, n_head), else NULL */
+    int64_t kv_dtype;           /* KV_F32, KV_F16, KV_BF16 or KV_I8 */
     float attn_scale;
 } native_layer;
 
@@ -42,11 +48,19 @@ int64_t native_abi_layout(int64_t *out, int64_t capacity);
  * absent). */
 int native_q8(void);
 
-void paged_decode_attention_f32(const float *q, int64_t q_seq_stride, const float *k_cache, const float *v_cache,
-                                const int32_t *tables, int64_t table_stride, const int32_t *seq_lens, float *out,
-                                int64_t num_seqs, int64_t num_heads, int64_t head_dim, int64_t block_size,
-                                int64_t heads_per_item, float scale, float *scratch, int64_t max_seq_len,
-                                int num_threads);
+/* k_cache, v_cache in kv_dtype; k_scales, v_scales: KV_I8's, else NULL */
+void paged_decode_attention(const float *q, int64_t q_seq_stride, const void *k_cache, const void *v_cache,
+                            const float *k_scales, const float *v_scales, int64_t kv_dtype, const int32_t *tables,
+                            int64_t table_stride, const int32_t *seq_lens, float *out, int64_t num_seqs,
+                            int64_t num_heads, int64_t head_dim, int64_t block_size, int64_t heads_per_item,
+                            float scale, float *scratch, int64_t max_seq_len, int num_threads);
+
+/* K and V of `rows` tokens (fp32 rows of n_head * head_dim values, `row_stride` floats apart) into their cache slots
+ * (slot -1: skipped), converted to kv_dtype: round to nearest even, int8 with a scale per head (NaN for a head
+ * holding NaN or infinity). */
+void write_kv_cache(const float *k, const float *v, int64_t row_stride, int64_t rows, const int64_t *slots,
+                    void *k_cache, void *v_cache, float *k_scales, float *v_scales, int64_t kv_dtype, int64_t n_head,
+                    int64_t head_dim);
 
 void linear_few_rows_f32(const float *x, int64_t rows, int64_t in, const float *w, const float *bias, float *y,
                          int64_t out, int num_threads);
