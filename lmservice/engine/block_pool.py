@@ -93,7 +93,7 @@ class BlockPool:
                 self.free_queue[block_id] = None
 
     def touch(self, block_ids: list[int]) -> None:
-        """Take a reference to cached blocks found by `lookup`."""
+        """Take a reference to blocks: cached ones found by `lookup`, or a forked sequence's parent's."""
         for block_id in block_ids:
             block = self.blocks[block_id]
             if block.ref_count == 0:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from lmservice.engine.adapters import AdapterTable
+from lmservice.engine.beam import BeamSearch, beam_params
 from lmservice.engine.block_pool import BlockPool
 from lmservice.engine.config import EngineConfig
 from lmservice.engine.detokenizer import IncrementalDetokenizer
@@ -61,6 +62,7 @@ class _Group:
     embedding: list[float] | None = None
     sent_prompt_logprobs: bool = False
     error: str | None = None
+    beam: BeamSearch | None = None  # a beam search (seqs: its live beams), reported only when it ends
 
     @property
     def finished(self) -> bool:
@@ -87,7 +89,7 @@ class Engine:
         self.pool = BlockPool(num_blocks, config.block_size)
         self.validator = RequestValidator(vocab_size=self.vocab_size, max_model_len=self.max_model_len,
                                           block_size=config.block_size, num_kv_blocks=num_blocks,
-                                          limits=config.limits)
+                                          limits=config.limits, max_num_seqs=config.scheduler.max_num_seqs)
         score = loaded.model.score
         self.adapters = AdapterTable(LoRATargets.from_config(loaded.config), config.scheduler.max_loras,
                                      config.max_lora_rank, loaded.device, loaded.dtype,
@@ -157,9 +159,11 @@ class Engine:
         adapter_key = self.adapters.pin(adapter) if adapter is not None else None
         seqs = []
         now = time.monotonic()
+        is_beam_search = params.num_beams > 1 and request.task == "generate"
         for i in range(request.num_seqs):
             seq = Sequence(seq_id=f"{request.request_id}#{i}", group_id=request.request_id, index=i,
-                           prompt_token_ids=list(request.prompt_token_ids), params=params,
+                           prompt_token_ids=list(request.prompt_token_ids),
+                           params=beam_params(params) if is_beam_search else params,
                            max_tokens=request.max_tokens, priority=request.priority, adapter=adapter,
                            adapter_load_id=adapter_key[1] if adapter_key else None,
                            task=request.task, arrival_time=now)
@@ -174,7 +178,8 @@ class Engine:
                                          params.skip_special_tokens) if generates else None for _ in seqs]
         self.groups[request.request_id] = _Group(
             request.request_id, seqs, detoks, [[] for _ in seqs], [[] for _ in seqs],
-            prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+            beam=BeamSearch(seqs[0], self.eos_token_id) if is_beam_search else None)
         for seq in seqs:
             self.scheduler.add(seq)
 
@@ -199,6 +204,7 @@ class Engine:
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running, self.max_model_len)
         sched = self.scheduler.schedule()
+        self._restart_beam_searches(sched.preempted)
         if sched.is_empty:
             return []
         try:
@@ -239,6 +245,8 @@ class Engine:
                     self.scheduler.finish(seq, "stop")
                 elif seq.max_tokens == 0 and seq.num_computed_tokens >= seq.num_tokens:
                     self.scheduler.finish(seq, "length")  # prompt only (echo + logprobs scoring)
+                elif i in result.sampled and group.beam is not None:
+                    group.beam.report(seq, result.sampled[i][1].top)
                 elif i in result.sampled:
                     token_id, logprob = result.sampled[i]
                     self._append_token(group, seq, token_id, logprob, now)
@@ -247,7 +255,26 @@ class Engine:
             except Exception as e:  # noqa: BLE001 (fails this request alone)
                 log.warning("request %s failed: %s", group.request_id, e)
                 self._fail_group(group, e)
+        for group in touched.values():
+            if group.beam is not None and group.beam.is_ready and not group.finished:
+                self._advance_beams(group, now)
         return [self._collect(g) for g in touched.values()]
+
+    def _advance_beams(self, group: _Group, now: float) -> None:
+        try:
+            group.beam.advance(self.scheduler, now)
+        except Exception as e:  # noqa: BLE001 (fails this request alone)
+            log.warning("request %s failed: %s", group.request_id, e)
+            self._fail_group(group, e)
+        group.seqs = group.beam.seqs
+
+    def _restart_beam_searches(self, preempted: list[Sequence]) -> None:
+        """A preempted beam search starts again from its prompt (the scheduler preempted all its beams)."""
+        for request_id in dict.fromkeys(seq.group_id for seq in preempted):
+            group = self.groups[request_id]
+            if group.beam is not None:
+                group.beam.restart(self.scheduler)
+                group.seqs = group.beam.seqs
 
     def _append_verified(self, group: _Group, seq: Sequence, guesses: list[int],
                          emitted: list[tuple[int, TokenLogprob | None]], now: float) -> None:
@@ -294,31 +321,14 @@ class Engine:
 
     def _collect(self, group: _Group) -> RequestOutput:
         """The group's RequestOutput event with everything not yet reported."""
-        try:
-            texts = [detok.take_delta(seq.is_finished) if detok is not None else ""
-                     for seq, detok in zip(group.seqs, group.detoks, strict=True)]
-        except Exception as e:  # noqa: BLE001 (a detokenizer error fails this request alone)
-            log.warning("request %s failed while detokenizing: %s", group.request_id, e)
-            if group.finished:  # the last flush failed: report it on the finished request
-                group.error = f"{type(e).__name__}: {e}"
-            else:
-                self._fail_group(group, e)
-            texts = [""] * len(group.seqs)
+        deltas = self._beam_outputs(group) if group.beam is not None else self._new_deltas(group)
         finished = group.finished
-        deltas = []
-        for seq, text in zip(group.seqs, texts, strict=True):
-            tokens = group.pending_tokens[seq.index]
-            if tokens or text or seq.is_finished:
-                logprobs = group.pending_logprobs[seq.index] if seq.params.logprobs is not None else None
-                deltas.append(CompletionDelta(seq.index, text, tokens, logprobs,
-                                              seq.finish_reason, seq.stop_reason))
-                group.pending_tokens[seq.index] = []
-                group.pending_logprobs[seq.index] = []
         first = group.seqs[0]
         out = RequestOutput(
             request_id=group.request_id, outputs=deltas, finished=finished,
             num_prompt_tokens=first.num_prompt_tokens,
-            num_generated_tokens=sum(s.num_output_tokens for s in group.seqs),
+            num_generated_tokens=sum(len(d.token_ids) for d in deltas) if group.beam is not None
+            else sum(s.num_output_tokens for s in group.seqs),
             num_cached_tokens=first.num_cached_tokens,
             scores=group.scores, embedding=group.embedding, error=group.error, arrival_time=first.arrival_time,
             first_scheduled_time=first.first_scheduled_time,
@@ -332,6 +342,48 @@ class Engine:
             if first.adapter_key is not None:
                 self.adapters.release(first.adapter_key)
         return out
+
+    def _beam_outputs(self, group: _Group) -> list[CompletionDelta]:
+        """Nothing until the search ends, then its n best hypotheses whole."""
+        if not group.finished:
+            return []
+        skip_special_tokens = group.seqs[0].params.skip_special_tokens
+
+        def detokenize(token_ids: list[int]) -> str:
+            detok = IncrementalDetokenizer(self.tokenizer, None, False, skip_special_tokens)
+            for token_id in token_ids:
+                detok.add_token(token_id)
+            return detok.take_delta(True)
+
+        try:
+            return group.beam.outputs(detokenize)
+        except Exception as e:  # noqa: BLE001 (a detokenizer error fails this request alone)
+            log.warning("request %s failed while detokenizing: %s", group.request_id, e)
+            group.error = f"{type(e).__name__}: {e}"
+            return []
+
+    def _new_deltas(self, group: _Group) -> list[CompletionDelta]:
+        """What each sequence produced since the last output."""
+        try:
+            texts = [detok.take_delta(seq.is_finished) if detok is not None else ""
+                     for seq, detok in zip(group.seqs, group.detoks, strict=True)]
+        except Exception as e:  # noqa: BLE001 (a detokenizer error fails this request alone)
+            log.warning("request %s failed while detokenizing: %s", group.request_id, e)
+            if group.finished:  # the last flush failed: report it on the finished request
+                group.error = f"{type(e).__name__}: {e}"
+            else:
+                self._fail_group(group, e)
+            texts = [""] * len(group.seqs)
+        deltas = []
+        for seq, text in zip(group.seqs, texts, strict=True):
+            tokens = group.pending_tokens[seq.index]
+            if tokens or text or seq.is_finished:
+                logprobs = group.pending_logprobs[seq.index] if seq.params.logprobs is not None else None
+                deltas.append(CompletionDelta(seq.index, text, tokens, logprobs,
+                                              seq.finish_reason, seq.stop_reason))
+                group.pending_tokens[seq.index] = []
+                group.pending_logprobs[seq.index] = []
+        return deltas
 
     def _fail_batch(self, sched: SchedulerOutput, error: Exception) -> list[RequestOutput]:
         """A forward that raised: fail its requests alone, keep serving the rest."""

@@ -38,7 +38,8 @@ class EngineRequest:
 
     @property
     def num_seqs(self) -> int:
-        return 1 if self.task in PREFILL_ONLY else self.params.n
+        """Sequences it queues: a beam search starts as one and forks its beams as it runs."""
+        return 1 if self.task in PREFILL_ONLY or self.params.num_beams > 1 else self.params.n
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -56,6 +57,7 @@ class RequestValidator:
     block_size: int
     num_kv_blocks: int
     limits: RequestLimits
+    max_num_seqs: int = 2**31 - 1  # the scheduler's: a beam search runs all its beams in one step
 
     def check(self, request_id: str, prompt_token_ids: list[int] | tuple[int, ...], params: SamplingParams, *,
               task: EngineTask = "generate", adapter: str | None = None, priority: int = 0,
@@ -64,6 +66,9 @@ class RequestValidator:
         prompt = tuple(prompt_token_ids)
         if grammar is not None and task != "generate":
             raise RequestRejectedError("structured output applies to generation only", "structured_outputs")
+        if grammar is not None and params.num_beams > 1:
+            raise RequestRejectedError("structured output (response_format, structured_outputs) does not combine "
+                                       "with beam search", "structured_outputs")
         num_prompt = len(prompt)
         if num_prompt == 0:
             raise RequestRejectedError("the prompt is empty", "prompt")
@@ -87,6 +92,13 @@ class RequestValidator:
                     f"context of {self.max_model_len} tokens", "max_tokens")
         # a request the whole pool cannot hold would wait forever
         num_blocks_needed = -(-(num_prompt + max_tokens) // self.block_size)
+        if params.num_beams > 1 and task == "generate":
+            if params.num_beams > self.max_num_seqs:
+                raise RequestRejectedError(f"num_beams: at most --max-num-seqs ({self.max_num_seqs}), "
+                                           f"got {params.num_beams}", "num_beams")
+            # the beams share the prompt's full blocks; each may hold the rest on its own
+            num_shared = num_prompt // self.block_size
+            num_blocks_needed = num_shared + params.num_beams * (num_blocks_needed - num_shared)
         if num_blocks_needed > self.num_kv_blocks:
             raise RequestRejectedError(
                 f"the request needs {num_blocks_needed} KV blocks and the cache has {self.num_kv_blocks} "

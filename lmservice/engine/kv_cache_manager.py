@@ -12,12 +12,18 @@ class KVCacheManager:
     With prefix caching off, blocks are still shared inside one request: the n
     sequences of a request with n > 1 compute the prompt once. The hash salt then
     includes the request, so no other request can find them.
+
+    A fork (beam search) shares all of its parent's blocks. NOTE: only a partly filled
+    block is ever written while shared, and never in place: the sequence about to write
+    into it gets a copy first (copy-on-write), recorded for the runner to make before the
+    step's forward (`take_block_copies`).
     """
 
     def __init__(self, pool: BlockPool, enable_prefix_caching: bool = True) -> None:
         self.pool = pool
         self.block_size = pool.block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self._block_copies: list[tuple[int, int]] = []  # (source, destination) block ids, in order
 
     def _salt(self, seq: Sequence) -> object:
         return seq.prefix_cache_salt if self.enable_prefix_caching else (seq.group_id, seq.prefix_cache_salt)
@@ -56,8 +62,11 @@ class KVCacheManager:
         total = num_computed + num_new_tokens
         num_needed = -(-(total + num_lookahead) // self.block_size) - len(seq.block_ids) - len(cached_block_ids)
         num_cached_free = sum(1 for b in cached_block_ids if self.pool.blocks[b].ref_count == 0)
-        if num_needed + num_cached_free > self.pool.num_free_blocks:
+        shared = self._shared_write_block(seq, num_computed) if num_new_tokens > 0 else None
+        if num_needed + num_cached_free + (shared is not None) > self.pool.num_free_blocks:
             return False
+        if shared is not None:
+            self._copy_on_write(seq, shared)
         if cached_block_ids:
             self.pool.touch(cached_block_ids)
             seq.block_ids.extend(cached_block_ids)
@@ -78,6 +87,34 @@ class KVCacheManager:
         if len(seq.block_ids) > keep:
             self.pool.free(seq.block_ids[keep:])
             del seq.block_ids[keep:]
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """child continues from parent's computed tokens: it takes a reference to each of parent's blocks."""
+        self.pool.touch(parent.block_ids)
+        child.block_ids = list(parent.block_ids)
+        child.block_hashes = list(parent.block_hashes)
+        child.num_computed_tokens = parent.num_computed_tokens
+
+    def _shared_write_block(self, seq: Sequence, num_computed: int) -> int | None:
+        """Index in seq.block_ids of the partly filled block its next token lands in, if another sequence
+        holds it too (a fork's parent or sibling); None otherwise."""
+        if num_computed % self.block_size == 0:
+            return None
+        i = num_computed // self.block_size
+        return i if self.pool.blocks[seq.block_ids[i]].ref_count > 1 else None
+
+    def _copy_on_write(self, seq: Sequence, i: int) -> None:
+        (copy,) = self.pool.allocate(1)
+        source = seq.block_ids[i]
+        seq.block_ids[i] = copy
+        self.pool.free([source])  # still held by the others
+        self._block_copies.append((source, copy))
+
+    def take_block_copies(self) -> list[tuple[int, int]]:
+        """The (source, destination) copies recorded since the last call, handed over once: the runner makes
+        them, in order, before the forward of the step that scheduled them."""
+        copies, self._block_copies = self._block_copies, []
+        return copies
 
     def forget(self, seq: Sequence) -> None:
         """Withdraw seq's blocks from the prefix cache: a failed step may have left them unwritten

@@ -88,7 +88,19 @@ class ModelRunner:
         return torch.tensor(rows, dtype=torch.int32)
 
     @torch.inference_mode()
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole KV blocks (every layer, K and V): copy-on-write of a forked beam's partly filled block.
+        NOTE: all sources are read before any destination is written; a destination named twice keeps the
+        last copy (the earlier one's block was freed and taken again in the same step)."""
+        last = {dst: src for src, dst in copies}
+        dst = torch.tensor(list(last), dtype=torch.long, device=self.device)
+        src = torch.tensor(list(last.values()), dtype=torch.long, device=self.device)
+        self.kv_buffer[:, :, dst] = self.kv_buffer[:, :, src]  # (L, 2, num_copies, block_size, nh, hs)
+
+    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, lora: LoRAHook | None = None) -> ModelRunnerOutput:
+        if sched.block_copies:
+            self.copy_blocks(sched.block_copies)
         scheduled = sched.scheduled
         seqs = [s.seq for s in scheduled]
         num_new = [s.num_new_tokens for s in scheduled]

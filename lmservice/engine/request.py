@@ -40,6 +40,7 @@ class Sequence:
     task: str = "generate"  # "generate" | "classify"
     arrival_time: float = field(default_factory=time.monotonic)
     arrival_order: int = field(default_factory=lambda: next(_arrival_counter))
+    fork_order: int = 0  # beam search: forks keep their request's place in line, in the order they were made
 
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -74,9 +75,9 @@ class Sequence:
         return self.status is Status.FINISHED
 
     @property
-    def sort_key(self) -> tuple[int, int]:
-        """Lower runs first: priority, then arrival (FCFS)."""
-        return (self.priority, self.arrival_order)
+    def sort_key(self) -> tuple[int, int, int]:
+        """Lower runs first: priority, then arrival (FCFS); unique (a beam's forks differ in fork_order)."""
+        return (self.priority, self.arrival_order, self.fork_order)
 
     @property
     def adapter_key(self) -> tuple[str, int | None] | None:

@@ -21,7 +21,7 @@ MAX_LOGPROBS = 20  # as OpenAI
 # the endpoints' own (n, logprobs, prompt_logprobs) or not a client's to set.
 SAMPLING_FIELDS: dict[str, str] = {
     "max_tokens": "Most tokens to generate (default: per endpoint).",
-    "temperature": "0 is greedy.",
+    "temperature": "0 is greedy. Default 1 (0 with beam search).",
     "top_p": "",
     "top_k": "0 or -1: off.",
     "min_p": "",
@@ -34,6 +34,8 @@ SAMPLING_FIELDS: dict[str, str] = {
     "stop_token_ids": "",
     "min_tokens": "",
     "ignore_eos": "",
+    "length_penalty": "Beam search: a finished beam scores sum(logprobs) / generated_tokens**length_penalty.",
+    "early_stopping": 'Beam search: true, false or "never" (as transformers).',
 }
 
 
@@ -43,7 +45,7 @@ class RequestLimits:
     Each bounds per-step work that would otherwise grow with the request: the sampler's bias
     scatter, the stop-string automaton, the sequences of one request."""
 
-    max_n: int = 128  # sequences per request (n)
+    max_n: int = 128  # sequences per request (n, and num_beams)
     max_logit_bias: int = 1024  # entries of logit_bias
     max_stop: int = 64  # stop strings, and separately stop token ids, per request
     max_stop_length: int = 256  # characters of one stop string
@@ -75,6 +77,9 @@ class SamplingParams:
     logprobs: int | None = None  # top-n logprobs per generated token (0: only the sampled one)
     prompt_logprobs: int | None = None  # top-n logprobs per prompt token (for echo)
     skip_special_tokens: bool = True
+    num_beams: int = 1  # beam search when > 1 (lmservice/engine/beam.py); n of the beams are returned
+    length_penalty: float = 1.0  # beam search: a finished beam scores sum(logprobs) / length**length_penalty
+    early_stopping: bool | str = False  # beam search: True, False or "never", with transformers' meanings
 
     MAX_LOGPROBS = MAX_LOGPROBS
 
@@ -134,6 +139,36 @@ class SamplingParams:
         for tid, value in bias.items():
             integer("logit_bias", tid, 0, vocab_size - 1, f"keyed by token ids in [0, {vocab_size - 1}]")
             number("logit_bias", value, -100.0, 100.0, "values in [-100, 100]")
+        self._validate_beam_search(limits, bad, integer, number)
+
+    def _validate_beam_search(self, limits: RequestLimits, bad, integer, number) -> None:
+        """num_beams, length_penalty and early_stopping, and what does not combine with beam search: it ranks
+        the model's own log-probabilities, so nothing that reshapes or samples them, and it picks among
+        whole hypotheses, so no per-token logprobs and no stop strings (docs/api.md#beam-search)."""
+        integer("num_beams", self.num_beams, 1, limits.max_n, f"between 1 and {limits.max_n} (--max-n)")
+        number("length_penalty", self.length_penalty, -10.0, 10.0, "in [-10, 10]")
+        if self.early_stopping not in (True, False, "never") or not isinstance(self.early_stopping, (bool, str)):
+            raise bad("early_stopping", f'must be true, false or "never", got {self.early_stopping!r}')
+        if self.num_beams == 1:
+            if self.length_penalty != 1.0:
+                raise bad("length_penalty", "applies to beam search only (num_beams > 1)")
+            if self.early_stopping is not False:
+                raise bad("early_stopping", "applies to beam search only (num_beams > 1)")
+            return
+        if self.n > self.num_beams:
+            raise bad("n", f"at most num_beams ({self.num_beams}) with beam search, got {self.n}")
+        unsupported = {
+            "temperature": not self.is_greedy, "top_p": self.top_p != 1.0, "top_k": self.top_k not in (0, -1),
+            "min_p": self.min_p != 0.0, "repetition_penalty": self.repetition_penalty != 1.0,
+            "presence_penalty": self.presence_penalty != 0.0, "frequency_penalty": self.frequency_penalty != 0.0,
+            "logit_bias": bool(self.logit_bias), "min_tokens": self.min_tokens != 0, "stop": bool(self.stop),
+            "stop_token_ids": bool(self.stop_token_ids), "logprobs": self.logprobs is not None,
+            "prompt_logprobs": self.prompt_logprobs is not None,
+        }
+        for param, is_set in unsupported.items():
+            if is_set:
+                what = "must be 0" if param == "temperature" else "is not supported"
+                raise bad(param, f"{what} with beam search (num_beams {self.num_beams}), got {getattr(self, param)!r}")
 
     @property
     def is_greedy(self) -> bool:

@@ -5,7 +5,9 @@ chunked prefill continues), then waiting sequences are admitted in
 (priority, arrival) order with chunks of their prompts while the token budget,
 `max_num_seqs` and free KV blocks allow. When blocks run out, the running
 sequence that sorts last is preempted: its blocks are freed and it is
-recomputed later (its prefix may still be found in the prefix cache).
+recomputed later (its prefix may still be found in the prefix cache). The beams of a
+beam search are preempted together (the engine restarts the search), and a beam search
+is admitted only with room for all its beams under `max_num_seqs`.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class SchedulerOutput:
     num_batched_tokens: int = 0
     num_spec_tokens: int = 0  # speculative guesses among the batched tokens
     preempted: list[Sequence] = field(default_factory=list)
+    # (source, destination) KV blocks to copy before the forward: copy-on-write of forked beams' blocks
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -63,7 +67,7 @@ class Scheduler:
         self.kv = kv
         # whether a batch may use these adapters at once (device slots); None: only max_loras counts
         self.adapters_fit = adapters_fit
-        self.waiting: list[tuple[tuple[int, int], Sequence]] = []  # heap by sort_key
+        self.waiting: list[tuple[tuple[int, int, int], Sequence]] = []  # heap by sort_key
         self.running: list[Sequence] = []
         self.num_waiting_tokens = 0
         self.num_preemptions = 0
@@ -113,6 +117,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if num_new == 0:  # a beam whose candidates are in, waiting for its siblings' (engine.BeamSearch)
+                i += 1
+                continue
             guesses = seq.spec_token_ids[:budget - 1] if num_new == 1 else []
             seq.spec_token_ids = []
             # guesses take slots (no hashes: they are not verified) only where the pool has room without
@@ -124,9 +131,8 @@ class Scheduler:
                 continue
             while not self.kv.allocate_slots(seq, num_new):
                 victim = max(self.running, key=lambda s: s.sort_key)
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is seq:
+                budget += self._preempt_whole(victim, out)
+                if seq.status is Status.WAITING:
                     break
             if seq.status is Status.WAITING:  # preempted itself: nothing behind it can run either
                 break
@@ -138,6 +144,8 @@ class Scheduler:
         deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
             seq = self.waiting[0][1]
+            if len(self.running) + seq.params.num_beams > self.config.max_num_seqs:
+                break
             if seq.adapter is not None and seq.adapter not in adapters and (
                     len(adapters) >= self.config.max_loras
                     or (self.adapters_fit is not None and not self.adapters_fit(adapters | {seq.adapter}))):
@@ -169,7 +177,29 @@ class Scheduler:
         out.num_decodes = sum(1 for s in out.scheduled if s.is_decode)
         out.num_spec_tokens = sum(len(s.spec_token_ids) for s in out.scheduled)
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget
+        out.block_copies = self.kv.take_block_copies()
         return out
+
+    def _preempt_whole(self, victim: Sequence, out: SchedulerOutput) -> int:
+        """Preempt victim, and with it the other running beams of a beam search (they are one unit: it
+        restarts). Beams already scheduled in this step leave the batch; returns the budget they give back."""
+        if victim.params.num_beams > 1:
+            victims = [s for s in self.running if s.group_id == victim.group_id]
+        else:
+            victims = [victim]
+        for seq in victims:
+            self._preempt(seq)
+            out.preempted.append(seq)
+        dropped = [item for item in out.scheduled if item.seq.status is Status.WAITING]
+        if dropped:
+            out.scheduled = [item for item in out.scheduled if item.seq.status is not Status.WAITING]
+        return sum(item.num_new_tokens for item in dropped)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Run child, a fork of running parent (a beam), from now on: it shares parent's KV blocks."""
+        self.kv.fork(parent, child)
+        child.status = Status.RUNNING
+        self.running.append(child)
 
     def finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
         """Retire a sequence (done, aborted or failed) and free its blocks at once. A failed one
