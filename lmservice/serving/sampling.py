@@ -35,10 +35,24 @@ def logit_bias(value: Mapping[str, float] | None) -> dict[int, float] | None:
         raise RequestRejectedError("logit_bias: keys must be token ids", "logit_bias") from e
 
 
+def beam_width(use_beam_search: bool, best_of: int | None, n: int) -> int:
+    """num_beams from vLLM's extra fields on the OpenAI endpoints: use_beam_search searches with best_of beams
+    (default: n) and returns the n best; without it best_of can only be 1 (there is no best-of-n sampling)."""
+    if use_beam_search:
+        return n if best_of is None else best_of
+    if best_of not in (None, 1):
+        raise RequestRejectedError("best_of: only with use_beam_search (best-of-n sampling is not supported), "
+                                   f"got {best_of}", "best_of")
+    return 1
+
+
 def sampling_params(values: Mapping[str, Any], *, default_max_tokens: int | None, **extra: Any) -> SamplingParams:
     """SamplingParams from the SAMPLING_FIELDS present in `values` (absent or None: the defaults);
-    `extra` sets the endpoint's own fields (n, logprobs, ...)."""
+    `extra` sets the endpoint's own fields (n, logprobs, num_beams, ...). Beam search ranks the model's own
+    log-probabilities, so with it an absent temperature is 0, not 1."""
     given = {name: values[name] for name in SAMPLING_FIELDS if values.get(name) is not None}
+    if extra.get("num_beams", 1) > 1 or values.get("use_beam_search"):
+        given.setdefault("temperature", 0.0)
     given["max_tokens"] = given.get("max_tokens", default_max_tokens)
     given["stop"] = stop_list(given.get("stop"))
     given["logit_bias"] = logit_bias(given.get("logit_bias"))

@@ -9,11 +9,12 @@ import pytest
 from lmservice.api.schemas.common import SamplingFields
 from lmservice.engine.outputs import RequestRejectedError
 from lmservice.engine.sampling_params import SAMPLING_FIELDS, SamplingParams
-from lmservice.serving.sampling import sampling_params
+from lmservice.serving.sampling import beam_width, sampling_params
 
 GIVEN = {"max_tokens": 7, "temperature": 0.5, "top_p": 0.9, "top_k": 5, "min_p": 0.1, "presence_penalty": 0.2,
          "frequency_penalty": 0.3, "repetition_penalty": 1.1, "logit_bias": {"3": -100}, "seed": 4,
-         "stop": "\n", "stop_token_ids": [2], "min_tokens": 1, "ignore_eos": True}
+         "stop": "\n", "stop_token_ids": [2], "min_tokens": 1, "ignore_eos": True, "length_penalty": 0.5,
+         "early_stopping": "never"}
 
 
 def test_every_sampling_field_is_a_sampling_param_and_a_request_field():
@@ -41,3 +42,17 @@ def test_shapes_json_allows_but_the_engine_does_not_are_refused_by_name():
         sampling_params({"stop": 3}, default_max_tokens=16)
     with pytest.raises(RequestRejectedError, match="logit_bias"):
         sampling_params({"logit_bias": {"a": 1}}, default_max_tokens=16)
+
+
+def test_beam_search_is_greedy_unless_a_temperature_is_given():
+    assert sampling_params({}, default_max_tokens=16, num_beams=3).temperature == 0.0
+    assert sampling_params({"use_beam_search": True}, default_max_tokens=16).temperature == 0.0
+    assert sampling_params({"temperature": 0.5}, default_max_tokens=16, num_beams=3).temperature == 0.5
+    assert sampling_params({}, default_max_tokens=16).temperature == 1.0
+
+
+def test_beam_width_from_vllms_fields():
+    assert beam_width(True, None, 3) == 3 and beam_width(True, 5, 3) == 5
+    assert beam_width(False, None, 2) == 1 and beam_width(False, 1, 2) == 1
+    with pytest.raises(RequestRejectedError, match="best_of"):
+        beam_width(False, 4, 1)

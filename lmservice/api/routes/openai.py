@@ -32,7 +32,7 @@ from lmservice.api.schemas.openai import (
 from lmservice.api.submission import Submission
 from lmservice.engine.outputs import CompletionDelta, TokenLogprob
 from lmservice.engine.sampling_params import MAX_LOGPROBS
-from lmservice.serving.sampling import sampling_params
+from lmservice.serving.sampling import beam_width, sampling_params
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["openai"])
 
@@ -82,7 +82,8 @@ async def completions(body: CompletionRequest, request: Request):
     echo_logprobs = body.echo and body.logprobs is not None
     await sub.constrain(dict(body))
     call = sub.submit(prompts, sampling_params(dict(body), default_max_tokens=16, n=body.n, logprobs=body.logprobs,
-                                               prompt_logprobs=body.logprobs if echo_logprobs else None))
+                                               prompt_logprobs=body.logprobs if echo_logprobs else None,
+                                               num_beams=beam_width(body.use_beam_search, body.best_of, body.n)))
     prompt_texts = [engine.tokenizer.decode(ids) for ids in prompts] if body.echo else None
     token_text = TokenText(engine.tokenizer)
 
@@ -148,7 +149,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         raise APIError(400, f"top_logprobs: must be between 0 and {MAX_LOGPROBS}, got {top_logprobs}",
                        param="top_logprobs")
     await sub.constrain(dict(body))
-    call = sub.submit(prompts, sampling_params(dict(body), default_max_tokens=None, n=body.n, logprobs=top_logprobs))
+    call = sub.submit(prompts, sampling_params(dict(body), default_max_tokens=None, n=body.n, logprobs=top_logprobs,
+                                               num_beams=beam_width(body.use_beam_search, None, body.n)))
     token_text = TokenText(engine.tokenizer)
 
     def build() -> ChatCompletionResponse:

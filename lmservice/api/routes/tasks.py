@@ -17,6 +17,7 @@ from lmservice.api.errors import APIError
 from lmservice.api.logprobs import TokenText, native_logprobs
 from lmservice.api.schemas.common import ERROR_RESPONSES
 from lmservice.api.schemas.tasks import (
+    TRANSLATE_NUM_BEAMS,
     ClassifyRequest,
     ClassifyResponse,
     ClassifyResult,
@@ -78,7 +79,7 @@ async def generate(body: GenerateRequest, request: Request):
     sub = Submission.open(request, models.resolve(body.model, "generate"), "gen")
     await sub.constrain(dict(body))
     call = sub.submit(await sub.tokenize([body.prompt]), sampling_params(dict(body), default_max_tokens=64,
-                                                                   logprobs=body.logprobs))
+                                                                   logprobs=body.logprobs, num_beams=body.num_beams))
     token_text = TokenText(engine.tokenizer)
 
     def build() -> GenerateResponse:
@@ -132,9 +133,14 @@ async def translate(body: TranslateRequest, request: Request):
     texts = _texts(body.text)
     prompts = await sub.tokenize([card.render_translation_prompt(t) for t in texts], param="text")
     sub.recorder.log_prompt(texts)
-    # The card's contract: the target follows the prompt and ends with EOS, so greedy until EOS by default.
-    call = sub.submit(prompts, sampling_params({"max_tokens": body.max_tokens, "temperature": body.temperature},
-                                               default_max_tokens=None))
+    # The card's contract: the target follows the prompt and ends with EOS, so until EOS by default, with
+    # TRANSLATE_NUM_BEAMS beams unless the request samples.
+    num_beams = body.num_beams
+    if num_beams is None:
+        num_beams = TRANSLATE_NUM_BEAMS if body.temperature == 0 else 1
+    call = sub.submit(prompts, sampling_params(
+        {"max_tokens": body.max_tokens, "temperature": body.temperature, "length_penalty": body.length_penalty,
+         "early_stopping": body.early_stopping}, default_max_tokens=None, num_beams=num_beams))
 
     def build() -> TranslateResponse:
         translations = [Translation(text=run.sequences[0].text.strip(), finish_reason=run.sequences[0].finish_reason)

@@ -53,7 +53,9 @@ class RequestBody(BaseModel):
 
 
 # JSON shapes other than SamplingParams' own (lmservice/serving/sampling.py converts them); null: the default.
-_JSON_TYPES: dict[str, Any] = {"logit_bias": dict[str, float] | None, "stop": Any, "stop_token_ids": list[TokenId] | None}
+# temperature may be null: its default depends on beam search (lmservice/serving/sampling.py).
+_JSON_TYPES: dict[str, Any] = {"logit_bias": dict[str, float] | None, "stop": Any, "stop_token_ids": list[TokenId] | None,
+                               "temperature": float | None}
 
 
 def _sampling_field(name: str, description: str, param: dataclasses.Field, hint: Any) -> tuple[Any, Any]:

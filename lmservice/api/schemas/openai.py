@@ -30,6 +30,9 @@ class CompletionRequest(SamplingFields):
     stream_options: StreamOptions | None = None
     logprobs: int | None = Field(None, description="Top-n logprobs per token (0..20).")
     echo: bool = Field(False, description="Prepend the prompt to the completion (with its logprobs).")
+    use_beam_search: bool = Field(False, description="vLLM's: beam search with best_of beams; the n best are the "
+                                                     "choices (docs/api.md#beam-search).")
+    best_of: int | None = Field(None, description="With use_beam_search: the number of beams (default: n).")
     user: str | None = None
 
 
@@ -57,6 +60,8 @@ class ChatCompletionRequest(SamplingFields):
     stream_options: StreamOptions | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, description="With logprobs: alternatives per token (0..20).")
+    use_beam_search: bool = Field(False, description="vLLM's: beam search with n beams, all returned, best first "
+                                                     "(docs/api.md#beam-search).")
     user: str | None = None
 
 

@@ -6,18 +6,25 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lmservice.api.schemas.common import RequestBody, SamplingFields, Usage
 
+# /v1/translate's beams when the request names none and is greedy (docs/benchmarks.md#beam-search: BLEU and
+# cost on Multi30k val)
+TRANSLATE_NUM_BEAMS = 2
+BEAMS_DOC = "docs/api.md#beam-search"
+
 
 class GenerateRequest(SamplingFields):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"prompt": "Once upon a time", "max_tokens": 32, "temperature": 0},
         {"prompt": "The weather", "max_tokens": 64, "temperature": 0.7, "seed": 3, "stop": ["\n"],
          "logprobs": 2, "stream": True},
+        {"prompt": "Once upon a time", "max_tokens": 32, "num_beams": 4, "length_penalty": 1.0},
     ]})
 
     model: str | None = Field(None, description="Base model or adapter (default: the first that can generate).")
     prompt: str = Field(..., description="Text to continue.")
     max_tokens: int | None = 64
     logprobs: int | None = Field(None, description="Return the logprob of each token and its top-n alternatives.")
+    num_beams: int = Field(1, description=f"Beam search with this many beams when > 1; the best is returned ({BEAMS_DOC}).")
     stream: bool = False
 
 
@@ -78,6 +85,7 @@ class TranslateRequest(RequestBody):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"text": "A man is riding a bike.", "source": "en", "target": "de"},
         {"model": "multi30k-en-de", "text": ["Two dogs play.", "A girl smiles."], "stream": True},
+        {"text": "A man is riding a bike.", "num_beams": 1},
     ]})
 
     model: str | None = Field(None, description="A translate model (default: the first for source -> target).")
@@ -86,6 +94,11 @@ class TranslateRequest(RequestBody):
     target: str | None = Field(None, description="Target language code; must match the model's card.")
     max_tokens: int | None = Field(None, description="Default: until EOS, within the context.")
     temperature: float = Field(0.0, description="Greedy by default.")
+    num_beams: int | None = Field(None, description=f"Beam search with this many beams (1: none). Default: "
+                                  f"{TRANSLATE_NUM_BEAMS} when greedy, 1 with a temperature ({BEAMS_DOC}).")
+    length_penalty: float = Field(1.0, description="Beam search: a finished beam scores sum(logprobs) / "
+                                                   "generated_tokens**length_penalty.")
+    early_stopping: bool | str = Field(False, description='Beam search: true, false or "never" (as transformers).')
     stream: bool = False
 
 
