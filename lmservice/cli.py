@@ -62,6 +62,13 @@ def _serve(args: argparse.Namespace) -> int:
     return run(settings_from_args(args))
 
 
+def _early_stopping(value: str) -> bool | str:
+    choices = {"true": True, "false": False, "never": "never"}
+    if value.lower() not in choices:
+        raise argparse.ArgumentTypeError(f"expected true, false or never, got {value!r}")
+    return choices[value.lower()]
+
+
 def _generate(args: argparse.Namespace) -> int:
     from lmservice.generate_cli import run
 
@@ -96,7 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--frequency-penalty", type=float, default=0.0)
     gen.add_argument("--sample-seed", type=int, default=None, help="Per-request sampling seed.")
     gen.add_argument("--stop", action="append", default=[], help="Stop string (repeatable).")
-    gen.add_argument("--n", type=int, default=1, help="Completions per prompt.")
+    gen.add_argument("--n", type=int, default=1, help="Completions per prompt (with --num-beams: the n best beams).")
+    gen.add_argument("--num-beams", type=int, default=1, help="Beam search with this many beams when > 1.")
+    gen.add_argument("--length-penalty", type=float, default=1.0,
+                     help="Beam search: a finished beam scores sum(logprobs) / generated_tokens**length_penalty.")
+    gen.add_argument("--early-stopping", type=_early_stopping, default=False, metavar="{true,false,never}",
+                     help="Beam search: stop once num_beams beams have finished (true), when no beam can beat "
+                          "them (false), or only at max_tokens (never).")
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--logprobs", type=int, default=None, help="Print top-n logprobs per token.")
     gen.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,

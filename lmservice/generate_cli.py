@@ -15,7 +15,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     # The same mapping as the API's: the flags carry the request fields' names (--sample-seed is `seed`;
     # --seed is the server's own).
     params = sampling_params({**vars(args), "seed": args.sample_seed}, default_max_tokens=args.max_tokens,
-                             n=args.n, logprobs=args.logprobs)
+                             n=args.n, logprobs=args.logprobs, num_beams=args.num_beams)
     tok = engine.tokenizer
     for i, prompt in enumerate(args.prompt):
         engine.submit(str(i), tok.encode(prompt), params)

@@ -35,3 +35,15 @@ def test_generate_batch_with_n_and_logprobs(tiny_model_dir):
         assert header in stdout
     logprob_lines = [line for line in stdout.splitlines() if line.startswith("  '")]
     assert 4 <= len(logprob_lines) <= 12  # one per generated token (a sequence may stop at EOS)
+
+
+def test_generate_beam_search_prints_the_n_best(tiny_model_dir, tiny_engine):
+    from lmservice.engine.sampling_params import SamplingParams
+    from tests.helpers import run_to_completion
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    params = SamplingParams(temperature=0, max_tokens=5, num_beams=3, n=2, early_stopping=True, length_penalty=0.5)
+    expected = run_to_completion(tiny_engine(), [("a", tok.encode("hello"), params)])["a"]["text"]
+    stdout = run_cli("--model", str(tiny_model_dir), "--device", "cpu", "--max-tokens", "5", "--num-beams", "3",
+                     "--n", "2", "--early-stopping", "true", "--length-penalty", "0.5", "hello")
+    assert stdout == "".join(f"--- prompt 0, completion {i} ---\nhello{expected[i]}\n" for i in range(2))
