@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 
+import httpx
+
 from tests.web.web_support import Tab, expect
 
 TEXTS = ["a charming and often affecting journey .", "a dull , lifeless film .", "the acting is fine ."]
@@ -57,6 +59,24 @@ def test_translate_offers_the_adapters_pair(tab: Tab) -> None:
         assert words & GERMAN, f"no German in {lines}"
         assert not set(lines) & set(SENTENCES)
     tab.screenshot("translate")
+    tab.assert_no_console_errors()
+
+
+def test_translate_with_beams_matches_the_api(tab: Tab) -> None:
+    """The Beams field reaches /v1/translate: the page shows what the API answers for that many beams."""
+    tab.open("translate")
+    page = tab.page
+    expect(page.locator("#tr-pair option")).to_have_count(1)
+    page.fill("#tr-text", "\n".join(SENTENCES))
+    page.fill("#tr-max-tokens", "12")
+    for beams in ("1", "3"):
+        page.fill("#tr-beams", beams)
+        page.click("#tr-run")
+        expect(page.locator("#tr-stats")).to_contain_text(f"{beams} beam", timeout=60_000)
+        lines = page.locator("#tr-output li").all_inner_texts()
+        api = httpx.post(f"{tab.server.url}/v1/translate", headers=tab.server.headers, timeout=60,
+                         json={"text": SENTENCES, "max_tokens": 12, "num_beams": int(beams)}).json()
+        assert lines == [t["text"] for t in api["translations"]], (beams, lines)
     tab.assert_no_console_errors()
 
 

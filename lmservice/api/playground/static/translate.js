@@ -1,4 +1,5 @@
-// Translate tab: the language pairs of the loaded translate models; one sentence per line, streamed.
+// Translate tab: the language pairs of the loaded translate models; one sentence per line, streamed (with beam
+// search, the default, each translation arrives whole when its search ends).
 
 import { postJson, streamEvents } from "./api.js";
 import { $, bindRunStop, el, numberOrUndefined, showError } from "./dom.js";
@@ -39,7 +40,7 @@ export function setupTranslate() {
     const started = performance.now();
     const body = {
       model: option.value, source: option.dataset.source, target: option.dataset.target, text: texts,
-      max_tokens: numberOrUndefined($("tr-max-tokens")),
+      max_tokens: numberOrUndefined($("tr-max-tokens")), num_beams: numberOrUndefined($("tr-beams")),
     };
     let usage = null;
     try {
@@ -53,7 +54,8 @@ export function setupTranslate() {
     } finally {
       for (const line of lines) line.textContent = line.textContent.trim();
     }
-    $("tr-stats").textContent = `${texts.length} sentences · ${usage ? usage.completion_tokens : "?"} tokens · `
+    const beams = body.num_beams === undefined ? "" : ` · ${body.num_beams} beam${body.num_beams === 1 ? "" : "s"}`;
+    $("tr-stats").textContent = `${texts.length} sentences · ${usage ? usage.completion_tokens : "?"} tokens${beams} · `
       + `${Math.round(performance.now() - started)} ms`;
     $("tr-output").lang = option.dataset.target;
   }, (e) => showError($("tr-error"), e));
