@@ -31,10 +31,10 @@ class EngineConfig:
     seed: int = 0  # of the sampler, for requests that carry none
     # speculative decoding (lmservice/engine/speculative.py): None (off), "ngram" or "draft:DIR"
     speculative: str | None = None
-    num_speculative_tokens: int = 4  # guesses per sequence per step
-    speculative_ngram_min: int = 1  # n-gram prompt lookup: shortest suffix matched
+    num_speculative_tokens: int = 3  # guesses per sequence per step
+    speculative_ngram_min: int = 2  # n-gram prompt lookup: shortest suffix matched (one token guesses badly)
     speculative_ngram_max: int = 4  # ... and longest (tried first)
-    speculative_disable_batch_size: int = 8  # no guesses in steps with more decoding sequences than this
+    speculative_disable_batch_size: int = 2  # no guesses in steps with more decoding sequences than this (measured: docs/benchmarks.md)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     limits: RequestLimits = field(default_factory=RequestLimits)
 

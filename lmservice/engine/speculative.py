@@ -42,10 +42,10 @@ from lmservice.engine.request import Sequence
 @dataclass(frozen=True, kw_only=True)
 class SpeculativeConfig:
     method: str = "ngram"  # ngram | draft
-    num_speculative_tokens: int = 4
-    ngram_min: int = 1  # shortest suffix looked up
+    num_speculative_tokens: int = 3
+    ngram_min: int = 2  # shortest suffix looked up
     ngram_max: int = 4  # longest suffix looked up (tried first)
-    disable_batch_size: int = 8  # no speculation in a step with more decoding sequences than this
+    disable_batch_size: int = 2  # no speculation in a step with more decoding sequences than this
     draft_model: str | None = None  # directory of the draft model (method "draft")
 
     @classmethod

@@ -17,7 +17,7 @@ PROMPTS = ["one two three one two three one two", "the cat sat on the mat. the c
 @pytest.fixture(scope="module")
 def spec_server(model_dirs, tmp_path_factory):
     srv = start_server(model_dirs, tmp_path_factory, "spec", "--speculative", "ngram", "--num-speculative-tokens",
-                       "3", "--api-key", API_KEY)
+                       "3", "--speculative-disable-batch-size", "8", "--api-key", API_KEY)
     yield srv
     srv.stop()
 

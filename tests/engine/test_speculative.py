@@ -15,7 +15,7 @@ from lmservice.serving.structured import GrammarCompiler, StructuredSpec
 from tests.helpers import make_gpt2_dir, prompts, run_to_completion
 
 SPEC = "ngram"  # "off" checks the test itself: the expected distribution is computed right
-NGRAM = dict(speculative="ngram", num_speculative_tokens=4, speculative_disable_batch_size=64)
+NGRAM = dict(speculative="ngram", num_speculative_tokens=4, speculative_ngram_min=1, speculative_disable_batch_size=64)
 
 
 def tokens_of(results) -> dict[str, dict[int, list[int]]]:
@@ -225,7 +225,7 @@ def test_sampled_output_follows_the_models_distribution(tmp_path):
     params = SamplingParams(n=n, temperature=1.0, max_tokens=3, ignore_eos=True, logit_bias=bias)
     engine = Engine(load_model(model_dir, device="cpu", dtype="float32"),
                     EngineConfig.from_fields(num_kv_blocks=4096, block_size=4, max_num_seqs=n, max_n=n,
-                                             speculative=SPEC, num_speculative_tokens=2,
+                                             speculative=SPEC, num_speculative_tokens=2, speculative_ngram_min=1,
                                              speculative_disable_batch_size=n))
     observed: dict[tuple[int, int], int] = {}
     for r in range(24):
