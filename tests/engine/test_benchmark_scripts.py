@@ -56,3 +56,14 @@ def test_native_step_compares_both_paths():
     dtypes = ("float32", "int8") if lib.has_int8 else ("float32",)
     assert [(r[0], r[1]) for r in step_rows] == [(d, b) for d in dtypes for b in ("1", "3")]
     assert all(float(r[4]) > 0 for r in step_rows)
+
+
+def test_beam_benchmark_scores_each_width():
+    """benchmarks/beam.py on the shipped translator and the first Multi30k val sentences."""
+    if not (REPO.parent / "shared" / "data" / "multi30k" / "val.en").exists():
+        pytest.skip("no Multi30k data beside the repository (../shared/data)")
+    rows = _table_rows(["benchmarks/beam.py", "--limit", "6", "--beams", "1", "2", "--threads", "1"])
+    assert [r[0] for r in rows] == ["1", "2"]
+    for row in rows:
+        assert 0 <= float(row[1]) <= 100 and float(row[5]) > 0
+    assert float(rows[0][7]) == 1.0 and float(rows[1][7]) > 1.5  # two beams decode about twice the rows
