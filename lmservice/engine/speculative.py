@@ -99,7 +99,7 @@ def can_speculate(seq: Sequence) -> bool:
     """Whether this decoding sequence may carry guesses: it generates text and nothing makes each token
     depend on a check that runs one token at a time (a grammar)."""
     return (seq.task == "generate" and seq.grammar is None and seq.params.prompt_logprobs is None
-            and getattr(seq.params, "num_beams", 1) == 1)  # a beam ranks 2k candidates, not one token
+            and seq.params.num_beams == 1)  # a beam ranks 2k candidates, not one token
 
 
 def ngram_propose(tokens: np.ndarray, k: int, n_min: int, n_max: int) -> list[int]:
