@@ -302,3 +302,16 @@ def test_draft_model_must_match_the_base(tiny_engine, tmp_path):
     other_vocab = make_gpt2_dir(tmp_path / "vocab", seed=1, vocab_size=900)
     with pytest.raises(ValueError, match="tokenizer|vocab_size"):
         tiny_engine(speculative=f"draft:{other_vocab}")
+
+
+def test_beam_search_beside_speculating_rows(tiny_engine):
+    """A beam search in a speculating engine: its beams never guess, and both it and the greedy rows beside
+    it give what they give without speculation."""
+    beam = SamplingParams(temperature=0.0, num_beams=3, n=2, max_tokens=12, ignore_eos=True)
+    greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    reqs = [("beam", [5, 6, 7, 5, 6], beam)] + [(f"g{i}", p, greedy) for i, p in enumerate(_repetitive(2, seed=4))]
+    want = tokens_of(run_to_completion(tiny_engine(), reqs))
+    engine = tiny_engine(**NGRAM)
+    assert tokens_of(run_to_completion(engine, reqs)) == want
+    assert engine.stats().spec.num_accepted_tokens > 0
+    assert engine.pool.num_used_blocks == 0
