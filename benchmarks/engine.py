@@ -10,8 +10,11 @@ a time, and transformers' generate on one static batch of the same size.
     python benchmarks/engine.py --decode-steps 16 --repeats 3   # decode step alone, best of 3, alternating
     python benchmarks/engine.py --decode-steps 12 --dtypes float32 int8 bfloat16 --concurrency 1 32
     python benchmarks/engine.py --closed-loop --force-token 64 --concurrency 1 8 32   # serve.py's workload, no HTTP
+    python benchmarks/engine.py --closed-loop --force-token 64 --concurrency 1 8 32 --dtypes float32 \
+        --kv-cache-dtypes fp32 fp16 bf16 int8 --rounds 2   # each KV-cache dtype, rounds in alternating order
 
-`--dtypes int8` is lmservice with --quantization int8 (fp32 activations); transformers runs fp32 beside it.
+`--dtypes int8` / `int4` is lmservice with --quantization int8 / int4 (fp32 activations); transformers runs fp32
+beside it. `--kv-cache-dtypes` (closed loop only) runs each weight dtype with each KV-cache dtype.
 """
 
 from __future__ import annotations
@@ -38,15 +41,18 @@ def make_model(path: Path, shape: str) -> None:
     make_gpt2_dir(path, seed=0, **SHAPES[shape])
 
 
+QUANTIZED = ("int8", "int4")  # --dtypes entries that are float32 with --quantization
+
+
 def load(model_dir: Path, dtype: str):
-    """lmservice's model for a --dtypes entry ("int8": float32 with --quantization int8)."""
-    if dtype == "int8":
-        return load_model(model_dir, "cpu", "float32", quantization="int8")
+    """lmservice's model for a --dtypes entry ("int8", "int4": float32 with that --quantization)."""
+    if dtype in QUANTIZED:
+        return load_model(model_dir, "cpu", "float32", quantization=dtype)
     return load_model(model_dir, "cpu", dtype)
 
 
 def hf_dtype(dtype: str) -> torch.dtype:
-    return torch.float32 if dtype == "int8" else getattr(torch, dtype)
+    return torch.float32 if dtype in QUANTIZED else getattr(torch, dtype)
 
 
 def run_engine(model_dir: Path, dtype: str, prompts: list[list[int]], new_tokens: int) -> float:
@@ -70,14 +76,14 @@ def run_engine(model_dir: Path, dtype: str, prompts: list[list[int]], new_tokens
 
 
 def run_engine_closed_loop(model_dir: Path, dtype: str, concurrency: int, num_requests: int, prompt_len: int,
-                           new_tokens: int, vocab: int, force_token: int | None) -> float:
+                           new_tokens: int, vocab: int, force_token: int | None, kv_cache_dtype: str = "auto") -> float:
     """benchmarks/serve.py's workload without HTTP: `num_requests` requests, at most `concurrency` in flight,
     each replaced as soon as it finishes (same prompts, same logit_bias); returns generated tokens/s."""
     import random
 
     rng = random.Random(concurrency)
     prompts = [[rng.randrange(vocab) for _ in range(prompt_len)] for _ in range(num_requests)]
-    engine = Engine(load(model_dir, dtype), EngineConfig.from_fields())  # the server's defaults
+    engine = Engine(load(model_dir, dtype), EngineConfig.from_fields(kv_cache_dtype=kv_cache_dtype))  # else defaults
     bias = {force_token: 100.0} if force_token is not None else None
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True, logit_bias=bias)
     engine.submit("warmup", prompts[0][:8], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
@@ -168,6 +174,11 @@ def main() -> None:
                     help="instead: benchmarks/serve.py's workload in process (2 x concurrency requests, at most "
                          "concurrency in flight): the HTTP + SSE overhead is serve.py's figure against this one")
     ap.add_argument("--force-token", type=int, default=None, help="as in benchmarks/serve.py (--closed-loop)")
+    ap.add_argument("--kv-cache-dtypes", nargs="+", default=["auto"], choices=["auto", "fp32", "fp16", "bf16", "int8"],
+                    help="--closed-loop: run each --dtypes entry with each KV-cache dtype")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="--closed-loop: repeat the whole table, every other round in reverse order (a shared "
+                         "machine's drift then weighs on every configuration alike)")
     add_threads_flag(ap)
     args = ap.parse_args()
     apply_threads(args)
@@ -178,13 +189,14 @@ def main() -> None:
         make_model(model_dir, args.shape)
         vocab = SHAPES[args.shape]["vocab_size"]
         if args.closed_loop:
-            print("| dtype | concurrency | in-process tok/s |")
-            print("| --- | ---: | ---: |")
-            for dtype in args.dtypes:
-                for c in args.concurrency:
+            print("| dtype | KV cache | concurrency | round | in-process tok/s |")
+            print("| --- | --- | ---: | ---: | ---: |")
+            runs = [(dtype, kv, c) for dtype in args.dtypes for kv in args.kv_cache_dtypes for c in args.concurrency]
+            for r in range(args.rounds):
+                for dtype, kv, c in runs if r % 2 == 0 else runs[::-1]:
                     rate = run_engine_closed_loop(model_dir, dtype, c, max(4, 2 * c), args.prompt_len, args.new_tokens,
-                                                  min(vocab, 50000), args.force_token)
-                    print(f"| {dtype} | {c} | {rate:.1f} |", flush=True)
+                                                  min(vocab, 50000), args.force_token, kv)
+                    print(f"| {dtype} | {kv} | {c} | {r + 1} | {rate:.1f} |", flush=True)
             return
         if args.decode_steps:
             print("| dtype | batch | lmservice ms/step | transformers static batch ms/step | speed-up |")

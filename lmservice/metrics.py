@@ -45,6 +45,13 @@ class Metrics:
             "lmservice_num_requests_waiting", "Requests waiting to be scheduled.", registry=r)
         self.kv_cache_usage_perc = Gauge(
             "lmservice_kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).", registry=r)
+        self.kv_cache_bytes = Gauge(
+            "lmservice_kv_cache_bytes", "Memory of the KV-cache block pool, in bytes (int8 scales included).",
+            registry=r)
+        self.cache_config_info = Gauge(
+            "lmservice_cache_config_info", "The KV cache's configuration, in the labels (value 1), as vLLM's "
+            "cache_config_info: kv_cache_dtype (fp32, fp16, bf16, int8), block_size, num_kv_blocks.",
+            ["kv_cache_dtype", "block_size", "num_kv_blocks"], registry=r)
         self.prefix_cache_queries = Counter(
             "lmservice_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", registry=r)
         self.prefix_cache_hits = Counter(

@@ -51,6 +51,9 @@ class ServerState:
     def serve(self, serving: Serving) -> None:
         self.engine, self.models, self.grammars = serving.engine, serving.models, serving.grammars
         self.tokenizing = PromptTokenizer(serving.engine.tokenizer, serving.engine.max_model_len)
+        kv = serving.engine.kv_cache
+        self.metrics.kv_cache_bytes.set(kv["bytes"])
+        self.metrics.cache_config_info.labels(kv["dtype"], str(kv["block_size"]), str(kv["num_blocks"])).set(1)
 
     def started(self) -> tuple[AsyncEngine, ModelRegistry]:
         """The engine and its models, or 503 before they are loaded."""

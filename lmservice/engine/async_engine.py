@@ -128,6 +128,11 @@ class AsyncEngine:
         build of the C kernels this CPU runs (x86-64-v4-vnni, ...) or torch where none runs."""
         return {"ops": self.engine.ops.name, "cpu": str(self.engine.cpu_kernels.describe()["variant"])}
 
+    @property
+    def kv_cache(self) -> dict[str, str | int]:
+        """The KV cache, allocated once at start-up: its storage dtype, blocks, block size and bytes."""
+        return self.engine.runner.kv_cache.describe()
+
     def stats(self) -> EngineStats:
         """Counters now (plain reads of ints under the GIL; never waits for a step, changes nothing)."""
         return self.engine.stats()

@@ -20,7 +20,7 @@ from dataclasses import replace
 import torch
 
 from lmservice.engine.fast_path import StepBatch
-from lmservice.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
+from lmservice.engine.model_runner import ModelRunner
 from lmservice.engine.request import Sequence
 from lmservice.engine.scheduler import SchedulerOutput
 from lmservice.engine.speculative import NgramProposer, SpeculativeConfig
@@ -57,8 +57,9 @@ class DraftProposer:
         ops, cpu_kernels = choose_kernels(ec.attention_backend, ec.cpu_kernels, draft.device, draft.dtype)
         runner = ModelRunner(model=draft.model, ops=ops, num_blocks=engine.pool.num_blocks, block_size=ec.block_size,
                              device=draft.device, dtype=draft.dtype, eos_token_id=engine.eos_token_id,
-                             adapters=engine.adapters, cpu_kernels=cpu_kernels)
-        mib = engine.pool.num_blocks * kv_cache_bytes_per_block(draft.model, ec.block_size, draft.dtype) / 2**20
+                             adapters=engine.adapters, cpu_kernels=cpu_kernels,
+                             kv_cache_dtype=engine.runner.kv_cache.buffer.dtype)  # the base's --kv-cache-dtype
+        mib = runner.kv_cache.describe()["bytes"] / 2**20
         log.info("draft model %s: %d layers, %d wide; its KV cache %.0f MiB", config.draft_model,
                  draft.config.n_layer, draft.config.n_embd, mib)
         proposer = cls(config, draft, runner)

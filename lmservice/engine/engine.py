@@ -20,7 +20,8 @@ from lmservice.engine.config import EngineConfig
 from lmservice.engine.detokenizer import IncrementalDetokenizer
 from lmservice.engine.engine_request import EngineRequest, EngineTask, RequestValidator
 from lmservice.engine.kv_cache_manager import KVCacheManager
-from lmservice.engine.model_runner import ModelRunner, ModelRunnerOutput, kv_cache_bytes_per_block
+from lmservice.engine.kv_cache_tensors import kv_cache_bytes_per_block, resolve_kv_cache_dtype
+from lmservice.engine.model_runner import ModelRunner, ModelRunnerOutput
 from lmservice.engine.outputs import CompletionDelta, RequestOutput, RequestRejectedError, TokenLogprob
 from lmservice.engine.request import Sequence
 from lmservice.engine.sampling_params import SamplingParams
@@ -84,8 +85,9 @@ class Engine:
         # the kernel set and the CPU-kernel policy, decided once (lmservice/kernels/cpu_policy.py)
         self.ops, self.cpu_kernels = choose_kernels(config.attention_backend, config.cpu_kernels, loaded.device,
                                                     loaded.dtype)
+        kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, loaded.dtype)
         num_blocks = config.num_kv_blocks or max(
-            1, config.kv_cache_memory_mb * 2**20 // kv_cache_bytes_per_block(loaded.model, config.block_size, loaded.dtype))
+            1, config.kv_cache_memory_mb * 2**20 // kv_cache_bytes_per_block(loaded.config, config.block_size, kv_dtype))
         self.pool = BlockPool(num_blocks, config.block_size)
         self.validator = RequestValidator(vocab_size=self.vocab_size, max_model_len=self.max_model_len,
                                           block_size=config.block_size, num_kv_blocks=num_blocks,
@@ -100,7 +102,7 @@ class Engine:
             model=loaded.model, ops=self.ops, num_blocks=num_blocks, block_size=config.block_size,
             device=loaded.device, dtype=loaded.dtype, eos_token_id=self.eos_token_id, seed=config.seed,
             cuda_graph_max_batch=config.scheduler.max_num_seqs if config.enable_cuda_graphs else 0,
-            adapters=self.adapters, cpu_kernels=self.cpu_kernels)
+            adapters=self.adapters, cpu_kernels=self.cpu_kernels, kv_cache_dtype=kv_dtype)
         self.speculator = Speculator.build(config, loaded, self)
         self.spec_stats = SpecDecodeStats() if self.speculator is not None else None
         if self.speculator is not None:
@@ -110,8 +112,9 @@ class Engine:
         # by scrapes (step_samples_since); reading never removes, so any number of readers see every sample.
         self.step_samples: deque[tuple[int, int, int]] = deque(maxlen=10_000)
         self.num_steps = 0
-        log.info("engine ready: %d KV blocks of %d tokens, %s kernels; CPU kernels %s", num_blocks,
-                 config.block_size, self.ops.name, self.cpu_kernels.describe())
+        kv = self.runner.kv_cache.describe()
+        log.info("engine ready: %d KV blocks of %d tokens (%s, %.1f MiB), %s kernels; CPU kernels %s", num_blocks,
+                 config.block_size, kv["dtype"], kv["bytes"] / 2**20, self.ops.name, self.cpu_kernels.describe())
         if num_blocks * config.block_size < self.max_model_len:
             log.warning("the KV cache (%d tokens) is smaller than one full context (%d): long requests are refused",
                         num_blocks * config.block_size, self.max_model_len)

@@ -18,6 +18,7 @@ from lmservice.engine.adapters import AdapterTable
 from lmservice.engine.cuda_graphs import DecodeGraphs
 from lmservice.engine.fast_path import DecodeFastPath, StepBatch
 from lmservice.engine.grammar import GrammarMasks
+from lmservice.engine.kv_cache_tensors import KVCacheTensors
 from lmservice.engine.native_decode import NativeDecoder
 from lmservice.engine.outputs import TokenLogprob
 from lmservice.engine.request import Sequence
@@ -43,11 +44,6 @@ class ModelRunnerOutput:
     errors: dict[int, str] = field(default_factory=dict)  # a row that failed alone (e.g. NaN logits)
 
 
-def kv_cache_bytes_per_block(model: GPT2ForServing, block_size: int, dtype: torch.dtype) -> int:
-    c = model.config
-    return 2 * c.n_layer * block_size * c.n_head * c.head_dim * torch.finfo(dtype).bits // 8
-
-
 class ModelRunner:
     """Owns the model, its KV cache tensors, the decode fast path and the sampler. The CPU-kernel policy is
     handed to the model's layers here."""
@@ -55,7 +51,7 @@ class ModelRunner:
     def __init__(self, *, model: GPT2ForServing, ops: KernelOps, num_blocks: int, block_size: int,
                  device: torch.device, dtype: torch.dtype, eos_token_id: int | None, seed: int = 0,
                  cuda_graph_max_batch: int = 0, adapters: AdapterTable,
-                 cpu_kernels: CpuKernels = TORCH_CPU_KERNELS) -> None:
+                 cpu_kernels: CpuKernels = TORCH_CPU_KERNELS, kv_cache_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.ops = ops
         model.use_cpu_kernels(cpu_kernels)
@@ -63,12 +59,9 @@ class ModelRunner:
         self.block_size = block_size
         self.eos_token_id = eos_token_id
         c = model.config
-        # NOTE: one allocation for all layers; layer i's (k, v) are views into it. Not zeroed (a GiB of
-        # zeros is a third of a second of start-up): no kernel reads a slot before it is written (the
-        # kernel tests poison fresh caches with NaN to prove it), and untouched pages cost no memory.
-        self.kv_buffer = torch.empty(c.n_layer, 2, num_blocks, block_size, c.n_head, c.head_dim,
-                                     dtype=dtype, device=device)
-        self.kv_caches = [(self.kv_buffer[i, 0], self.kv_buffer[i, 1]) for i in range(c.n_layer)]
+        # one allocation for all layers, in the --kv-cache-dtype format (default: the model's dtype)
+        self.kv_cache = KVCacheTensors.allocate(c, num_blocks, block_size, kv_cache_dtype or dtype, device)
+        self.kv_caches = self.kv_cache.layers  # layer i's K and V (and int8 scales): views
         self.sampler = Sampler(c.vocab_size, seed)
         self.grammar_masks = GrammarMasks(c.vocab_size)
         self.fast_path: DecodeFastPath | None = None
@@ -89,13 +82,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        """Copy whole KV blocks (every layer, K and V): copy-on-write of a forked beam's partly filled block.
+        """Copy whole KV blocks (every layer, K and V, int8 scales too): copy-on-write of a forked beam's
+        partly filled block.
         NOTE: all sources are read before any destination is written; a destination named twice keeps the
         last copy (the earlier one's block was freed and taken again in the same step)."""
         last = {dst: src for src, dst in copies}
         dst = torch.tensor(list(last), dtype=torch.long, device=self.device)
         src = torch.tensor(list(last.values()), dtype=torch.long, device=self.device)
-        self.kv_buffer[:, :, dst] = self.kv_buffer[:, :, src]  # (L, 2, num_copies, block_size, nh, hs)
+        self.kv_cache.copy_blocks(src, dst)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, lora: LoRAHook | None = None) -> ModelRunnerOutput:

@@ -41,3 +41,14 @@ def test_token_counters_rise_by_exactly_the_tokens(server, client, http):
     assert 0.0 <= after[("lmservice_kv_cache_usage_perc", ())] <= 1.0
     assert after[("lmservice_num_requests_running", ())] == 0
     assert after[("lmservice_loaded_adapters", ())] >= 2
+
+
+def test_the_kv_cache_is_described_once(server):
+    """Its bytes and an info series whose labels carry the format, block size and block count (as vLLM's
+    cache_config_info); the test server stores the model's dtype (auto: fp32 on a CPU)."""
+    samples = metric_samples(server.url)
+    info = [dict(labels) for (name, labels), value in samples.items() if name == "lmservice_cache_config_info"
+            and value == 1]
+    assert len(info) == 1 and info[0]["kv_cache_dtype"] == "fp32" and int(info[0]["block_size"]) >= 1
+    bytes_per_block = samples[("lmservice_kv_cache_bytes", ())] / int(info[0]["num_kv_blocks"])
+    assert bytes_per_block > 0 and bytes_per_block % (2 * 4 * int(info[0]["block_size"])) == 0  # K and V, fp32

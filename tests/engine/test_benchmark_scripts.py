@@ -35,9 +35,11 @@ def test_profile_step_accounts_for_every_step():
 
 def test_closed_loop_reports_throughput():
     rows = _table_rows(["benchmarks/engine.py", "--shape", "tiny", "--closed-loop", "--concurrency", "1", "2",
-                        "--new-tokens", "4", "--prompt-len", "8", "--dtypes", "float32", "--force-token", "7"])
-    assert [(r[0], r[1]) for r in rows] == [("float32", "1"), ("float32", "2")]
-    assert all(float(r[2]) > 0 for r in rows)
+                        "--new-tokens", "4", "--prompt-len", "8", "--dtypes", "float32", "--force-token", "7",
+                        "--kv-cache-dtypes", "auto", "int8", "--rounds", "2"])
+    runs = [("float32", kv, c) for kv in ("auto", "int8") for c in ("1", "2")]
+    assert [tuple(r[:4]) for r in rows] == [(*run, "1") for run in runs] + [(*run, "2") for run in runs[::-1]]
+    assert all(float(r[4]) > 0 for r in rows)
 
 
 def test_native_step_compares_both_paths():

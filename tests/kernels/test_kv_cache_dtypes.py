@@ -127,15 +127,19 @@ def test_c_decode_attention_reads_a_narrow_cache_as_its_widened_values(dtype, bl
 
 
 @pytest.mark.parametrize("dtype", NARROW, ids=IDS)
-@pytest.mark.parametrize("kernel", ["torch", pytest.param("c", marks=NEEDS_C)])
+@pytest.mark.parametrize("kernel", ["torch", pytest.param("c", marks=NEEDS_C), "triton"])
 def test_a_nan_in_one_sequences_context_fails_that_row_alone(dtype, kernel, gen):
     """A token whose K holds NaN (stored as NaN, or as a NaN int8 scale) makes its sequence's output NaN, as an
     fp32 cache would (the runner then fails that request alone); the other sequences' outputs are unchanged."""
+    if kernel == "triton" and dtype == torch.bfloat16:
+        pytest.skip("Triton's CPU interpreter has no bfloat16")
+    from lmservice.kernels.triton_attention import decode_attention_triton
+
     seq_lens = [20, 33, 7]
     b = make_paged_batch(seq_lens, [1, 1, 1], 16, 3, torch.float32, gen)
     k_cache = b.k_cache.clone()
     k_cache[int(b.block_tables[1, 1]), 3, 2, 5] = float("nan")  # sequence 1, token 19, head 2
-    attend = decode_attention_torch if kernel == "torch" else LIB.decode_attention
+    attend = {"torch": decode_attention_torch, "triton": decode_attention_triton}.get(kernel) or LIB.decode_attention
     outs = []
     for cache in (b.k_cache, k_cache):
         (k, ks), (v, vs) = narrow(cache, dtype), narrow(b.v_cache, dtype)
