@@ -74,6 +74,7 @@ class Metrics:
             "lmservice_spec_decode_num_accepted_tokens_per_pos",
             "Accepted speculative tokens by position in the guess (0: the first guessed token).",
             ["position"], registry=r)
+        self.spec_decode_num_accepted_tokens_per_pos.labels(position="0")  # exported (at 0) from the first scrape
         self.batch_size = Histogram(
             "lmservice_batch_size", "Requests in one engine step.", buckets=_BATCH_BUCKETS, registry=r)
         self.batch_tokens = Histogram(
