@@ -14,12 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lmservice.engine.config import EngineConfig
 from lmservice.engine.sampling_params import RequestLimits
 from lmservice.engine.scheduler import SchedulerConfig
+from lmservice.engine.speculative import SpeculativeConfig
 
 # The shipped default model, made by the project's own training jobs.
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +67,6 @@ class Settings(BaseSettings):
     speculative_ngram_max: int = Field(EngineConfig.speculative_ngram_max, ge=1, description="Longest run of last tokens that n-gram lookup matches (tried first).")
     speculative_disable_batch_size: int = Field(EngineConfig.speculative_disable_batch_size, ge=0, description="No guessing in a step with more decoding sequences than this: a large batch is no longer bound by reading the weights, and checking guesses costs more than they save.")
 
-
     # --- request limits (400 beyond each, naming the limit) ---
     max_n: int = Field(RequestLimits.max_n, ge=1, description="Most sequences one request may ask for (n).")
     max_logit_bias: int = Field(RequestLimits.max_logit_bias, ge=0, description="Most logit_bias entries in one request.")
@@ -103,6 +103,14 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError(f"otlp_traces_endpoint {value!r} must be an http:// or https:// URL (OTLP over HTTP)")
         return value
+
+    @model_validator(mode="after")
+    def _check_speculative(self) -> Settings:
+        """The speculative-decoding flags, checked before any model loads (ValueError naming the flag)."""
+        SpeculativeConfig.parse(self.speculative, num_speculative_tokens=self.num_speculative_tokens,
+                                ngram_min=self.speculative_ngram_min, ngram_max=self.speculative_ngram_max,
+                                disable_batch_size=self.speculative_disable_batch_size)
+        return self
 
     @field_validator("adapter")
     @classmethod

@@ -2,9 +2,10 @@
 
 The draft keeps a KV cache of its own with the same blocks as the base's: block i of the draft's cache holds
 the draft's K/V for the tokens of the base's block i. So it needs no bookkeeping of its own (prefix caching,
-preemption, n > 1 and chunked prefill come for free) as long as it sees every token the base computes: its
-runner is the base runner's `mirror`, run on every step's batch after the base's forward (a draft is small: a
-few percent of the step).
+preemption, n > 1, chunked prefill and beam search's block copies need nothing more) as long as it sees every
+token the base computes and every block copy: its runner is the base runner's `mirror`, run on every step's
+batch after the base's forward (at a cost in proportion to the draft's size, also in steps too large to guess
+in), and `fill` makes the step's block copies in the draft's cache.
 
 Guessing happens after scheduling, once the scheduler has given each speculating sequence the slots of its
 guesses: k greedy decode steps of the draft over those sequences (argmax of its raw logits: a deterministic
@@ -82,7 +83,11 @@ class DraftProposer:
 
     @torch.inference_mode()
     def fill(self, sched: SchedulerOutput) -> None:
-        """Replace the placeholders of the scheduled rows by the draft's greedy guesses."""
+        """Replace the placeholders of the scheduled rows by the draft's greedy guesses. First the step's
+        block copies (a forked beam's copy-on-write), made in the draft's cache as the base runner makes
+        them in its own, so that the draft's blocks keep mirroring the base's."""
+        if sched.block_copies:
+            self.runner.copy_blocks(sched.block_copies)
         items = [it for it in sched.scheduled if it.spec_token_ids and it.spec_token_ids[0] == PLACEHOLDER]
         if not items:
             return

@@ -283,14 +283,18 @@ class Engine:
                          emitted: list[tuple[int, TokenLogprob | None]], now: float) -> None:
         """A speculating row's tokens, one by one (each checked for stops and limits, so nothing overshoots);
         the accepted guesses' KV is already in the cache, the blocks past the sequence go back to the pool."""
-        self.spec_stats.record(len(guesses), len(emitted))
+        appended = 0
         for j, (token_id, logprob) in enumerate(emitted):
             self._append_token(group, seq, token_id, logprob, now)
+            appended += 1
             if seq.is_finished:
-                return
+                break
             if j < len(emitted) - 1:  # an accepted guess: computed in this step
                 seq.num_computed_tokens += 1
-        self.scheduler.kv.trim(seq)
+        # counted as emitted: a stop inside the accepted guesses leaves the rest unused
+        self.spec_stats.record(len(guesses), appended, min(appended, len(emitted) - 1))
+        if not seq.is_finished:
+            self.scheduler.kv.trim(seq)
 
     def _fail_group(self, group: _Group, error: Exception) -> None:
         group.error = f"{type(error).__name__}: {error}"

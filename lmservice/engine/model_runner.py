@@ -198,9 +198,10 @@ class ModelRunner:
                 history.append(guesses[i][:j])
         logits = self.model.compute_logits(hidden[rows])  # (R, V)
         finite = torch.isfinite(logits).all(dim=-1)
+        row_errors: dict[int, str] = {}  # NOTE: by row: a position past a rejected guess fails nobody
         if not bool(finite.all()):
             for row in (~finite).nonzero().flatten().tolist():
-                out.errors[owner[row]] = "the model produced non-finite logits"
+                row_errors[row] = "the model produced non-finite logits"
             logits = torch.where(finite[:, None], logits, torch.zeros_like(logits))
         speculating = [i for i in sample_idx if guesses[i]]
         states = {i: seqs[i].generator.get_state() for i in speculating if seqs[i].generator is not None}
@@ -216,21 +217,27 @@ class ModelRunner:
         )
         sampled = self.sampler(logits, batch)
         for row, message in sampled.errors.items():
-            out.errors.setdefault(owner[row], message)
-        tokens: dict[int, list[tuple[int, TokenLogprob | None]]] = {}
+            row_errors.setdefault(row, message)
+        tokens: dict[int, list[tuple[int, TokenLogprob | None, str | None]]] = {}
         for row, i in enumerate(owner):
             lp = None
             if sampled.logprobs is not None and seqs[i].params.logprobs is not None:
                 lp = TokenLogprob(sampled.token_ids[row], sampled.logprobs[row], sampled.top_logprobs[row])
-            tokens.setdefault(i, []).append((sampled.token_ids[row], lp))
+            tokens.setdefault(i, []).append((sampled.token_ids[row], lp, row_errors.get(row)))
         for i in sample_idx:
-            if i in out.errors:
-                continue
             if not guesses[i]:
-                out.sampled[i] = tokens[i][0]
+                token_id, lp, error = tokens[i][0]
+                if error is not None:
+                    out.errors[i] = error
+                else:
+                    out.sampled[i] = (token_id, lp)
                 continue
-            emitted = accept(guesses[i], [t for t, _ in tokens[i]])
-            out.emitted[i] = tokens[i][:len(emitted)]
+            emitted = accept(guesses[i], [t for t, _, _ in tokens[i]])
+            error = next((e for _, _, e in tokens[i][:len(emitted)] if e is not None), None)
+            if error is not None:  # a position the sequence would emit failed: the request fails
+                out.errors[i] = error
+                continue
+            out.emitted[i] = [(t, lp) for t, lp, _ in tokens[i][:len(emitted)]]
             if i in states:  # draws of the positions not emitted are given back
                 self.sampler.rewind(seqs[i].generator, states[i], len(emitted))
 

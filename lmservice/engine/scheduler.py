@@ -103,6 +103,7 @@ class Scheduler:
         self.running.remove(seq)
         self.kv.free(seq)
         seq.num_computed_tokens = 0
+        seq.spec_token_ids = []
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self._push_waiting(seq)
@@ -118,15 +119,6 @@ class Scheduler:
             seq = self.running[i]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if num_new == 0:  # a beam whose candidates are in, waiting for its siblings' (engine.BeamSearch)
-                i += 1
-                continue
-            guesses = seq.spec_token_ids[:budget - 1] if num_new == 1 else []
-            seq.spec_token_ids = []
-            # guesses take slots (no hashes: they are not verified) only where the pool has room without
-            # preempting anyone; else the sequence decodes one token as usual
-            if guesses and self.kv.allocate_slots(seq, num_new, num_lookahead=len(guesses)):
-                out.scheduled.append(ScheduledSeq(seq, num_new + len(guesses), guesses))
-                budget -= num_new + len(guesses)
                 i += 1
                 continue
             while not self.kv.allocate_slots(seq, num_new):
@@ -170,6 +162,7 @@ class Scheduler:
             budget -= num_new
         for seq in deferred:
             self._push_waiting(seq)
+        budget = self._add_guesses(out, budget)
 
         # Decodes first, speculating ones too (the runner gives them the decode kernel); rows of one adapter next
         # to each other, so that the LoRA kernels see contiguous groups.
@@ -200,6 +193,21 @@ class Scheduler:
         self.kv.fork(parent, child)
         child.status = Status.RUNNING
         self.running.append(child)
+
+    def _add_guesses(self, out: SchedulerOutput, budget: int) -> int:
+        """Speculative guesses ride on what is left once every running sequence has its own token and the
+        waiting ones are admitted: the budget left over, and blocks the pool can spare (their slots get no
+        prefix-cache hashes: guesses are not the sequence's tokens until verified). They never preempt
+        anyone; a sequence they do not fit decodes its one token as usual. Returns the budget left."""
+        for item in out.scheduled:
+            seq = item.seq
+            guesses = seq.spec_token_ids[:budget] if item.num_new_tokens == 1 else []
+            seq.spec_token_ids = []
+            if guesses and self.kv.allocate_slots(seq, 1, num_lookahead=len(guesses)):
+                item.num_new_tokens += len(guesses)
+                item.spec_token_ids = guesses
+                budget -= len(guesses)
+        return budget
 
     def finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
         """Retire a sequence (done, aborted or failed) and free its blocks at once. A failed one

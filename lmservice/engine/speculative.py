@@ -83,8 +83,7 @@ class SpecDecodeStats:
     num_emitted_tokens: int = 0
     accepted_per_pos: list[int] = field(default_factory=list)
 
-    def record(self, num_guesses: int, num_emitted: int) -> None:
-        accepted = num_emitted - 1
+    def record(self, num_guesses: int, num_emitted: int, accepted: int) -> None:
         self.num_drafts += 1
         self.num_draft_tokens += num_guesses
         self.num_accepted_tokens += accepted

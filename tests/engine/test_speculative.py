@@ -70,7 +70,7 @@ def test_greedy_equals_plain_alone_and_in_mixed_batches(tiny_engine):
     for rid, prompt, params in reqs:
         assert run_to_completion(alone, [(rid, prompt, params)])[rid]["tokens"] == plain[rid]
     _check_speculated(alone)
-    # with plain rows that cannot speculate (penalties, seeded sampling, n > 1), staggered arrivals
+    # beside rows with penalties, seeded sampling and n > 1, staggered arrivals
     others = [("pen", [3, 4, 5, 3, 4, 5], SamplingParams(temperature=0.0, max_tokens=20, repetition_penalty=1.3,
                                                           frequency_penalty=0.5, ignore_eos=True)),
               ("smp", [7, 8, 7, 8], SamplingParams(temperature=0.8, top_k=20, seed=3, max_tokens=20, ignore_eos=True)),
@@ -91,7 +91,7 @@ def test_seeded_sampling_and_penalties_equal_plain(tiny_engine):
     plain = tokens_of(run_to_completion(tiny_engine(), reqs))
     engine = tiny_engine(**NGRAM)
     assert tokens_of(run_to_completion(engine, reqs, stagger=1)) == plain
-    assert engine.stats().spec.num_accepted_tokens > 0
+    _check_speculated(engine)  # some guesses rejected: the generators were rewound
 
 
 def test_stops_and_limits_never_overshoot(tiny_engine):
@@ -286,6 +286,17 @@ def test_draft_model_greedy_equals_plain(tiny_engine, tiny_model_dir, tmp_path):
     stats = same.stats().spec
     assert stats.num_draft_tokens > 100 and stats.num_accepted_tokens > 0.95 * stats.num_draft_tokens
 
+    # chunked prefills (a 16-token budget) and prompts sharing prefixes found in the prefix cache: the
+    # draft's blocks mirror the base's there too, so its guesses stay right
+    shared = prompts(1, 1000, 24, 24, seed=12)[0]
+    chunked = [(f"c{i}", shared + p, greedy) for i, p in enumerate(prompts(4, 1000, 3, 9, seed=13))]
+    want_chunked = tokens_of(run_to_completion(tiny_engine(max_num_batched_tokens=16), chunked, stagger=1))
+    same = tiny_engine(max_num_batched_tokens=16, speculative=f"draft:{tiny_model_dir}", num_speculative_tokens=3,
+                       speculative_disable_batch_size=64)
+    assert tokens_of(run_to_completion(same, chunked, stagger=1)) == want_chunked
+    stats = same.stats()
+    assert stats.prefix_cache_hits > 0 and stats.spec.num_accepted_tokens > 0.95 * stats.spec.num_draft_tokens
+
     other_dir = make_gpt2_dir(tmp_path / "draft", seed=11, n_layer=1, n_embd=32, n_head=2)
     other = tiny_engine(**small, speculative=f"draft:{other_dir}", num_speculative_tokens=3,
                         speculative_disable_batch_size=64)
@@ -315,3 +326,52 @@ def test_beam_search_beside_speculating_rows(tiny_engine):
     assert tokens_of(run_to_completion(engine, reqs)) == want
     assert engine.stats().spec.num_accepted_tokens > 0
     assert engine.pool.num_used_blocks == 0
+
+
+def test_guesses_never_cost_another_sequence_its_step():
+    """Guesses get blocks only after every running sequence has its own token's: with one block free, a
+    sequence needing it for its next token gets it, and the one whose guesses would have taken it decodes
+    plainly (nobody is preempted)."""
+    from lmservice.engine.block_pool import BlockPool
+    from lmservice.engine.kv_cache_manager import KVCacheManager
+    from lmservice.engine.request import Sequence, Status
+    from lmservice.engine.scheduler import Scheduler, SchedulerConfig
+
+    kv = KVCacheManager(BlockPool(6, 4))
+    scheduler = Scheduler(SchedulerConfig(), kv)
+    params = SamplingParams(temperature=0.0, max_tokens=50)
+    a = Sequence("a#0", "a", 0, list(range(1, 8)), params, max_tokens=50, output_token_ids=[9])
+    b = Sequence("b#0", "b", 0, list(range(1, 13)), params, max_tokens=50, output_token_ids=[9])
+    for seq in (a, b):  # computed up to their pending token
+        assert kv.allocate_slots(seq, seq.num_tokens - 1)
+        seq.num_computed_tokens = seq.num_tokens - 1
+        seq.status = Status.RUNNING
+        scheduler.running.append(seq)
+    assert kv.pool.num_free_blocks == 1
+    a.spec_token_ids = [5, 6, 7]  # a's pending token fits its last block; its guesses would need the free one
+    out = scheduler.schedule()
+    assert not out.preempted
+    assert {(s.seq.seq_id, s.num_new_tokens, tuple(s.spec_token_ids)) for s in out.scheduled} == {
+        ("a#0", 1, ()), ("b#0", 1, ())}
+    assert len(b.block_ids) == 4 and len(a.block_ids) == 2
+
+
+def test_a_failure_past_the_first_rejected_guess_fails_nobody(tiny_engine):
+    """Positions after a rejected guess are never emitted: non-finite logits there must not fail the request."""
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    want = run_to_completion(tiny_engine(), [("a", [3, 4, 5], params)])["a"]["tokens"]
+    engine = tiny_engine(**NGRAM)
+    engine.speculator.proposer.propose = lambda seqs, budget: [[999] * k for k in budget]  # always wrong
+    compute_logits = engine.runner.model.compute_logits
+
+    def poisoned(hidden):
+        logits = compute_logits(hidden)
+        if hidden.shape[0] > 1:  # a guessing step: its last position (after every guess) is never reached
+            logits[-1] = float("nan")
+        return logits
+
+    engine.runner.model.compute_logits = poisoned
+    got = run_to_completion(engine, [("a", [3, 4, 5], params)])["a"]
+    assert got["tokens"] == want and got["finish"][0] == ("length", None)
+    stats = engine.stats().spec
+    assert stats.num_drafts > 0 and stats.num_accepted_tokens == 0
