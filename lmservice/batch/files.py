@@ -26,6 +26,8 @@ that carries it, whatever else is wrong with that line; a later line with the sa
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import time
@@ -191,23 +193,36 @@ def count_lines(path: Path) -> int:
 
 
 class OutputFile:
-    """Append-only writer of output records. Each record is one line written by one `os.write` call on an
-    O_APPEND descriptor (no user-space buffer), so a killed process leaves whole lines and at most one torn
-    last line (read_finished trims it); `sync` is due every `sync_interval_s` and runs at close, bounding
-    what a power loss can take."""
+    """Append-only writer of output records on an O_APPEND descriptor (no user-space buffer). Invariant: the
+    file is whole records, then at most one torn last line (read_finished trims it). A record is written
+    by `os.write` calls repeated until every byte is out (a write may be partial); a kill mid-record leaves
+    the torn last line, and a failed write (ENOSPC, EIO) truncates the file back to the end of the last
+    whole record and refuses every later append, so no record ever follows a torn line. `sync` is due
+    every `sync_interval_s` and runs at close, bounding what a power loss can take."""
 
     def __init__(self, path: Path, sync_interval_s: float = 1.0) -> None:
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self.sync_interval_s = sync_interval_s
         self._last_sync = time.monotonic()
+        self._end: int | None = os.fstat(self.fd).st_size  # where the last whole record ends; None: broken
 
     def append(self, record: dict[str, Any]) -> None:
+        """Write one record whole, or raise OSError having written nothing that stays (see the class)."""
+        if self._end is None:
+            raise OSError(errno.EIO, "an earlier write to the output file failed")
         # NOTE: ensure_ascii=False keeps text readable; a lone surrogate (legal in JSON input, not in UTF-8)
         # cannot occur outside a JSON string there, and backslashreplace writes it as its own JSON escape.
         data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace")
         view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view):]
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError:
+            end, self._end = self._end, None
+            with contextlib.suppress(OSError):  # if even this fails, the torn line is the last: trimmed on resume
+                os.ftruncate(self.fd, end)
+            raise
+        self._end += len(data)
 
     def sync_due(self) -> bool:
         """True at most once per interval (claiming it): the caller then runs `sync`, off the event loop."""

@@ -23,6 +23,7 @@ class Progress:
     num_failed: int = 0
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
+    num_retries: int = 0  # lines sent again after a 429 (the waiting queue was full of this run's own lines)
     started_at: float = field(default_factory=time.monotonic)
 
     def count(self, record: dict[str, Any]) -> None:
@@ -57,7 +58,8 @@ class Progress:
         state = "done" if finished else "stopped early (run again with the same files to resume)"
         elapsed = self.elapsed_s()
         return (f"batch {state}: {self.num_done} lines answered in {elapsed:.1f} s ({self.num_ok} ok, "
-                f"{self.num_failed} failed; {self.num_skipped} answered by an earlier run); "
+                f"{self.num_failed} failed; {self.num_skipped} answered by an earlier run; "
+                f"{self.num_retries} sent again after a 429); "
                 f"{self.num_generated_tokens} generated tokens ({self.num_generated_tokens / elapsed:.1f}/s), "
                 f"{self.num_prompt_tokens} prompt tokens ({self.num_prompt_tokens / elapsed:.1f}/s)")
 

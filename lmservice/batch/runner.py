@@ -17,10 +17,11 @@ the lines in flight, and a rerun with the same files skips every line the output
 (lmservice/batch/files.py says how lines are matched).
 
 Left to the batch, not the server: the envelope of each line (files.py), a 429 (the queue was full
-because of this batch's own lines: the line waits for one of them to finish and is sent again; a request
-too big for an empty queue keeps its 429), and a 503 (the engine stopped: the run stops, leaving the line
-unanswered for a rerun). SIGINT or SIGTERM stops taking lines, lets those in flight finish and exits 1; a
-second signal ends the process at once.
+because of this batch's own lines: the line waits its turn, one per line that finishes, and is sent again;
+a request too big for an empty queue keeps its 429; Dispatcher says how), a 503 (the engine stopped: the
+run stops, leaving the line unanswered for a rerun), and an output file that cannot be written (the run
+stops; the file is cut back to its last whole record, so a rerun resumes from it). SIGINT or SIGTERM stops
+taking lines, lets those in flight finish and exits 1; a second signal ends the process at once.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import logging
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -61,65 +63,118 @@ logger = logging.getLogger(__name__)
 class Dispatcher:
     """Sends the planned lines through the app, `concurrency` at a time, and writes one record per line.
     Invariant: a record is written only for a line the server answered (or whose envelope failed); a line
-    taken but not answered when the run stops leaves nothing behind, so a rerun sends it again."""
+    taken but not answered when the run stops leaves nothing behind, so a rerun sends it again.
+
+    A 429 here means the waiting queue is full of this run's own lines (nothing else reaches the app). The
+    refused line takes a turn in a FIFO; every answer other than a 429 (a line that had its turn in the
+    engine: an admission) hands the next turn to the oldest waiting line alone, and a new line queues
+    behind the waiting ones, so an admission costs at most one extra request through the app. A line
+    refused while no other line was in the app keeps its 429: it is too big for an empty queue.
+    NOTE: being alone is the only sound test the batch has. The 429 cannot say that the line alone is over
+    the bound: the count in its message leaves out the adds the engine thread has not yet taken (with a
+    small --max-waiting-requests most refusals of lines that fit say "0 requests waiting"), and the line's
+    size (sequences, prompt tokens) is known only inside the engine. So a line refused again after its
+    turn backs off, 1, 2, 4, ... admissions before it queues for a turn again: an oversized line is sent
+    O(log lines) times, not after every admission, and gets its 429 once it is alone."""
 
     def __init__(self, app: FastAPI, headers: dict[str, str], output: OutputFile, progress: Progress) -> None:
         self.app, self.headers, self.output, self.progress = app, headers, output, progress
         self.is_stopping = False
+        self.write_error: OSError | None = None  # the output could not be written: the run stopped
         self._num_busy = 0  # lines inside the app now
-        self._num_admitted = 0  # answers other than 429: lines that had their turn in the engine
-        self._changed = asyncio.Condition()  # notified after every answer
+        self._num_posts = 0  # lines sent into the app so far (a post is alone when this does not move)
+        self._num_admitted = 0  # answers other than 429
+        self._admitted = asyncio.Condition()  # notified after each admission, for the lines backing off
+        self._turns: deque[asyncio.Future[None]] = deque()  # lines waiting to be sent, oldest first
 
     async def run(self, items: Iterator[BatchRequest | LineError], concurrency: int) -> None:
         await asyncio.gather(*(self._worker(items) for _ in range(concurrency)))
 
     def stop(self) -> None:
         self.is_stopping = True
+        while self._turns:  # the waiting lines are not in flight: woken, they leave unanswered for a rerun
+            self._hand_turn()
 
     async def _worker(self, items: Iterator[BatchRequest | LineError]) -> None:
-        # One iterator shared by every worker: each line is taken by exactly one.
-        for item in items:
-            if self.is_stopping:
-                return
+        # One iterator shared by every worker: each line is taken by exactly one, and none once stopping.
+        while not self.is_stopping and (item := next(items, None)) is not None:
             record = error_record(item) if isinstance(item, LineError) else await self._send(item)
-            if record is None:
+            if record is None or self.write_error is not None:
                 return
-            self.output.append(record)
+            try:
+                self.output.append(record)
+            except OSError as e:  # the file was cut back to its last whole record (OutputFile)
+                logger.error("cannot write the output file; stopping the batch", extra={"error": str(e)})
+                self.write_error = e
+                self.stop()
+                return
             self.progress.count(record)
             if self.output.sync_due():
                 await asyncio.to_thread(self.output.sync)
 
     async def _send(self, item: BatchRequest) -> dict[str, Any] | None:
-        """The server's answer to one line as a record; None when the engine has stopped."""
+        """The server's answer to one line as a record; None when the run stops before it is answered."""
         content = json.dumps(item.body).encode()
-        while True:
-            seen = self._num_admitted
-            answer = await self._post(item.url, content)
+        if self._turns:  # behind the lines already waiting for room in the queue
+            await self._wait_turn()
+        num_refused = 0
+        while not self.is_stopping:
+            self.progress.num_retries += num_refused > 0
+            answer, is_alone = await self._post(item.url, content)
             if answer.status == 503:
                 logger.error("the engine stopped; stopping the batch", extra={"answer": answer.json()})
                 self.stop()
                 return None
-            if answer.status != 429 or self._num_busy == 0:
+            if answer.status != 429 or is_alone:
                 break
-            # The queue is full of this batch's own lines: send it again once one of them is done, or none is
-            # left in the app (then a second 429 is this line's own: too big for an empty queue).
-            async with self._changed:
-                await self._changed.wait_for(lambda seen=seen: self._num_admitted > seen or self._num_busy == 0)
+            num_refused += 1
+            if num_refused > 1:  # refused after its turn: maybe too big for any queue (class docstring)
+                await self._wait_admissions(2 ** (num_refused - 2))
+            await self._wait_turn()
+        else:
+            return None
         return response_record(item.custom_id, answer.status, answer.headers.get("x-request-id"), answer.json())
 
-    async def _post(self, url: str, content: bytes) -> Answer:
+    async def _post(self, url: str, content: bytes) -> tuple[Answer, bool]:
+        """The answer, and whether no other line was in the app at any time while this one was."""
+        is_alone = self._num_busy == 0
         self._num_busy += 1
+        self._num_posts += 1
+        num_posts = self._num_posts
         status = None
         try:
             answer = await post(self.app, url, content, self.headers)
             status = answer.status
-            return answer
+            return answer, is_alone and self._num_posts == num_posts
         finally:
             self._num_busy -= 1
             if status != 429:
                 self._num_admitted += 1
-            async with self._changed:
-                self._changed.notify_all()
+            if status != 429 or self._num_busy == 0:  # room, or no line left in the app to hand turns on
+                self._hand_turn()
+            async with self._admitted:
+                self._admitted.notify_all()
+
+    async def _wait_admissions(self, num_admissions: int) -> None:
+        """Until `num_admissions` more lines are admitted, the app is empty, or the run stops."""
+        target = self._num_admitted + num_admissions
+        async with self._admitted:
+            await self._admitted.wait_for(
+                lambda: self._num_admitted >= target or self._num_busy == 0 or self.is_stopping)
+
+    async def _wait_turn(self) -> None:
+        turn = asyncio.get_running_loop().create_future()
+        self._turns.append(turn)
+        if self._num_busy == 0:  # no line in the app is left to finish and hand a turn on
+            self._hand_turn()
+        await turn
+
+    def _hand_turn(self) -> None:
+        while self._turns:
+            turn = self._turns.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
 
 
 async def _run_app(app: FastAPI, settings: Settings, items: Iterator[BatchRequest | LineError], concurrency: int,
@@ -159,7 +214,7 @@ async def _tick(progress_line: ProgressLine) -> None:
 def run(settings: Settings, input_path: Path, output_path: Path, concurrency: int = DEFAULT_CONCURRENCY) -> int:
     """Answer every line of `input_path` not yet answered in `output_path`. Exit status: 0 when every line
     is answered (per-line errors included), 1 when the model cannot load, tracing is asked for without the
-    otel extra, or the run stopped early (a signal, the engine failing), 2 for unusable files or flags."""
+    otel extra, or the run stopped early (a signal, the engine failing, the output file failing), 2 for unusable files or flags."""
     if concurrency < 1:
         return _usage_error(f"--concurrency must be at least 1, got {concurrency}")
     if not input_path.is_file():

@@ -187,7 +187,8 @@ def test_a_run_killed_mid_file_resumes_without_redoing_lines(model_dirs, tmp_pat
 
 def test_a_full_queue_is_waited_out(model_dirs, tmp_path):
     """--max-waiting-requests 2 under 16 lines at once: lines refused with 429 are sent again once others
-    finish; a line too big for the empty queue keeps its 429 instead of waiting for ever."""
+    finish (the summary counts them: without any, this test would show nothing); a line too big for the
+    empty queue keeps its 429 instead of waiting for ever."""
     input_path, output_path = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     lines = [_entry(f"q{i}", "/v1/completions", {"model": "base", "prompt": f"w{i}", "max_tokens": 4})
              for i in range(40)]
@@ -199,6 +200,8 @@ def test_a_full_queue_is_waited_out(model_dirs, tmp_path):
     assert len(by_id) == 41
     assert by_id.pop("big")["status_code"] == 429
     assert {response["status_code"] for response in by_id.values()} == {200}
+    num_retries = re.search(r"; (\d+) sent again after a 429\)", proc.stdout)
+    assert num_retries and int(num_retries.group(1)) > 0, proc.stdout
 
 
 def test_unusable_files_exit_2_before_loading_anything(tmp_path, capsys):
@@ -216,7 +219,9 @@ def test_unusable_files_exit_2_before_loading_anything(tmp_path, capsys):
     assert main(["batch", "-i", str(same), "-o", str(tmp_path / "o.jsonl"), "--concurrency", "0"]) == 2
 
 
-def test_sigterm_finishes_the_lines_in_flight_and_exits_1(model_dirs, tmp_path):
+def test_sigterm_exits_1_leaving_whole_records(model_dirs, tmp_path):
+    """The process side of SIGTERM: exit 1, whole lines, every record a 200 (that the lines in flight at
+    the signal are the ones finished is tests/batch/test_runner.py's, where the signal's moment is known)."""
     _, output_path, proc = _signal_mid_file(model_dirs, tmp_path, 300, 10, signal.SIGTERM)
     assert proc.returncode == 1 and "stopped early" in proc.stdout
     assert output_path.read_bytes().endswith(b"\n")  # whole lines only

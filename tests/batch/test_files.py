@@ -3,7 +3,9 @@ answers (a torn last line trimmed, a foreign file refused), and records written 
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 
 import pytest
 
@@ -133,3 +135,26 @@ def test_output_file_appends_whole_lines_even_for_lone_surrogates(tmp_path):
     record = json.loads(lines[1])
     assert record["custom_id"] == "snow \u2603 \ud800" and record["response"]["body"]["text"] == "Ein Mann fährt."
     assert read_finished(out).custom_ids == {"old", "snow \u2603 \ud800"}
+
+
+def test_a_failed_write_cuts_the_file_back_and_refuses_later_appends(tmp_path, monkeypatch):
+    out = tmp_path / "out.jsonl"
+    f = OutputFile(out)
+    f.append(response_record("a", 200, "r", {}))
+    whole = out.read_bytes()
+    real_write = os.write
+
+    def partial_then_full_disk(fd, data):
+        if len(data) > 20:
+            return real_write(fd, bytes(data[:20]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", partial_then_full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        f.append(response_record("b", 200, "r", {"text": "a longer answer"}))
+    monkeypatch.undo()
+    assert out.read_bytes() == whole  # the 20 bytes that landed are gone
+    with pytest.raises(OSError, match="an earlier write"):  # nothing may follow a possibly torn line
+        f.append(response_record("c", 200, "r", {}))
+    f.close()
+    assert read_finished(out).custom_ids == {"a"}
