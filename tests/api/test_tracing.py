@@ -1,11 +1,13 @@
 """Tracing (lmservice/api/tracing.py) through the SDK's in-memory exporter: one SERVER span per request to a
 generating endpoint, whose attributes say what the answer said (usage, finish reasons, ids), whose latencies
 add up, whose parent is the caller's `traceparent`, with an error status when the request failed (after its
-200 too), and without prompt text unless --otlp-trace-prompts. In process: Starlette's TestClient runs the
+200 too, and 499 when the client dropped its stream), and without prompt text unless --otlp-trace-prompts
+(even when --log-prompts puts it in the request's record). In process: Starlette's TestClient runs the
 app's lifespan, so a real engine serves the tiny random model."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -27,12 +29,13 @@ PARENT_ID = "b7ad6b7169203331"
 PROMPT = "Seven quiet herons"  # never in a span unless asked for
 
 
-def _traced_app(model_dirs, trace_prompts: bool):
+def _traced_app(model_dirs, trace_prompts: bool, log_prompts: bool = False):
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     settings = Settings(model=model_dirs["base"], served_model_name="base", adapters_dir=model_dirs["adapters"],
-                        device="cpu", dtype="float32", num_kv_blocks=64, otlp_trace_prompts=trace_prompts)
+                        device="cpu", dtype="float32", num_kv_blocks=64, otlp_trace_prompts=trace_prompts,
+                        log_prompts=log_prompts)
     return TestClient(create_app(settings, tracing=RequestTracing(provider, trace_prompts))), exporter
 
 
@@ -196,6 +199,70 @@ def test_an_engine_failure_is_an_error_also_inside_a_200_stream(app, monkeypatch
     assert span.attributes["http.response.status_code"] == 200
     assert span.status.status_code is StatusCode.ERROR and span.attributes["error.type"] == "500"
     assert "failed inside the engine" in span.status.description
+
+
+async def _drop_after_the_first_event(app, path: str, body: dict) -> None:
+    """A client that reads a stream's first event and then leaves (ASGI 2.3: the app learns it from
+    `receive`, as from a server whose socket closed)."""
+    content = json.dumps(body).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "client": None, "server": None,
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]}
+    has_event = asyncio.Event()
+    requests = iter([{"type": "http.request", "body": content, "more_body": False}])
+
+    async def receive():  # the request whole, then the disconnect once an event has come
+        if (message := next(requests, None)) is not None:
+            return message
+        await has_event.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.body" and message.get("body"):
+            has_event.set()
+
+    await app(scope, receive, send)
+
+
+def test_a_stream_the_client_drops_is_an_error_499(app):
+    client, exporter = app
+    body = {"prompt": PROMPT, "max_tokens": 40, "ignore_eos": True, "stream": True}
+    client.portal.call(_drop_after_the_first_event, client.app, "/v1/generate", body)
+    span = only_span(exporter)
+    assert span.attributes["http.response.status_code"] == 499 and span.attributes["error.type"] == "499"
+    assert span.status.status_code is StatusCode.ERROR and span.status.description == "HTTP 499"
+    assert span.attributes["gen_ai.usage.completion_tokens"] < 40  # it did stop early
+    # Negative control: the same stream read to its end is a 200 without an error.
+    exporter.clear()
+    resp = client.post("/v1/generate", json=body)
+    assert resp.status_code == 200 and len(sse_events(resp.content)) > 2
+    span = only_span(exporter)
+    assert span.attributes["http.response.status_code"] == 200 and span.status.status_code is StatusCode.UNSET
+
+
+def test_logged_prompts_stay_out_of_spans(model_dirs, caplog):
+    """--log-prompts fills the request's record with the prompt and output (the record the span is made
+    from); only --otlp-trace-prompts may put them into the span."""
+    client, exporter = _traced_app(model_dirs, trace_prompts=False, log_prompts=True)
+    with client, caplog.at_level(logging.INFO, logger="lmservice.access"):
+        for path, body, text_of in [
+            ("/v1/generate", {"prompt": PROMPT, "max_tokens": 8, "ignore_eos": True}, lambda a: a["text"]),
+            ("/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": PROMPT}],
+                                      "max_tokens": 8, "ignore_eos": True},
+             lambda a: a["choices"][0]["message"]["content"]),
+        ]:
+            exporter.clear()
+            resp = client.post(path, json=body)
+            assert resp.status_code == 200, resp.text
+            output = text_of(resp.json())
+            attrs = dict(only_span(exporter).attributes)
+            assert "gen_ai.prompt" not in attrs and "gen_ai.completion" not in attrs
+            assert PROMPT not in repr(attrs)
+            assert output.strip() and not any(output in str(v) for v in attrs.values()), (output, attrs)
+    # Positive control: the record held both (the access log shows them), so the span left them out.
+    lines = [r for r in caplog.records if r.name == "lmservice.access" and getattr(r, "path", "") == "/v1/generate"]
+    assert lines and PROMPT in lines[-1].prompt and lines[-1].output
 
 
 def test_prompts_and_outputs_only_with_the_flag(model_dirs, caplog):
