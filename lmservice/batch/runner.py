@@ -18,7 +18,7 @@ the lines in flight, and a rerun with the same files skips every line the output
 
 Left to the batch, not the server: the envelope of each line (files.py), a 429 (the queue was full
 because of this batch's own lines: the line waits its turn, one per line that finishes, and is sent again;
-a request too big for an empty queue keeps its 429; Dispatcher says how), a 503 (the engine stopped: the
+Dispatcher says how; a request larger than the queue's bounds on its own gets the server's 400), a 503 (the engine stopped: the
 run stops, leaving the line unanswered for a rerun), and an output file that cannot be written (the run
 stops; the file is cut back to its last whole record, so a rerun resumes from it). SIGINT or SIGTERM stops
 taking lines, lets those in flight finish and exits 1; a second signal ends the process at once.
@@ -69,13 +69,11 @@ class Dispatcher:
     refused line takes a turn in a FIFO; every answer other than a 429 (a line that had its turn in the
     engine: an admission) hands the next turn to the oldest waiting line alone, and a new line queues
     behind the waiting ones, so an admission costs at most one extra request through the app. A line
-    refused while no other line was in the app keeps its 429: it is too big for an empty queue.
-    NOTE: being alone is the only sound test the batch has. The 429 cannot say that the line alone is over
-    the bound: the count in its message leaves out the adds the engine thread has not yet taken (with a
-    small --max-waiting-requests most refusals of lines that fit say "0 requests waiting"), and the line's
-    size (sequences, prompt tokens) is known only inside the engine. So a line refused again after its
-    turn backs off, 1, 2, 4, ... admissions before it queues for a turn again: an oversized line is sent
-    O(log lines) times, not after every admission, and gets its 429 once it is alone."""
+    refused while no other line was in the app keeps its 429. (A line larger than the bounds on its own
+    never gets a 429: the engine answers it 400 at once. Being alone is the batch's own guard that no 429
+    is retried for ever; the count in a 429's message cannot serve, as it leaves out the adds the engine
+    thread has not yet taken.) A line refused again after its turn backs off, 1, 2, 4, ... admissions
+    before it queues for a turn again, so no line is sent after every admission."""
 
     def __init__(self, app: FastAPI, headers: dict[str, str], output: OutputFile, progress: Progress) -> None:
         self.app, self.headers, self.output, self.progress = app, headers, output, progress

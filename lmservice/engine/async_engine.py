@@ -158,14 +158,16 @@ class AsyncEngine:
     # --- requests ---
     def add_requests(self, requests: list[EngineRequest]) -> list[RequestStream]:
         """Admit validated requests all or none, and enqueue them; never waits for the engine thread.
-        The queue bounds are checked once for their sum, so a request too big for the queue is refused
-        whole (QueueFullError) and never takes room from other clients meanwhile."""
+        The queue bounds are checked once for their sum, so requests are refused whole (QueueFullError)
+        and never take room from other clients meanwhile; requests larger than the bounds on their own are
+        refused for good (RequestRejectedError)."""
         self._check_alive()
         ids = [r.request_id for r in requests]
         for request_id in ids:
             if request_id in self._streams or ids.count(request_id) > 1:
                 raise RequestRejectedError(f"request id {request_id!r} is already in use", "request_id")
         command = AddRequests(tuple(requests))
+        self.engine.check_fits(command.num_seqs, command.num_prompt_tokens)  # 400: no wait would admit it
         with self._pending_lock:
             self.engine.check_admission(command.num_seqs + self._pending_seqs,
                                         command.num_prompt_tokens + self._pending_tokens)

@@ -146,6 +146,7 @@ class Engine:
             raise RequestRejectedError(f"request id {request_id!r} is already in use", "request_id")
         request = self.validator.check(request_id, prompt_token_ids, params, task=task, adapter=adapter,
                                        priority=priority, grammar=grammar)
+        self.check_fits(request.num_seqs, request.num_prompt_tokens)
         self.check_admission(request.num_seqs, request.num_prompt_tokens)
         self.add_request(request)
         return request
@@ -153,6 +154,10 @@ class Engine:
     def check_admission(self, num_seqs: int, num_prompt_tokens: int) -> None:
         """QueueFullError when the bounded waiting queue cannot take this many more."""
         self.scheduler.check_admission(num_seqs, num_prompt_tokens)
+
+    def check_fits(self, num_seqs: int, num_prompt_tokens: int) -> None:
+        """RequestRejectedError when a request alone is larger than the waiting queue's bounds."""
+        self.scheduler.check_fits(num_seqs, num_prompt_tokens)
 
     def add_request(self, request: EngineRequest) -> None:
         """Queue a request that RequestValidator.check made, as it is (no validation, no admission check:

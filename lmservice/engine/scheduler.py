@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lmservice.engine.kv_cache_manager import KVCacheManager
-from lmservice.engine.outputs import QueueFullError
+from lmservice.engine.outputs import QueueFullError, RequestRejectedError
 from lmservice.engine.request import Sequence, Status
 
 
@@ -78,6 +78,18 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def check_fits(self, num_seqs: int, num_tokens: int) -> None:
+        """RequestRejectedError when a request is larger than the waiting queue's bounds on its own: no wait
+        would ever admit it, so it is the request's fault (400), not the queue's (429)."""
+        c = self.config
+        if num_seqs > c.max_waiting_requests:
+            raise RequestRejectedError(f"the request has {num_seqs} sequences (n x prompts); the waiting queue "
+                                       f"holds at most {c.max_waiting_requests} (--max-waiting-requests)", "n")
+        if num_tokens > c.max_waiting_tokens:
+            raise RequestRejectedError(f"the request has {num_tokens} prompt tokens (over all its sequences); the "
+                                       f"waiting queue holds at most {c.max_waiting_tokens} (--max-waiting-tokens)",
+                                       "prompt")
 
     def check_admission(self, num_seqs: int, num_tokens: int) -> None:
         """Raise QueueFullError when the bounded waiting queue cannot take this request."""

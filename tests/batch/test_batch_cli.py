@@ -187,8 +187,8 @@ def test_a_run_killed_mid_file_resumes_without_redoing_lines(model_dirs, tmp_pat
 
 def test_a_full_queue_is_waited_out(model_dirs, tmp_path):
     """--max-waiting-requests 2 under 16 lines at once: lines refused with 429 are sent again once others
-    finish (the summary counts them: without any, this test would show nothing); a line too big for the
-    empty queue keeps its 429 instead of waiting for ever."""
+    finish (the summary counts them: without any, this test would show nothing); a line larger than the
+    bound on its own gets the server's 400 at once instead of waiting for ever."""
     input_path, output_path = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     lines = [_entry(f"q{i}", "/v1/completions", {"model": "base", "prompt": f"w{i}", "max_tokens": 4})
              for i in range(40)]
@@ -198,7 +198,8 @@ def test_a_full_queue_is_waited_out(model_dirs, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     by_id = {r["custom_id"]: r["response"] for r in records(output_path)}
     assert len(by_id) == 41
-    assert by_id.pop("big")["status_code"] == 429
+    big = by_id.pop("big")
+    assert big["status_code"] == 400 and "--max-waiting-requests" in big["body"]["error"]["message"]
     assert {response["status_code"] for response in by_id.values()} == {200}
     num_retries = re.search(r"; (\d+) sent again after a 429\)", proc.stdout)
     assert num_retries and int(num_retries.group(1)) > 0, proc.stdout

@@ -6,7 +6,7 @@ import pytest
 
 from lmservice.engine.block_pool import BlockPool
 from lmservice.engine.kv_cache_manager import KVCacheManager
-from lmservice.engine.outputs import QueueFullError
+from lmservice.engine.outputs import QueueFullError, RequestRejectedError
 from lmservice.engine.request import Sequence, Status
 from lmservice.engine.sampling_params import SamplingParams
 from lmservice.engine.scheduler import Scheduler, SchedulerConfig
@@ -103,6 +103,12 @@ def test_bounded_waiting_queue():
     s2.add(seq("a", 10))
     with pytest.raises(QueueFullError):
         s2.check_admission(1, 10)
+    # larger than the bounds on its own: refused for good, naming the flag (busy or not)
+    s2.check_fits(1, 15)
+    with pytest.raises(RequestRejectedError, match="--max-waiting-tokens"):
+        s2.check_fits(1, 16)
+    with pytest.raises(RequestRejectedError, match="--max-waiting-requests"):
+        s.check_fits(3, 10)
 
 
 def test_batch_holds_at_most_max_loras_adapters():
