@@ -69,3 +69,14 @@ def test_beam_benchmark_scores_each_width():
     for row in rows:
         assert 0 <= float(row[1]) <= 100 and float(row[5]) > 0
     assert float(rows[0][7]) == 1.0 and float(rows[1][7]) > 1.5  # two beams decode about twice the rows
+
+
+def test_read_floor_compares_each_format_with_its_bytes():
+    rows = _table_rows(["benchmarks/read_floor.py", "--shape", "tiny", "--context", "8", "--steps", "2",
+                        "--repeats", "1", "--threads", "1", "--dtypes", "float32", "int8", "int4"])
+    assert [r[0] for r in rows] == ["float32", "int8", "int4"]
+    mib = [float(r[1].split()[0]) for r in rows]
+    assert mib[0] > mib[1] > mib[2] > 0  # fewer bytes per step in each narrower format
+    for row in rows:  # (a tiny model's floor rounds to 0.00 ms: only signs here)
+        floor, step, ratio = float(row[2]), float(row[3]), float(row[4])
+        assert floor >= 0 and step > 0 and ratio > 0
