@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
@@ -19,3 +20,32 @@ def add_threads_flag(ap: argparse.ArgumentParser) -> None:
 def apply_threads(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
+
+
+def closed_loop(engine, prompts: list[list[int]], params, concurrency: int) -> tuple[float, float]:
+    """Every prompt through `engine`, at most `concurrency` in flight, each replaced as soon as it finishes.
+    Returns generated tokens/s and the mean inter-token latency in ms (per request: first to last token over
+    the tokens between; several tokens in one step count as arriving together)."""
+    queue = list(enumerate(prompts))
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    count: dict[str, int] = {}
+    in_flight = generated = 0
+    start = time.perf_counter()
+    while queue or engine.has_unfinished():
+        while queue and in_flight < concurrency:
+            i, p = queue.pop(0)
+            engine.submit(str(i), p, params)
+            in_flight += 1
+        for out in engine.step():
+            now = time.perf_counter()
+            n = sum(len(c.token_ids) for c in out.outputs)
+            if n:
+                first.setdefault(out.request_id, now)
+                last[out.request_id] = now
+                count[out.request_id] = count.get(out.request_id, 0) + n
+            generated += n
+            in_flight -= out.finished
+    elapsed = time.perf_counter() - start
+    itl = [(last[r] - first[r]) / (count[r] - 1) for r in count if count[r] > 1]
+    return generated / elapsed, 1000 * sum(itl) / len(itl) if itl else float("nan")

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import SHAPES, add_threads_flag, apply_threads  # noqa: E402
+from benchmarks.common import SHAPES, add_threads_flag, apply_threads, closed_loop  # noqa: E402
 from lmservice.engine.engine import Engine, EngineConfig  # noqa: E402
 from lmservice.engine.sampling_params import SamplingParams  # noqa: E402
 from lmservice.model.loader import load_model  # noqa: E402
@@ -89,18 +89,7 @@ def run_engine_closed_loop(model_dir: Path, dtype: str, concurrency: int, num_re
     engine.submit("warmup", prompts[0][:8], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     while engine.has_unfinished():
         engine.step()
-    start = time.perf_counter()
-    queue = list(enumerate(prompts))
-    in_flight = generated = 0
-    while queue or engine.has_unfinished():
-        while queue and in_flight < concurrency:
-            i, p = queue.pop(0)
-            engine.submit(str(i), p, params)
-            in_flight += 1
-        for out in engine.step():
-            generated += sum(len(c.token_ids) for c in out.outputs)
-            in_flight -= out.finished
-    return generated / (time.perf_counter() - start)
+    return closed_loop(engine, prompts, params, concurrency)[0]
 
 
 def run_hf(model_dir: Path, dtype: str, prompts: list[list[int]], new_tokens: int, static_batch: bool) -> float:

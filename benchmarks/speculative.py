@@ -24,13 +24,12 @@ import argparse
 import random
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import SHAPES, add_threads_flag, apply_threads  # noqa: E402
+from benchmarks.common import SHAPES, add_threads_flag, apply_threads, closed_loop  # noqa: E402
 from lmservice.engine.engine import Engine, EngineConfig  # noqa: E402
 from lmservice.engine.sampling_params import SamplingParams  # noqa: E402
 from lmservice.model.loader import load_model  # noqa: E402
@@ -56,7 +55,7 @@ def workload(name: str, tokenizer, vocab: int, num: int) -> tuple[list[list[int]
 
 
 def run(loaded, spec: str | None, k: int, disable: int, prompts: list[list[int]], new_tokens: int,
-        concurrency: int, ngram_min: int = 1) -> tuple[float, float, float | None]:
+        concurrency: int, ngram_min: int = EngineConfig.speculative_ngram_min) -> tuple[float, float, float | None]:
     """Closed loop: tokens/s, mean ITL in ms (per request: first to last token over the tokens between), and
     the acceptance rate (None without speculation)."""
     engine = Engine(loaded, EngineConfig.from_fields(speculative=spec, num_speculative_tokens=k,
@@ -67,31 +66,10 @@ def run(loaded, spec: str | None, k: int, disable: int, prompts: list[list[int]]
     engine.submit("warmup", prompts[0][:16], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
     while engine.has_unfinished():
         engine.step()
-    queue = list(enumerate(prompts))
-    first: dict[str, float] = {}
-    last: dict[str, float] = {}
-    count: dict[str, int] = {}
-    in_flight = generated = 0
-    start = time.perf_counter()
-    while queue or engine.has_unfinished():
-        while queue and in_flight < concurrency:
-            i, p = queue.pop(0)
-            engine.submit(str(i), p, params)
-            in_flight += 1
-        for out in engine.step():
-            now = time.perf_counter()
-            n = sum(len(c.token_ids) for c in out.outputs)
-            if n:
-                first.setdefault(out.request_id, now)
-                last[out.request_id] = now
-                count[out.request_id] = count.get(out.request_id, 0) + n
-            generated += n
-            in_flight -= out.finished
-    elapsed = time.perf_counter() - start
-    itl = [(last[r] - first[r]) / (count[r] - 1) for r in count if count[r] > 1]
+    tok_s, itl_ms = closed_loop(engine, prompts, params, concurrency)
     stats = engine.stats().spec
     rate = stats.num_accepted_tokens / stats.num_draft_tokens if stats and stats.num_draft_tokens else None
-    return generated / elapsed, 1000 * sum(itl) / len(itl), rate
+    return tok_s, itl_ms, rate
 
 
 def main() -> None:

@@ -97,7 +97,7 @@ class DraftProposer:
             rows = [r for r, it in enumerate(items) if step < len(it.spec_token_ids)]
             seqs = [items[r].seq for r in rows]
             positions = torch.tensor([s.num_tokens - 1 + step for s in seqs], dtype=torch.int64)
-            block_tables = self.runner._block_table(seqs)
+            block_tables = self.runner.block_table(seqs)
             slots = block_tables[torch.arange(len(rows)), positions // bs].long() * bs + positions % bs
             batch = StepBatch([tokens[r] for r in rows], positions, slots, (positions + 1).to(torch.int32),
                               block_tables, len(rows), None)

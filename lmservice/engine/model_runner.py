@@ -75,7 +75,8 @@ class ModelRunner:
         # called with every step's batch after its forward: a draft model keeps its KV cache in step with ours
         self.mirror: Callable[[StepBatch, torch.Tensor], None] | None = None
 
-    def _block_table(self, seqs: list[Sequence]) -> torch.Tensor:
+    def block_table(self, seqs: list[Sequence]) -> torch.Tensor:
+        """(S, max_blocks) int32: each sequence's block ids, zero-padded."""
         width = max(len(s.block_ids) for s in seqs)
         rows = [s.block_ids + [0] * (width - len(s.block_ids)) for s in seqs]
         return torch.tensor(rows, dtype=torch.int32)
@@ -108,7 +109,7 @@ class ModelRunner:
             input_ids.extend(guesses)
         seq_lens = torch.tensor([s + n for s, n in zip(starts, num_new, strict=True)], dtype=torch.int32)
         q_lens = torch.tensor(num_new, dtype=torch.int64)
-        block_tables = self._block_table(seqs)  # (S, max_blocks)
+        block_tables = self.block_table(seqs)  # (S, max_blocks)
 
         # positions and slots of every token, computed on tensors
         seq_idx = torch.repeat_interleave(torch.arange(len(seqs)), q_lens)  # (T,)

@@ -33,6 +33,7 @@ reading the weights, and verifying guesses costs more than it saves (docs/benchm
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -116,11 +117,23 @@ def ngram_propose(tokens: np.ndarray, k: int, n_min: int, n_max: int) -> list[in
     return []
 
 
+class Proposer(Protocol):
+    """Guesses for decoding sequences: `propose` before scheduling (up to budget[i] tokens each), `fill` after
+    it (a proposer that needs the guesses' KV slots makes them there, in place of placeholders)."""
+
+    def propose(self, seqs: list[Sequence], budget: list[int]) -> list[list[int]]: ...
+
+    def fill(self, sched) -> None: ...
+
+
 class NgramProposer:
-    """Prompt lookup over each sequence's own tokens (cached as an array, extended as tokens arrive)."""
+    """Prompt lookup over each sequence's own tokens."""
 
     def __init__(self, config: SpeculativeConfig) -> None:
         self.config = config
+
+    def fill(self, sched) -> None:
+        """Nothing to do: the guesses were whole before scheduling."""
 
     def propose(self, seqs: list[Sequence], budget: list[int]) -> list[list[int]]:
         c = self.config
@@ -150,7 +163,7 @@ def accept(proposed: list[int], sampled: list[int]) -> list[int]:
 class Speculator:
     """Decides, before each step, which decoding sequences carry guesses and asks the proposer for them."""
 
-    def __init__(self, config: SpeculativeConfig, proposer) -> None:
+    def __init__(self, config: SpeculativeConfig, proposer: Proposer) -> None:
         self.config = config
         self.proposer = proposer
 
@@ -178,9 +191,7 @@ class Speculator:
 
     def fill(self, sched) -> None:
         """After scheduling: a proposer that guesses once the guesses have slots (a draft model) does it here."""
-        fill = getattr(self.proposer, "fill", None)
-        if fill is not None:
-            fill(sched)
+        self.proposer.fill(sched)
 
     def propose(self, running: list[Sequence], max_model_len: int) -> None:
         for seq in running:

@@ -80,3 +80,14 @@ def test_read_floor_compares_each_format_with_its_bytes():
     for row in rows:  # (a tiny model's floor rounds to 0.00 ms: only signs here)
         floor, step, ratio = float(row[2]), float(row[3]), float(row[4])
         assert floor >= 0 and step > 0 and ratio > 0
+
+
+@pytest.mark.skipif(not (REPO.parent / "shared" / "data" / "tinystories" / "valid.txt").exists(),
+                    reason="needs ../shared/data (TinyStories validation)")
+def test_speculative_benchmark_compares_on_and_off():
+    rows = _table_rows(["benchmarks/speculative.py", "--workloads", "stories", "--concurrency", "1", "--rounds", "1",
+                        "--requests-per-slot", "1", "--threads", "1"])
+    assert [r[:2] for r in rows] == [["stories", "1"]]
+    off, on, ratio = float(rows[0][2]), float(rows[0][3]), float(rows[0][4])
+    assert off > 0 and on > 0 and abs(ratio - on / off) < 0.01 + 0.01 * ratio
+    assert rows[0][7].endswith("%")  # guesses were made and counted

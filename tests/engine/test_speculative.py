@@ -14,7 +14,6 @@ from lmservice.engine.speculative import SpeculativeConfig, accept, ngram_propos
 from lmservice.serving.structured import GrammarCompiler, StructuredSpec
 from tests.helpers import make_gpt2_dir, prompts, run_to_completion
 
-SPEC = "ngram"  # "off" checks the test itself: the expected distribution is computed right
 NGRAM = dict(speculative="ngram", num_speculative_tokens=4, speculative_ngram_min=1, speculative_disable_batch_size=64)
 
 
@@ -209,10 +208,12 @@ def _chi2_sf(x: float, df: int) -> float:
     return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(x / 2, dtype=torch.float64)))
 
 
-def test_sampled_output_follows_the_models_distribution(tmp_path):
+@pytest.mark.parametrize("spec", ["off", "ngram"])
+def test_sampled_output_follows_the_models_distribution(tmp_path, spec):
     """Chi-square of the (2nd, 3rd) output tokens, both produced by verification steps, against the exact
     distribution the model gives (computed with transformers). A logit bias puts most of the mass on six
-    tokens, so the joint has few cells that matter and the prompt's n-grams are often right."""
+    tokens, so the joint has few cells that matter and the prompt's n-grams are often right. "off" is the
+    control that the expected distribution is computed right."""
     from lmservice.engine.engine import Engine, EngineConfig
     from lmservice.model.loader import load_model
 
@@ -225,7 +226,7 @@ def test_sampled_output_follows_the_models_distribution(tmp_path):
     params = SamplingParams(n=n, temperature=1.0, max_tokens=3, ignore_eos=True, logit_bias=bias)
     engine = Engine(load_model(model_dir, device="cpu", dtype="float32"),
                     EngineConfig.from_fields(num_kv_blocks=4096, block_size=4, max_num_seqs=n, max_n=n,
-                                             speculative=SPEC, num_speculative_tokens=2, speculative_ngram_min=1,
+                                             speculative=spec, num_speculative_tokens=2, speculative_ngram_min=1,
                                              speculative_disable_batch_size=n))
     observed: dict[tuple[int, int], int] = {}
     for r in range(24):
@@ -233,7 +234,7 @@ def test_sampled_output_follows_the_models_distribution(tmp_path):
         for toks in out.values():
             observed[toks[1], toks[2]] = observed.get((toks[1], toks[2]), 0) + 1
     stats = engine.stats().spec
-    assert SPEC == "off" or (stats.num_accepted_tokens > 300 and stats.num_draft_tokens > stats.num_accepted_tokens)
+    assert spec == "off" or (stats.num_accepted_tokens > 300 and stats.num_draft_tokens > stats.num_accepted_tokens)
 
     hf = GPT2LMHeadModel.from_pretrained(model_dir).eval()
     shift = torch.zeros(vocab)
