@@ -1,8 +1,9 @@
-"""Pieces the benchmark scripts share: model shapes and the torch thread flag."""
+"""Pieces the benchmark scripts share: model shapes, the torch thread flag, the closed-loop workload."""
 
 from __future__ import annotations
 
 import argparse
+import random
 import time
 
 import torch
@@ -20,6 +21,13 @@ def add_threads_flag(ap: argparse.ArgumentParser) -> None:
 def apply_threads(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
+
+
+def closed_loop_prompt_ids(concurrency: int, prompt_len: int, vocab: int) -> list[list[int]]:
+    """The closed-loop workload's prompts at `concurrency`: max(4, 2 x concurrency) prompts of `prompt_len` random
+    token ids, seeded by the concurrency. Every engine of a --closed-loop run is fed this one list."""
+    rng = random.Random(concurrency)
+    return [[rng.randrange(vocab) for _ in range(prompt_len)] for _ in range(max(4, 2 * concurrency))]
 
 
 def closed_loop(engine, prompts: list[list[int]], params, concurrency: int) -> tuple[float, float]:

@@ -12,9 +12,14 @@ a time, and transformers' generate on one static batch of the same size.
     python benchmarks/engine.py --closed-loop --force-token 64 --concurrency 1 8 32   # serve.py's workload, no HTTP
     python benchmarks/engine.py --closed-loop --force-token 64 --concurrency 1 8 32 --dtypes float32 \
         --kv-cache-dtypes fp32 fp16 bf16 int8 --rounds 2   # each KV-cache dtype, rounds in alternating order
+    python benchmarks/engine.py --closed-loop --force-token 64 --concurrency 1 8 32 --dtypes float32 --threads 2 \
+        --kv-cache-dtypes fp32 int8 --openvino /tmp/ov/m-fp32:f32:f32 /tmp/ov/m-fp32:u8:f32 --rounds 2
 
 `--dtypes int8` / `int4` is lmservice with --quantization int8 / int4 (fp32 activations); transformers runs fp32
-beside it. `--kv-cache-dtypes` (closed loop only) runs each weight dtype with each KV-cache dtype.
+beside it. `--kv-cache-dtypes` (closed loop only) runs each weight dtype with each KV-cache dtype. `--openvino`
+(closed loop only) adds OpenVINO GenAI rows on the same prompts, in the same rounds (benchmarks/openvino_peer.py):
+DIR is an `optimum-cli export openvino` of this model (../shared/PEERS.md), KV and PRECISION the CPU plugin's
+KV_CACHE_PRECISION and INFERENCE_PRECISION_HINT (empty: its default); the row names the precisions in effect.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import SHAPES, add_threads_flag, apply_threads, closed_loop  # noqa: E402
+from benchmarks.common import SHAPES, add_threads_flag, apply_threads, closed_loop, closed_loop_prompt_ids  # noqa: E402
+from benchmarks.openvino_peer import OpenVINOPeer, run_openvino_closed_loop  # noqa: E402
 from lmservice.engine.engine import Engine, EngineConfig  # noqa: E402
 from lmservice.engine.sampling_params import SamplingParams  # noqa: E402
 from lmservice.model.loader import load_model  # noqa: E402
@@ -75,14 +81,10 @@ def run_engine(model_dir: Path, dtype: str, prompts: list[list[int]], new_tokens
     return generated / elapsed
 
 
-def run_engine_closed_loop(model_dir: Path, dtype: str, concurrency: int, num_requests: int, prompt_len: int,
-                           new_tokens: int, vocab: int, force_token: int | None, kv_cache_dtype: str = "auto") -> float:
-    """benchmarks/serve.py's workload without HTTP: `num_requests` requests, at most `concurrency` in flight,
-    each replaced as soon as it finishes (same prompts, same logit_bias); returns generated tokens/s."""
-    import random
-
-    rng = random.Random(concurrency)
-    prompts = [[rng.randrange(vocab) for _ in range(prompt_len)] for _ in range(num_requests)]
+def run_engine_closed_loop(model_dir: Path, dtype: str, prompts: list[list[int]], concurrency: int, new_tokens: int,
+                           force_token: int | None, kv_cache_dtype: str = "auto") -> float:
+    """benchmarks/serve.py's workload without HTTP: every prompt, at most `concurrency` in flight, each replaced as
+    soon as it finishes (same logit_bias); returns generated tokens/s."""
     engine = Engine(load(model_dir, dtype), EngineConfig.from_fields(kv_cache_dtype=kv_cache_dtype))  # else defaults
     bias = {force_token: 100.0} if force_token is not None else None
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True, logit_bias=bias)
@@ -165,6 +167,8 @@ def main() -> None:
     ap.add_argument("--force-token", type=int, default=None, help="as in benchmarks/serve.py (--closed-loop)")
     ap.add_argument("--kv-cache-dtypes", nargs="+", default=["auto"], choices=["auto", "fp32", "fp16", "bf16", "int8"],
                     help="--closed-loop: run each --dtypes entry with each KV-cache dtype")
+    ap.add_argument("--openvino", nargs="+", default=[], type=OpenVINOPeer.parse, metavar="DIR[:KV[:PRECISION]]",
+                    help="--closed-loop: also run OpenVINO GenAI on each export, e.g. /tmp/ov/m-int8:u8:f32")
     ap.add_argument("--rounds", type=int, default=1,
                     help="--closed-loop: repeat the whole table, every other round in reverse order (a shared "
                          "machine's drift then weighs on every configuration alike)")
@@ -181,11 +185,17 @@ def main() -> None:
             print("| dtype | KV cache | concurrency | round | in-process tok/s |")
             print("| --- | --- | ---: | ---: | ---: |")
             runs = [(dtype, kv, c) for dtype in args.dtypes for kv in args.kv_cache_dtypes for c in args.concurrency]
+            runs += [(peer, None, c) for peer in args.openvino for c in args.concurrency]
             for r in range(args.rounds):
                 for dtype, kv, c in runs if r % 2 == 0 else runs[::-1]:
-                    rate = run_engine_closed_loop(model_dir, dtype, c, max(4, 2 * c), args.prompt_len, args.new_tokens,
-                                                  min(vocab, 50000), args.force_token, kv)
-                    print(f"| {dtype} | {kv} | {c} | {r + 1} | {rate:.1f} |", flush=True)
+                    prompts = closed_loop_prompt_ids(c, args.prompt_len, min(vocab, 50000))
+                    if isinstance(dtype, OpenVINOPeer):  # its row names the export and the precisions in effect
+                        rate, kv, precision = run_openvino_closed_loop(dtype, prompts, c, args.new_tokens, args.threads)
+                        name = f"openvino {dtype.model_dir.name} ({kv} KV, {precision})"
+                    else:
+                        rate = run_engine_closed_loop(model_dir, dtype, prompts, c, args.new_tokens, args.force_token, kv)
+                        name = dtype
+                    print(f"| {name} | {kv} | {c} | {r + 1} | {rate:.1f} |", flush=True)
             return
         if args.decode_steps:
             print("| dtype | batch | lmservice ms/step | transformers static batch ms/step | speed-up |")
