@@ -9,8 +9,10 @@ fast paths (fast_path.py): pure decode steps without LoRA, up to the CPU-kernel 
 by op, to oneDNN, FBGEMM or the C block kernel.
 
 Built where the policy runs C and the model exports weights the step computes the same way
-(GPT2ForServing.decode_step_weights: tanh GELU, fp32 projections, or int8 ones where the library has an
-int8 kernel). `build` returns None otherwise.
+(GPT2ForServing.decode_step_weights: tanh GELU, fp32 or bf16 projections, or int8 ones where the library has an
+int8 kernel). `build` returns None otherwise. A bf16 model's step computes in fp32 with its bf16 weights widened
+as they are read, and hands fp32 hidden states to the LM head: more precise than its op-by-op steps, whose
+activations are bf16, so its tokens can differ from theirs where two logits nearly tie.
 """
 
 from __future__ import annotations
@@ -49,5 +51,6 @@ class NativeDecoder:
         return batch.is_plain_decode and 1 <= batch.num_decodes <= self.max_rows
 
     def run(self, batch: StepBatch) -> torch.Tensor:
-        h = self.model.embed(batch.input_ids, batch.positions)  # (rows, C), a fresh tensor the step overwrites
+        # (rows, C) fp32, a fresh tensor the step overwrites (a bf16 model's embeddings widened before the sum)
+        h = self.model.embed(batch.input_ids, batch.positions, torch.float32)
         return self.step(h, batch.slot_mapping, batch.seq_lens, batch.block_tables)

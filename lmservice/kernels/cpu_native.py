@@ -20,7 +20,8 @@ The ABI: csrc/cpu_kernels.h declares the functions and structs; this module decl
 ctypes, and `load_library` refuses a library whose ABI version or struct layout differs (NativeLibraryError).
 The library links libgomp by its soname, and torch has already loaded its own libgomp.so.1, so both share
 one OpenMP runtime and one pool of threads (tests/kernels/test_native_attention.py checks that).
-fp32 activations only; other dtypes use the torch path. The KV cache may be stored in any --kv-cache-dtype
+fp32 activations only; weights fp32, bfloat16 (widened as they are read: a bf16 model's decode step and LM head) or
+quantized. The KV cache may be stored in any --kv-cache-dtype
 (KV_DTYPE_CODES): the attention widens it as it reads, the decode step's write converts.
 """
 
@@ -44,7 +45,7 @@ from lmservice.kernels.cpuinfo import cpu_flags, cpuinfo_field, isa_cap
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 3  # LMSERVICE_KERNELS_ABI_VERSION in csrc/cpu_kernels.h
+ABI_VERSION = 4  # LMSERVICE_KERNELS_ABI_VERSION in csrc/cpu_kernels.h
 # the KV-cache formats the kernels read and write (KV_F32 ... KV_I8 in csrc/cpu_kernels.h; kv_cache.py)
 KV_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}
 DEVELOPER_BUILD = "native"  # the variant name of a LMSERVICE_NATIVE_BUILD library
@@ -66,7 +67,7 @@ def _named(name: str):
 class _Linear(ctypes.Structure):  # native_linear in csrc/cpu_kernels.h
     _fields_ = [("w", ctypes.c_void_p), ("wq", ctypes.c_void_p), ("wsum", ctypes.c_void_p),
                 ("scale", ctypes.c_void_p), ("bscale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-                ("in_", ctypes.c_int64), ("out", ctypes.c_int64), ("bits", ctypes.c_int64)]
+                ("in_", ctypes.c_int64), ("out", ctypes.c_int64), ("bits", ctypes.c_int64), ("wb", ctypes.c_void_p)]
 
 
 class _Layer(ctypes.Structure):  # native_layer
@@ -91,6 +92,7 @@ _SIGNATURES = {  # name: (argtypes, restype), as csrc/cpu_kernels.h declares the
                                 _P, _I64, _INT], None),
     "write_kv_cache": ([_P, _P, _I64, _I64, _P, _P, _P, _P, _P, _I64, _I64, _I64], None),
     "linear_few_rows_f32": ([_P, _I64, _I64, _P, _P, _P, _I64, _INT], None),
+    "linear_few_rows_bf16": ([_P, _I64, _I64, _P, _P, _P, _I64, _INT], None),
     "linear_few_rows_q8": ([_P, _I64, _I64, _P, _P, _P, _P, _P, _I64, _P, _P, _INT], None),
     "linear_few_rows_qblock": ([_P, _I64, _I64, _P, _P, _I64, _P, _P, _I64, _P, _P, _P, _INT], None),
     "gpt2_decode_step": ([_P, _I64, _P, _P, _F, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _I64, _P, _I64, _I64, _I64,
@@ -395,6 +397,21 @@ class NativeLibrary:
                                          y.data_ptr(), out_features, torch.get_num_threads())
         return y.reshape(*x.shape[:-1], out_features)
 
+    def linear_bf16(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """linear_f32 with a bfloat16 weight (out, in), contiguous: x (..., in) is taken as fp32 (a bf16 x is
+        widened first) and y is fp32, the products and sums fp32; `bias` fp32 or bf16. Reads half the bytes of
+        fp32 weights: a bf16 model's LM head at a few rows."""
+        out_features, in_features = weight.shape
+        x2 = x.reshape(-1, in_features).to(torch.float32).contiguous()
+        assert weight.dtype == torch.bfloat16 and weight.is_contiguous()
+        if bias is not None:
+            bias = bias.to(torch.float32).contiguous()
+        y = torch.empty(x2.shape[0], out_features, dtype=torch.float32)
+        with _named("native::linear_few_rows_bf16"):
+            self.lib.linear_few_rows_bf16(x2.data_ptr(), x2.shape[0], in_features, weight.data_ptr(), _ptr(bias),
+                                          y.data_ptr(), out_features, torch.get_num_threads())
+        return y.reshape(*x.shape[:-1], out_features)
+
     def linear_int8(self, x: torch.Tensor, packed: torch.Tensor, weight_sums: torch.Tensor, scales: torch.Tensor,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
         """y = quant(x) @ (W * scales[:, None]).T + bias for fp32 x (..., in), W int8 (out, in) given packed
@@ -448,11 +465,11 @@ class NativeLibrary:
 
 @dataclass
 class LinearWeights:
-    """One projection as gpt2_decode_step reads it: fp32 `weight` (out, in); or int8 packed (pack_int8_weight)
+    """One projection as gpt2_decode_step reads it: fp32 or bf16 `weight` (out, in) with an fp32 bias; or int8 packed (pack_int8_weight)
     with `scales`, `weight_sums` and its `in_features`; or blocks (pack_block_weight: uint8 `weight`, fp16
     `scales`, `bits`, `in_features` and `out_features`)."""
 
-    weight: torch.Tensor  # fp32 (out, in) contiguous, or int8 packed, or uint8 blocks
+    weight: torch.Tensor  # fp32 or bf16 (out, in) contiguous, or int8 packed, or uint8 blocks
     bias: torch.Tensor | None
     scales: torch.Tensor | None = None  # int8: (out,) fp32; blocks: (tiles, blocks, 16) fp16
     weight_sums: torch.Tensor | None = None  # int8: (out,) int32
@@ -542,14 +559,17 @@ class NativeDecodeStep:
             assert lw.scales is not None and lw.scales.dtype == torch.float16 and w.dtype == torch.uint8
             assert w.shape[1] == -(-lw.in_features // QBLOCK) and lw.out_features > 0
             return _Linear(None, _ptr(w), None, None, _ptr(lw.scales), _ptr(lw.bias), lw.in_features, lw.out_features,
-                           lw.bits)
+                           lw.bits, None)
         if lw.is_int8:
             assert lw.scales is not None and lw.weight_sums is not None and lw.in_features > 0
             assert w.dim() == 4 and w.shape[1] == -(-lw.in_features // 4)
             return _Linear(None, _ptr(w), _ptr(lw.weight_sums), _ptr(lw.scales), None, _ptr(lw.bias), lw.in_features,
-                           lw.weight_sums.shape[0], 0)
+                           lw.weight_sums.shape[0], 0, None)
+        assert lw.bias is None or lw.bias.dtype == torch.float32
+        if w.dtype == torch.bfloat16:
+            return _Linear(None, None, None, None, None, _ptr(lw.bias), w.shape[1], w.shape[0], 0, _ptr(w))
         assert w.dtype == torch.float32
-        return _Linear(_ptr(w), None, None, None, None, _ptr(lw.bias), w.shape[1], w.shape[0], 0)
+        return _Linear(_ptr(w), None, None, None, None, _ptr(lw.bias), w.shape[1], w.shape[0], 0, None)
 
     def __call__(self, h: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor,
                  block_tables: torch.Tensor) -> torch.Tensor:

@@ -82,4 +82,4 @@ def choose_kernels(attention_backend: str, cpu_kernels: str, device: torch.devic
     if attention_backend not in ("auto", "native", "torch"):
         raise ValueError(f"unknown attention backend {attention_backend!r} (expected auto, torch, native or triton)")
     policy = choose_cpu_kernels(implied or cpu_kernels, device, dtype)
-    return (TORCH_OPS if policy.library is None else native_ops(policy.library)), policy
+    return (native_ops(policy.library) if policy.runs_decode_attention else TORCH_OPS), policy

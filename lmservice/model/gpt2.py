@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmservice.kernels import CpuKernels, KernelOps
+from lmservice.kernels import TORCH_CPU_KERNELS, CpuKernels, KernelOps
 from lmservice.kernels.activation import TANH_GELU
 from lmservice.kernels.cpu_native import DecodeStepWeights, LayerWeights, LinearWeights
 from lmservice.kernels.kv_cache import LayerKVCache
@@ -153,6 +153,7 @@ class GPT2ForServing(nn.Module):
         self.transformer = GPT2Transformer(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.score = nn.Linear(config.n_embd, config.num_labels, bias=False) if config.is_classifier else None
+        self._kernels, self._bf16_head_rows = TORCH_CPU_KERNELS, 0  # use_cpu_kernels hands the policy over
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, ...]], ops: KernelOps,
@@ -171,10 +172,12 @@ class GPT2ForServing(nn.Module):
         out, _ = ops.add_layer_norm(h, residual, t.ln_f.weight, t.ln_f.bias, t.ln_f.eps)
         return out
 
-    def embed(self, input_ids: torch.Tensor | list[int], positions: torch.Tensor) -> torch.Tensor:
-        """Token + position embeddings (T, C): a fresh tensor."""
+    def embed(self, input_ids: torch.Tensor | list[int], positions: torch.Tensor,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Token + position embeddings (T, C): a fresh tensor, summed in `dtype` (default: the model's)."""
         t = self.transformer
-        return t.wte.weight[input_ids] + t.wpe.weight[positions]
+        wte, wpe = t.wte.weight[input_ids], t.wpe.weight[positions]
+        return wte + wpe if dtype is None else wte.to(dtype) + wpe.to(dtype)
 
     def _projection_slots(self) -> list[tuple[nn.Module, str]]:
         slots = [(owner, name) for block in self.transformer.h for owner, name in
@@ -195,15 +198,17 @@ class GPT2ForServing(nn.Module):
             hand = getattr(getattr(owner, name), "use_cpu_kernels", None)
             if hand is not None:
                 hand(kernels)
+        self._kernels, self._bf16_head_rows = kernels, kernels.linear_bf16_rows
 
     def decode_step_weights(self, kv_caches: list[tuple[torch.Tensor, ...]]) -> DecodeStepWeights | None:
         """What a whole decode step in C (lmservice/kernels/cpu_native.py NativeDecodeStep) reads of this model
         and its caches; None where a layer is not one it computes: an activation other than tanh GELU,
-        LayerNorms of different eps, weights that are not float32 on the CPU, caches not on the CPU (any
-        --kv-cache-dtype is fine)."""
+        LayerNorms of different eps, weights that are not float32 or bfloat16 on the CPU, caches not on the CPU
+        (any --kv-cache-dtype is fine). A bf16 model's LayerNorm parameters and biases are handed over as fp32
+        copies (the step's activations are fp32); its projections stay bf16."""
         c, t = self.config, self.transformer
         eps = {m.eps for b in t.h for m in (b.ln_1, b.ln_2)} | {t.ln_f.eps}
-        if c.activation_function not in TANH_GELU or t.wte.weight.dtype != torch.float32 or len(eps) != 1:
+        if c.activation_function not in TANH_GELU or t.wte.weight.dtype not in NATIVE_WEIGHT_DTYPES or len(eps) != 1:
             return None
         layers = []
         for block, kv_cache in zip(t.h, kv_caches, strict=True):
@@ -211,21 +216,37 @@ class GPT2ForServing(nn.Module):
             linears = [_native_weights(m) for m in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)]
             if any(lw is None for lw in linears) or kv.k.device.type != "cpu":
                 return None
-            layers.append(LayerWeights((block.ln_1.weight, block.ln_1.bias), (block.ln_2.weight, block.ln_2.bias),
-                                       *linears, kv.k, kv.v, block.attn.scale, kv.k_scales, kv.v_scales))
-        return DecodeStepWeights(layers, (t.ln_f.weight, t.ln_f.bias), eps.pop(), c.n_head, c.n_inner)
+            layers.append(LayerWeights(_fp32(block.ln_1), _fp32(block.ln_2), *linears, kv.k, kv.v, block.attn.scale,
+                                       kv.k_scales, kv.v_scales))
+        return DecodeStepWeights(layers, _fp32(t.ln_f), eps.pop(), c.n_head, c.n_inner)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return _linear(self.lm_head, "lm_head", hidden, None)  # (N, vocab)
+        """Logits (N, vocab) of final hidden states (N, C). A bf16 LM head of a few rows goes to the C linear
+        (fp32 logits: lmservice/kernels/cpu_policy.py's linear_bf16_rows), fp32 rows from the C decode step
+        meet a bf16 head op by op in its dtype."""
+        head = self.lm_head
+        if isinstance(head, nn.Linear):
+            if 0 < hidden.shape[0] <= self._bf16_head_rows and head.weight.dtype == torch.bfloat16:
+                return self._kernels.library.linear_bf16(hidden, head.weight, head.bias)
+            hidden = hidden.to(head.weight.dtype)
+        return _linear(head, "lm_head", hidden, None)  # (N, vocab)
+
+
+NATIVE_WEIGHT_DTYPES = (torch.float32, torch.bfloat16)  # what the C decode step's projections read
+
+
+def _fp32(norm: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """A LayerNorm's weight and bias in fp32 (the tensors themselves for an fp32 model, else copies)."""
+    return norm.weight.float(), norm.bias.float()
 
 
 def _native_weights(module: nn.Module) -> LinearWeights | None:
     """A projection's weights as the C decode step reads them: a quantized module says (native_weights);
-    otherwise fp32 (out, in) contiguous weights, or None."""
+    otherwise fp32 or bf16 (out, in) contiguous weights with an fp32 bias, or None."""
     export = getattr(module, "native_weights", None)
     if export is not None:
         return export()
     weight = module.weight
-    if weight.dtype != torch.float32 or weight.device.type != "cpu" or not weight.is_contiguous():
+    if weight.dtype not in NATIVE_WEIGHT_DTYPES or weight.device.type != "cpu" or not weight.is_contiguous():
         return None
-    return LinearWeights(weight, module.bias)
+    return LinearWeights(weight, None if module.bias is None else module.bias.float())

@@ -53,8 +53,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """auto: bfloat16 on CUDA; on a CPU, bfloat16 only where it has bf16 matmul tiles (AMX: faster than fp32
-    from a few sequences on, docs/benchmarks.md), float32 elsewhere (bf16 without them is much slower)."""
+    """auto: bfloat16 on CUDA; on a CPU, bfloat16 only where it has bf16 matmul tiles (AMX: its prefills and
+    batches on the tiles, its few-sequence decode steps in C on half of fp32's bytes; faster than fp32 at every
+    concurrency measured, docs/benchmarks.md), float32 elsewhere (bf16 without them is much slower)."""
     if dtype == "auto":
         if device.type == "cuda" or has_bf16_matmul():
             return torch.bfloat16

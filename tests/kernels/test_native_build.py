@@ -133,7 +133,7 @@ def test_the_developer_build_compiles_for_this_cpu(fresh_loader, tmp_path):
 
 
 def test_the_policy_follows_the_settings_and_the_model():
-    """auto runs C on float32 CPU models where a library loads; torch (or attention_backend torch) runs none;
+    """auto runs C on float32 and bfloat16 CPU models where a library loads; torch (or attention_backend torch) runs none;
     native on a model it cannot run, or against another setting, fails at start-up."""
     lib = native.native_library()
     ops, policy = choose_kernels("auto", "auto", CPU, torch.float32)
@@ -146,9 +146,13 @@ def test_the_policy_follows_the_settings_and_the_model():
         assert (policy.decode_step_int8_rows > 0) == lib.has_int8
     for attention, kernels in (("torch", "auto"), ("auto", "torch"), ("torch", "torch")):
         assert choose_kernels(attention, kernels, CPU, torch.float32) == (TORCH_OPS, TORCH_CPU_KERNELS)
-    assert choose_kernels("auto", "auto", CPU, torch.bfloat16) == (TORCH_OPS, TORCH_CPU_KERNELS)
-    with pytest.raises(ValueError, match=r"kernels \(cpu_kernels native\) run float32 models on CPUs, not torch.bfloat16"):
-        choose_kernels("native", "auto", CPU, torch.bfloat16)
+    # bf16: C only in decode steps and the LM head (tests/engine/test_native_bf16.py); fp16: none
+    ops, policy = choose_kernels("auto", "auto", CPU, torch.bfloat16)
+    assert ops is TORCH_OPS and policy.library is lib and (lib is None or policy.decode_step_rows > 0)
+    assert choose_kernels("auto", "auto", CPU, torch.float16) == (TORCH_OPS, TORCH_CPU_KERNELS)
+    with pytest.raises(ValueError, match=r"kernels \(cpu_kernels native\) run float32 and bfloat16 models on CPUs, "
+                                         r"not torch.float16"):
+        choose_kernels("native", "auto", CPU, torch.float16)
     with pytest.raises(ValueError, match="attention_backend native contradicts cpu_kernels torch"):
         choose_kernels("native", "torch", CPU, torch.float32)
     with pytest.raises(ValueError, match="cpu_kernels 'fast' is not one of auto, native, torch"):

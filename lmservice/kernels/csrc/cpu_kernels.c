@@ -45,7 +45,7 @@ int64_t native_abi_layout(int64_t *out, int64_t capacity) {
         sizeof(native_linear), offsetof(native_linear, w), offsetof(native_linear, wq),
         offsetof(native_linear, wsum), offsetof(native_linear, scale), offsetof(native_linear, bscale),
         offsetof(native_linear, bias), offsetof(native_linear, in), offsetof(native_linear, out),
-        offsetof(native_linear, bits),
+        offsetof(native_linear, bits), offsetof(native_linear, wb),
         sizeof(native_layer), offsetof(native_layer, ln1_w), offsetof(native_layer, ln1_b),
         offsetof(native_layer, ln2_w), offsetof(native_layer, ln2_b), offsetof(native_layer, c_attn),
         offsetof(native_layer, attn_proj), offsetof(native_layer, c_fc), offsetof(native_layer, mlp_proj),
@@ -381,7 +381,8 @@ void paged_decode_attention(const float *q, int64_t q_seq_stride, const void *k_
                      max_seq_len, num_threads);
 }
 
-/* Linears for a few rows (decode batches): y (rows, out) = x (rows, in) @ W.T + bias, W (out, in) row-major.
+/* Linears for a few rows (decode batches): y (rows, out) = x (rows, in) @ W.T + bias, W (out, in) row-major, fp32
+ * or bfloat16 (a bf16 model's decode step and LM head: x and y stay fp32).
  * Each thread walks its share of the output channels in order, and each weight row is read from memory
  * once, for all rows of x (up to 4 dot products accumulating in registers): the call streams the weights
  * at memory speed, one sequential stream per thread. (Tiles of several weight rows at once, as a GEMM
@@ -405,20 +406,33 @@ static inline void store(float *y, float v, int accumulate) {
 }
 
 /* rows r0 .. r0+R of x against weight row o; R is a constant at every call (always inlined), so the loop over
- * it unrolls and the accumulators live in registers */
-static inline __attribute__((always_inline)) void dot_rows_f32(const float *x, int64_t in, const float *wo,
-                                                               float b, float *y, int64_t out, const int R,
-                                                               int accumulate) {
-    vf acc[ROWS_PER_PASS];
-    for (int r = 0; r < R; r++) acc[r] = VZERO();
+ * it unrolls and the accumulators live in registers. The weights are fp32 or bfloat16 (WT: KV_F32 or KV_BF16,
+ * the cache formats' codes: a bf16 weight is widened to fp32 in registers as a bf16 cache row is, so the
+ * products and sums are fp32 and the call reads half the bytes) */
+#define PREFETCH_AHEAD 512 /* weights ahead of the one being read */
+static inline __attribute__((always_inline)) void dot_rows_w(const float *x, int64_t in, const void *wo, float b,
+                                                             float *y, int64_t out, const int R, int accumulate,
+                                                             const int WT) {
+    /* two accumulators per row, so that one row's FMAs are not one dependency chain (at 1 row that chain, not
+     * the memory, bounded a bf16 weight's stream) */
+    vf acc[ROWS_PER_PASS], acc2[ROWS_PER_PASS];
+    for (int r = 0; r < R; r++) acc[r] = acc2[r] = VZERO();
     int64_t i = 0;
+    for (; i + 2 * VW <= in; i += 2 * VW) {
+        __builtin_prefetch((const char *)wo + (i + PREFETCH_AHEAD) * (WT == KV_BF16 ? 2 : 4));
+        const vf wv = kv_load(wo, i, WT), wv2 = kv_load(wo, i + VW, WT);
+        for (int r = 0; r < R; r++) {
+            acc[r] = VFMA(VLOAD(x + r * in + i), wv, acc[r]);
+            acc2[r] = VFMA(VLOAD(x + r * in + i + VW), wv2, acc2[r]);
+        }
+    }
     for (; i + VW <= in; i += VW) {
-        const vf wv = VLOAD(wo + i);
+        const vf wv = kv_load(wo, i, WT);
         for (int r = 0; r < R; r++) acc[r] = VFMA(VLOAD(x + r * in + i), wv, acc[r]);
     }
     for (int r = 0; r < R; r++) {
-        float dot = VSUM(acc[r]);
-        for (int64_t j = i; j < in; j++) dot += x[r * in + j] * wo[j];
+        float dot = VSUM(acc[r] + acc2[r]);
+        for (int64_t j = i; j < in; j++) dot += x[r * in + j] * kv_at(wo, j, WT);
         store(y + r * out, dot + b, accumulate);
     }
 }
@@ -436,16 +450,16 @@ static inline __attribute__((always_inline)) void dot_rows_f32(const float *x, i
 #endif
 #define TILE_MIN_ROWS 5
 
-static inline __attribute__((always_inline)) void dot_tile_f32(const float *x, int64_t in, const float *w,
-                                                               const float *bias, float *y, int64_t out,
-                                                               const int R, int accumulate) {
+static inline __attribute__((always_inline)) void dot_tile_w(const float *x, int64_t in, const void *w,
+                                                             const float *bias, float *y, int64_t out, const int R,
+                                                             int accumulate, const int WT) {
     vf acc[ROWS_PER_PASS][OUT_TILE];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < OUT_TILE; t++) acc[r][t] = VZERO();
     int64_t i = 0;
     for (; i + VW <= in; i += VW) {
         vf wv[OUT_TILE];
-        for (int t = 0; t < OUT_TILE; t++) wv[t] = VLOAD(w + t * in + i);
+        for (int t = 0; t < OUT_TILE; t++) wv[t] = kv_load(w, t * in + i, WT);
         for (int r = 0; r < R; r++) {
             const vf xv = VLOAD(x + r * in + i);
             for (int t = 0; t < OUT_TILE; t++) acc[r][t] = VFMA(xv, wv[t], acc[r][t]);
@@ -454,13 +468,17 @@ static inline __attribute__((always_inline)) void dot_tile_f32(const float *x, i
     for (int r = 0; r < R; r++)
         for (int t = 0; t < OUT_TILE; t++) {
             float dot = VSUM(acc[r][t]);
-            for (int64_t j = i; j < in; j++) dot += x[r * in + j] * w[t * in + j];
+            for (int64_t j = i; j < in; j++) dot += x[r * in + j] * kv_at(w, t * in + j, WT);
             store(y + r * out + t, bias ? dot + bias[t] : dot, accumulate);
         }
 }
 
-static void linear_f32(const float *x, int64_t rows, int64_t in, const float *w, const float *bias, float *y,
-                       int64_t out, int accumulate, int num_threads) {
+/* y (+)= x @ W.T + bias, W (out, in) in format WT (KV_F32 or KV_BF16) */
+static inline __attribute__((always_inline)) void linear_w(const float *x, int64_t rows, int64_t in, const void *w,
+                                                           const float *bias, float *y, int64_t out, int accumulate,
+                                                           int num_threads, const int WT) {
+    const char *wbytes = (const char *)w;
+    const int64_t row_bytes = in * (WT == KV_BF16 ? 2 : 4);
     if (OUT_TILE > 1 && rows >= TILE_MIN_ROWS) {
         const int64_t tiles = out / OUT_TILE;
 #pragma omp parallel for num_threads(num_threads) schedule(static)
@@ -468,13 +486,14 @@ static void linear_f32(const float *x, int64_t rows, int64_t in, const float *w,
             const int64_t o = t * OUT_TILE;
             if (t < tiles) {
 #define TILE_PASS(r0, R) \
-    dot_tile_f32(x + (r0) * in, in, w + o * in, bias ? bias + o : NULL, y + (r0) * out + o, out, R, accumulate)
+    dot_tile_w(x + (r0) * in, in, wbytes + o * row_bytes, bias ? bias + o : NULL, y + (r0) * out + o, out, R, \
+               accumulate, WT)
                 FOR_ROW_PASSES(rows, TILE_PASS)
             } else { /* the channels past the last whole tile (a vocabulary of 50257) */
                 for (int64_t oo = o; oo < out; oo++) {
-                    const float *wo = w + oo * in;
+                    const void *wo = wbytes + oo * row_bytes;
                     const float b = bias ? bias[oo] : 0.0f;
-#define TAIL_PASS(r0, R) dot_rows_f32(x + (r0) * in, in, wo, b, y + (r0) * out + oo, out, R, accumulate)
+#define TAIL_PASS(r0, R) dot_rows_w(x + (r0) * in, in, wo, b, y + (r0) * out + oo, out, R, accumulate, WT)
                     FOR_ROW_PASSES(rows, TAIL_PASS)
                 }
             }
@@ -483,16 +502,31 @@ static void linear_f32(const float *x, int64_t rows, int64_t in, const float *w,
     }
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t o = 0; o < out; o++) {
-        const float *wo = w + o * in;
+        const void *wo = wbytes + o * row_bytes;
         const float b = bias ? bias[o] : 0.0f;
-#define F32_PASS(r0, R) dot_rows_f32(x + (r0) * in, in, wo, b, y + (r0) * out + o, out, R, accumulate)
-        FOR_ROW_PASSES(rows, F32_PASS)
+#define ROW_PASS(r0, R) dot_rows_w(x + (r0) * in, in, wo, b, y + (r0) * out + o, out, R, accumulate, WT)
+        FOR_ROW_PASSES(rows, ROW_PASS)
     }
+}
+
+static void linear_f32(const float *x, int64_t rows, int64_t in, const float *w, const float *bias, float *y,
+                       int64_t out, int accumulate, int num_threads) {
+    linear_w(x, rows, in, w, bias, y, out, accumulate, num_threads, KV_F32);
+}
+
+static void linear_bf16(const float *x, int64_t rows, int64_t in, const uint16_t *w, const float *bias, float *y,
+                        int64_t out, int accumulate, int num_threads) {
+    linear_w(x, rows, in, w, bias, y, out, accumulate, num_threads, KV_BF16);
 }
 
 void linear_few_rows_f32(const float *x, int64_t rows, int64_t in, const float *w, const float *bias, float *y,
                          int64_t out, int num_threads) {
     linear_f32(x, rows, in, w, bias, y, out, 0, num_threads);
+}
+
+void linear_few_rows_bf16(const float *x, int64_t rows, int64_t in, const uint16_t *w, const float *bias, float *y,
+                          int64_t out, int num_threads) {
+    linear_bf16(x, rows, in, w, bias, y, out, 0, num_threads);
 }
 
 /* int8 weights (one fp32 scale per output channel) against int8 activations: each row of x is quantized once
@@ -907,6 +941,10 @@ static void apply_linear(const native_linear *l, const float *x, int64_t rows, f
 #else
     (void)xq, (void)xs, (void)xsum;
 #endif
+    if (l->wb) {
+        linear_bf16(x, rows, l->in, l->wb, l->bias, y, l->out, accumulate, num_threads);
+        return;
+    }
     linear_f32(x, rows, l->in, l->w, l->bias, y, l->out, accumulate, num_threads);
 }
 

@@ -11,14 +11,15 @@
 
 #include <stdint.h>
 
-#define LMSERVICE_KERNELS_ABI_VERSION 3
+#define LMSERVICE_KERNELS_ABI_VERSION 4
 
 /* KV-cache storage formats (native_layer.kv_dtype, the kv_dtype arguments; lmservice/kernels/kv_cache.py): fp32,
  * IEEE half, bfloat16, or int8 with one fp32 scale per token and head in a scales array beside the cache. */
 enum { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2, KV_I8 = 3 };
 
-/* One projection of the decode step: fp32 weight (out, in) row-major, int8 packed with per-channel scales (see
- * linear_few_rows_q8), or 8- or 4-bit blocks with per-block scales (bscale set; see linear_few_rows_qblock). */
+/* One projection of the decode step: fp32 or bfloat16 weight (out, in) row-major, int8 packed with per-channel
+ * scales (see linear_few_rows_q8), or 8- or 4-bit blocks with per-block scales (bscale set; see
+ * linear_few_rows_qblock). Activations and biases are fp32 whatever the weights. */
 typedef struct {
     const float *w;         /* fp32 weight (out, in), or NULL for int8 */
     const int8_t *wq;       /* int8 weight packed (ceil(out / 16), ceil(in / 4), 16, 4), or blocks packed, or NULL */
@@ -28,6 +29,7 @@ typedef struct {
     const float *bias;      /* or NULL */
     int64_t in, out;
     int64_t bits;           /* blocks: 8 or 4 */
+    const uint16_t *wb;     /* bfloat16 weight (out, in), or NULL */
 } native_linear;
 
 typedef struct {
@@ -64,6 +66,10 @@ void write_kv_cache(const float *k, const float *v, int64_t row_stride, int64_t 
 
 void linear_few_rows_f32(const float *x, int64_t rows, int64_t in, const float *w, const float *bias, float *y,
                          int64_t out, int num_threads);
+
+/* linear_few_rows_f32 with a bfloat16 weight, widened to fp32 as it is read (fp32 products and sums) */
+void linear_few_rows_bf16(const float *x, int64_t rows, int64_t in, const uint16_t *w, const float *bias, float *y,
+                          int64_t out, int num_threads);
 
 void linear_few_rows_q8(const float *x, int64_t rows, int64_t in, const int8_t *wp, const int32_t *wsum,
                         const float *scale, const float *bias, float *y, int64_t out, uint8_t *xq, float *xs,
