@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     # --- engine ---
     block_size: int = Field(EngineConfig.block_size, ge=1, description="Tokens per KV-cache block.")
     kv_cache_memory_mb: int = Field(EngineConfig.kv_cache_memory_mb, ge=1, description="Memory budget of the KV-cache block pool, in MiB.")
-    kv_cache_dtype: Literal["auto", "fp32", "fp16", "bf16", "int8"] = Field(EngineConfig.kv_cache_dtype, description="How the KV cache stores K and V: fp16 or bf16 (half the memory of fp32, so twice the blocks for --kv-cache-memory-mb), or int8 with a float32 scale per token and head (about a quarter); widened to float32 inside the attention kernels. auto: the model's dtype.")
+    kv_cache_dtype: Literal["auto", "fp32", "fp16", "bf16", "int8"] = Field(EngineConfig.kv_cache_dtype, description="How the KV cache stores K and V: fp16 or bf16 (half the memory of fp32, so twice the blocks for --kv-cache-memory-mb), or int8 with a float32 scale per token and head (about a quarter); widened to float32 inside the attention kernels. auto: int8 for --quantization int8 or int4, else the model's dtype.")
     num_kv_blocks: int | None = Field(EngineConfig.num_kv_blocks, ge=1, description="Exact number of KV blocks (overrides the memory budget).")
     max_num_batched_tokens: int = Field(SchedulerConfig.max_num_batched_tokens, ge=1, description="Token budget of one engine step (prefill chunks + decodes).")
     max_num_seqs: int = Field(SchedulerConfig.max_num_seqs, ge=1, description="Most requests running in one engine step.")

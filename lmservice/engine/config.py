@@ -22,7 +22,7 @@ class EngineConfig:
 
     block_size: int = 16  # tokens per KV-cache block
     kv_cache_memory_mb: int = 1024
-    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | fp32 | fp16 | bf16 | int8 (kernels/kv_cache.py)
+    kv_cache_dtype: str = "auto"  # auto (int8 under quantized weights, else the model's dtype) | fp32 | fp16 | bf16 | int8
     num_kv_blocks: int | None = None  # overrides kv_cache_memory_mb
     enable_prefix_caching: bool = True
     max_lora_rank: int = 64

@@ -85,7 +85,7 @@ class Engine:
         # the kernel set and the CPU-kernel policy, decided once (lmservice/kernels/cpu_policy.py)
         self.ops, self.cpu_kernels = choose_kernels(config.attention_backend, config.cpu_kernels, loaded.device,
                                                     loaded.dtype)
-        kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, loaded.dtype)
+        kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, loaded.dtype, loaded.quantization)
         num_blocks = config.num_kv_blocks or max(
             1, config.kv_cache_memory_mb * 2**20 // kv_cache_bytes_per_block(loaded.config, config.block_size, kv_dtype))
         self.pool = BlockPool(num_blocks, config.block_size)

@@ -59,7 +59,7 @@ class ModelRunner:
         self.block_size = block_size
         self.eos_token_id = eos_token_id
         c = model.config
-        # one allocation for all layers, in the --kv-cache-dtype format (default: the model's dtype)
+        # one allocation for all layers, in the --kv-cache-dtype format (default: the engine passes auto's choice)
         self.kv_cache = KVCacheTensors.allocate(c, num_blocks, block_size, kv_cache_dtype or dtype, device)
         self.kv_caches = self.kv_cache.layers  # layer i's K and V (and int8 scales): views
         self.sampler = Sampler(c.vocab_size, seed)

@@ -341,14 +341,19 @@ class NativeLibrary:
     def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                          block_tables: torch.Tensor, scale: float, plan: NativeDecodePlan | None = None,
                          k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None) -> torch.Tensor:
-        """lmservice.kernels.attention.decode_attention_torch's contract, computed in C on fp32 CPU queries.
+        """lmservice.kernels.attention.decode_attention_torch's contract, computed in C on CPU queries.
 
-        q: (num_seqs, num_heads, head_dim), heads packed (a view of the fused qkv is fine); caches
+        q: (num_seqs, num_heads, head_dim), heads packed (a view of the fused qkv is fine), fp32 or bf16 (a bf16
+        model's op-by-op steps: widened, and the output rounded back to bf16; the kernel computes in fp32); caches
         (num_blocks, block_size, num_heads, head_dim) contiguous, fp32, fp16, bf16 or int8 (with k_scales,
-        v_scales (num_blocks, block_size, num_heads) fp32). Returns (num_seqs, num_heads, head_dim) fp32.
+        v_scales (num_blocks, block_size, num_heads) fp32). Returns (num_seqs, num_heads, head_dim) in q's dtype.
         """
+        if q.dtype == torch.bfloat16:
+            out = self.decode_attention(q.float(), k_cache, v_cache, seq_lens, block_tables, scale, plan, k_scales,
+                                        v_scales)
+            return out.to(torch.bfloat16)
         num_seqs, num_heads, head_dim = q.shape
-        assert q.dtype == torch.float32, "the native kernel takes fp32 queries"
+        assert q.dtype == torch.float32, "the native kernel takes fp32 or bf16 queries"
         kv_dtype = _kv_code(k_cache, v_cache, k_scales, v_scales)
         assert k_cache.shape[2:] == (num_heads, head_dim)
         if q.stride(2) != 1 or q.stride(1) != head_dim:

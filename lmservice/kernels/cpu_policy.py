@@ -17,8 +17,9 @@ The row thresholds, each measured on GPT-2 small's decode steps (docs/kernels.md
   at most `decode_step_int8_rows` (0: never);
 - a bfloat16 model (`--dtype auto` on CPUs with AMX) runs C only in its decode steps of at most
   `decode_step_rows` sequences and its LM head of at most `linear_bf16_rows` rows, both with the bf16 weights
-  widened to fp32 as they are read (half the bytes of fp32 weights, fp32 arithmetic); everything else goes to
-  oneDNN's bf16 kernels (AMX tiles), which win from a few rows on, and to torch's attention.
+  widened to fp32 as they are read (half the bytes of fp32 weights, fp32 arithmetic); its op-by-op decodes take
+  the C decode attention (bf16 queries widened); its projections otherwise go to oneDNN's bf16 kernels (AMX tiles),
+  which win from a few rows on.
 On AVX-512 VNNI the C int8 kernel beats FBGEMM up to 32 rows. On AVX2 it computes the same sums with more
 instructions per product than FBGEMM (which sums in int16 and lets them saturate), so it loses to FBGEMM once a
 call has a few rows; there it runs only in decode steps of a few rows, where one C call saves the per-op
@@ -39,7 +40,7 @@ FEW_ROWS_F32 = 4
 FEW_ROWS_INT8 = {"vnni": 32, "avx2": 0}  # by NativeLibrary.int8_kernel
 DECODE_STEP_ROWS = 32
 DECODE_STEP_INT8_ROWS = {"vnni": 32, "avx2": 4}
-DECODE_STEP_BF16_ROWS = 16
+DECODE_STEP_BF16_ROWS = 8
 FEW_ROWS_BF16 = 4
 ANY_ROWS = 1 << 40
 
@@ -55,21 +56,15 @@ class CpuKernels:
     decode_step_int8_rows: int = 0
     linear_block_rows: int = 0
     linear_bf16_rows: int = 0
-    dtype: torch.dtype = torch.float32  # the model's
 
     @classmethod
     def using(cls, library: NativeLibrary, dtype: torch.dtype = torch.float32) -> CpuKernels:
         """The policy for a model in `dtype` (float32 or bfloat16) on `library`."""
         if dtype == torch.bfloat16:
-            return cls(library, decode_step_rows=DECODE_STEP_BF16_ROWS, linear_bf16_rows=FEW_ROWS_BF16, dtype=dtype)
+            return cls(library, decode_step_rows=DECODE_STEP_BF16_ROWS, linear_bf16_rows=FEW_ROWS_BF16)
         int8 = library.int8_kernel
         return cls(library, FEW_ROWS_F32, FEW_ROWS_INT8.get(int8, 0), DECODE_STEP_ROWS,
                    DECODE_STEP_INT8_ROWS.get(int8, 0), ANY_ROWS if int8 else 0)
-
-    @property
-    def runs_decode_attention(self) -> bool:
-        """Whether op-by-op steps take the C decode attention (fp32 queries: an fp32 model's)."""
-        return self.library is not None and self.dtype == torch.float32
 
     def describe(self) -> dict[str, str | int | None]:
         """What is in use, for the start-up log, /health and a metric label: `variant` is the library's build

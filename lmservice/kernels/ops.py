@@ -49,8 +49,8 @@ TORCH_OPS = KernelOps(
 
 
 def native_ops(library: NativeLibrary) -> KernelOps:
-    """torch's set with the C decode attention of `library` (CPU, fp32 queries), which reads the paged cache in place
-    (any KV-cache format)."""
+    """torch's set with the C decode attention of `library` (CPU, fp32 or bf16 queries), which reads the paged cache
+    in place (any KV-cache format)."""
     return replace(TORCH_OPS, name="native", decode_attention=library.decode_attention, plan_decode=plan_decode_native)
 
 
@@ -82,4 +82,4 @@ def choose_kernels(attention_backend: str, cpu_kernels: str, device: torch.devic
     if attention_backend not in ("auto", "native", "torch"):
         raise ValueError(f"unknown attention backend {attention_backend!r} (expected auto, torch, native or triton)")
     policy = choose_cpu_kernels(implied or cpu_kernels, device, dtype)
-    return (native_ops(policy.library) if policy.runs_decode_attention else TORCH_OPS), policy
+    return (TORCH_OPS if policy.library is None else native_ops(policy.library)), policy

@@ -42,6 +42,7 @@ class LoadedModel:
     card: ModelCard
     dtype: torch.dtype
     device: torch.device
+    quantization: str = "none"  # --quantization: none, int8 or int4
 
 
 def resolve_device(device: str) -> torch.device:
@@ -166,7 +167,7 @@ def load_model(model_dir: Path, device: str = "auto", dtype: str = "auto", name:
     card = ModelCard.load(model_dir) or ModelCard.default(
         [config.id2label.get(i, f"LABEL_{i}") for i in range(config.num_labels)] if config.is_classifier else None)
     return LoadedModel(name=name or model_dir.name, path=model_dir, model=model, config=config, tokenizer=tokenizer,
-                       card=card, dtype=torch_dtype, device=torch_device)
+                       card=card, dtype=torch_dtype, device=torch_device, quantization=quantization)
 
 
 def load_tokenizer(model_dir: Path) -> Tokenizer:

@@ -58,6 +58,16 @@ def test_the_memory_budget_buys_blocks_by_the_stored_bytes(model_dir):
     assert blocks == {"auto": 192, "fp32": 192, "fp16": 384, "bf16": 384, "int8": 614}  # 3 MiB / 5 KiB: 3.2x fp32
 
 
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_auto_stores_int8_under_quantized_weights(model_dir, quantization):
+    """auto: an int8 cache for 8- and 4-bit weights (an unquantized model keeps its dtype: the test above);
+    fp32 asked for is fp32."""
+    for kv, want in (("auto", torch.int8), ("fp32", torch.float32)):
+        e = Engine(load_model(model_dir, "cpu", "float32", quantization=quantization),
+                   EngineConfig.from_fields(num_kv_blocks=16, kv_cache_dtype=kv))
+        assert e.runner.kv_cache.buffer.dtype == want and e.runner.kv_caches[0].k.dtype == want
+
+
 @pytest.mark.parametrize("cpu_kernels", CPU_KERNELS)
 def test_greedy_tokens_with_a_narrow_cache_are_fp32_caches(model_dir, cpu_kernels):
     """Short generations on a small random model: fp16, bf16 and int8 KV give fp32 KV's tokens, on the C step and

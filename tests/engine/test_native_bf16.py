@@ -14,7 +14,8 @@ from lmservice.engine.engine import Engine, EngineConfig
 from lmservice.engine.fast_path import StepBatch
 from lmservice.engine.native_decode import NativeDecoder
 from lmservice.engine.sampling_params import SamplingParams
-from lmservice.kernels import TORCH_OPS, CpuKernels, choose_kernels, native_ops
+from lmservice.kernels import CpuKernels, choose_kernels, native_ops
+from lmservice.kernels.attention import decode_attention_torch
 from lmservice.kernels.cpu_native import native_library
 from lmservice.kernels.cpu_policy import DECODE_STEP_BF16_ROWS, FEW_ROWS_BF16
 from lmservice.kernels.kv_cache import LayerKVCache
@@ -121,16 +122,33 @@ def test_decode_step_of_a_bf16_model_is_fp32_arithmetic_on_its_weights(model_dir
 
 
 def test_policy_for_bf16_models():
-    """C for the decode step and a few-row LM head; torch's attention and oneDNN's bf16 linears op by op (the C
-    attention takes fp32 queries); fp16 models run no C."""
+    """C for the decode step, a few-row LM head and the op-by-op decode attention; oneDNN's bf16 linears op by op;
+    fp16 models run no C."""
     ops, policy = choose_kernels("auto", "auto", torch.device("cpu"), torch.bfloat16)
-    assert ops is TORCH_OPS and policy.library is LIB
+    assert ops.decode_attention == LIB.decode_attention and policy.library is LIB
     assert (policy.decode_step_rows, policy.linear_bf16_rows) == (DECODE_STEP_BF16_ROWS, FEW_ROWS_BF16)
     assert policy.linear_f32_rows == policy.linear_int8_rows == policy.linear_block_rows == 0
     ops, policy = choose_kernels("auto", "auto", torch.device("cpu"), torch.float16)
-    assert ops is TORCH_OPS and policy.library is None
+    assert ops.name == "torch" and policy.library is None
     with pytest.raises(ValueError, match="float32 and bfloat16"):
         choose_kernels("auto", "native", torch.device("cpu"), torch.float16)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float32], ids=["bf16-cache", "fp32-cache"])
+def test_decode_attention_takes_bf16_queries(kv_dtype):
+    """A bf16 model's op-by-op decodes: bf16 queries widened, fp32 arithmetic, the output rounded to bf16; against
+    torch's attention on the widened queries."""
+    g = torch.Generator().manual_seed(1)
+    num_seqs, n_head, head_dim, block_size = 5, 4, 18, 16
+    k, v = (torch.randn(20, block_size, n_head, head_dim, generator=g).to(kv_dtype) for _ in range(2))
+    q = torch.randn(num_seqs, n_head, head_dim, generator=g).bfloat16()
+    seq_lens = torch.tensor([1, 17, 40, 64, 33], dtype=torch.int32)
+    tables = torch.randperm(20, generator=g)[:num_seqs * 4].view(num_seqs, 4).to(torch.int32)
+    got = LIB.decode_attention(q, k, v, seq_lens, tables, 0.3)
+    assert got.dtype == torch.bfloat16
+    want = decode_attention_torch(q.float(), k.float(), v.float(), seq_lens, tables, 0.3)
+    torch.testing.assert_close(got.float(), want, atol=1e-2, rtol=1e-2)
+    assert torch.equal(got, LIB.decode_attention(q.float(), k, v, seq_lens, tables, 0.3).bfloat16())
 
 
 def test_engine_serves_a_bf16_model_through_c(model_dir, monkeypatch):
@@ -148,7 +166,7 @@ def test_engine_serves_a_bf16_model_through_c(model_dir, monkeypatch):
         monkeypatch.setattr(LIB.lib, name, counted)
     engine = Engine(load_model(model_dir, "cpu", "bfloat16"),
                     EngineConfig.from_fields(num_kv_blocks=64, max_num_seqs=3, cpu_kernels="native"))
-    assert isinstance(engine.runner.fast_path, NativeDecoder) and engine.ops.name == "torch"
+    assert isinstance(engine.runner.fast_path, NativeDecoder) and engine.ops.name == "native"
     ps = prompts(4, SHAPE["vocab_size"], 3, 20, seed=7)
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=0)
     out = run_to_completion(engine, [(str(i), p, params) for i, p in enumerate(ps)], stagger=1)
