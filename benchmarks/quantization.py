@@ -10,6 +10,9 @@ perplexity.
                                                    # row, which take the native int8 kernel (per-row scales)
     python benchmarks/quantization.py --quantization --kv-cache-dtypes fp16 bf16 int8
                                                    # fp32 weights, each --kv-cache-dtype against an fp32 cache
+    python benchmarks/quantization.py --kv-cache-dtypes int8
+                                                   # also int8 and int4 weights with an int8 cache (what
+                                                   # --kv-cache-dtype auto stores for them)
 
 Agreement is counted two ways: sequences identical to fp32's, and tokens before each sequence's first
 divergence (the strict count: after a divergence the two continue from different text).
@@ -83,7 +86,8 @@ def main() -> None:
     # a base model trained on lowercased TinyStories (models/README.md) is evaluated on the same form
     stories = [s.strip() if args.as_written else s.strip().lower() for s in VALID.read_text().split("\n\n") if s.strip()]
     outputs, ppl = {}, {}
-    runs = [("none", "fp32"), *((q, "fp32") for q in args.quantization), *(("none", kv) for kv in args.kv_cache_dtypes)]
+    runs = [("none", "fp32"), *((q, "fp32") for q in args.quantization),
+            *((q, kv) for kv in args.kv_cache_dtypes for q in ("none", *args.quantization))]
     for q, kv in runs:
         engine = engine_for(args.model, q, args.max_num_seqs, kv)
         tok = engine.tokenizer
