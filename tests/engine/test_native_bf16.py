@@ -1,7 +1,7 @@
 """bfloat16 models on the C kernels (lmservice/kernels/cpu_policy.py): the bf16-weight linear against fp32
 arithmetic on the same weights, the whole C decode step of a bf16 model against the op-by-op forward of an fp32
-model holding exactly the bf16 values, a NaN row failing alone, and an engine sending its decode steps and LM
-head to C and the rest to torch."""
+model holding exactly the bf16 values, a NaN row failing alone, the C decode attention on bf16 queries, and an
+engine sending its decode steps and LM head to C and its prefills to oneDNN."""
 
 from __future__ import annotations
 
