@@ -1,9 +1,9 @@
 """fp32 projections on oneDNN instead of torch's BLAS (`--linear-backend`), applied after loading by swapping modules.
 
-`auto` picks oneDNN for fp32 on x86 CPUs that are not Intel's: MKL (torch's BLAS there) takes its fast
-paths only on Intel CPUs, and on an AMD EPYC the decode step's projections and LM head ran faster through
-oneDNN (docs/benchmarks.md). Intel CPUs keep MKL, measured fast there. bf16 and fp16
-already go to oneDNN inside F.linear; int8 has its own modules (quantize.py).
+`auto` picks oneDNN for fp32 on x86 CPUs. MKL (torch's BLAS there) takes its fast paths only on Intel CPUs: on
+an AMD EPYC the decode step's projections and LM head ran 1.5-2.8x faster through oneDNN. On an Intel Xeon with
+AMX oneDNN was faster too, 1.1-1.3x on the 48 projections from 5 to 128 rows and 2x on the LM head at 8-12 rows
+(docs/benchmarks.md). bf16 and fp16 already go to oneDNN inside F.linear; int8 has its own modules (quantize.py).
 
 The swapped module holds the same weight and bias tensors (a tied LM head stays tied), so state_dict
 names, LoRA hooks and the Triton path's fused bias are untouched.
@@ -18,7 +18,6 @@ from torch import nn
 
 from lmservice.kernels import TORCH_CPU_KERNELS, CpuKernels
 from lmservice.kernels.linear import linear_onednn, onednn_available
-from lmservice.model.cpu import cpu_vendor
 
 LINEAR_BACKENDS = ("auto", "torch", "onednn")
 
@@ -53,7 +52,7 @@ class OneDNNLinear(nn.Module):
 
 
 def resolve_linear_backend(backend: str, device: torch.device, dtype: torch.dtype, quantization: str) -> str:
-    """What `backend` means for this model: "onednn" or "torch". auto: oneDNN for fp32 on non-Intel x86."""
+    """What `backend` means for this model: "onednn" or "torch". auto: oneDNN for fp32 on x86."""
     if backend not in LINEAR_BACKENDS:
         raise ValueError(f"linear backend {backend!r} is not one of {', '.join(LINEAR_BACKENDS)}")
     if backend == "torch" or quantization != "none" or device.type != "cpu" or dtype != torch.float32:
@@ -64,8 +63,7 @@ def resolve_linear_backend(backend: str, device: torch.device, dtype: torch.dtyp
         return "torch"
     if backend == "onednn":
         return "onednn"
-    is_x86 = platform.machine().lower() in ("x86_64", "amd64")
-    return "onednn" if is_x86 and cpu_vendor() not in ("GenuineIntel", "") else "torch"
+    return "onednn" if platform.machine().lower() in ("x86_64", "amd64") else "torch"
 
 
 def use_onednn(model: nn.Module) -> int:
