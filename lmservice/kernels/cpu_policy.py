@@ -8,9 +8,9 @@ no C code runs.
 
 The row thresholds, each measured on GPT-2 small's decode steps (docs/kernels.md):
 - fp32 linears of at most `linear_f32_rows` rows go to the C linear, more to oneDNN (the C linear streams
-  each weight row once for all rows; oneDNN's GEMM wins past 16 rows on AVX-512: the 48 projections of a step
-  and the LM head were faster in C up to 16 rows on an AMD EPYC Zen 4 and an Intel Xeon; 4 on other CPUs, where it
-  was not measured past that);
+  each weight row once for all rows). On AVX-512 it was the faster up to 16 rows (Zen 4, the AMX Xeon), but the
+  two round differently, and a prompt's rows alone and in a batch must give the same values (an fp32 embedding
+  is the same vector alone or batched): kept at 4, where prompts rarely land;
 - int8 linears of at most `linear_int8_rows` rows go to the C int8 kernel (per-row activation scales),
   more to FBGEMM; 0 where the library has no int8 kernel;
 - linears with block-quantized weights (`--quantization int4`) take the C kernel for any number of rows where
@@ -35,10 +35,10 @@ from dataclasses import dataclass
 import torch
 
 from lmservice.kernels.cpu_native import NativeLibrary, native_library
-from lmservice.kernels.cpuinfo import cpu_flags, isa_cap
+from lmservice.kernels.cpuinfo import isa_cap
 
 CPU_KERNEL_MODES = ("auto", "native", "torch")
-FEW_ROWS_F32 = {"avx512": 16, "other": 4}  # by the CPU's vector width (AVX-512 or not)
+FEW_ROWS_F32 = 4
 FEW_ROWS_INT8 = {"vnni": 32, "avx2": 0}  # by NativeLibrary.int8_kernel
 DECODE_STEP_ROWS = 32
 DECODE_STEP_INT8_ROWS = {"vnni": 32, "avx2": 4}
@@ -65,8 +65,7 @@ class CpuKernels:
         if dtype == torch.bfloat16:
             return cls(library, decode_step_rows=DECODE_STEP_BF16_ROWS, linear_bf16_rows=FEW_ROWS_BF16)
         int8 = library.int8_kernel
-        few_f32 = FEW_ROWS_F32["avx512" if "avx512f" in cpu_flags() else "other"]
-        return cls(library, few_f32, FEW_ROWS_INT8.get(int8, 0), DECODE_STEP_ROWS,
+        return cls(library, FEW_ROWS_F32, FEW_ROWS_INT8.get(int8, 0), DECODE_STEP_ROWS,
                    DECODE_STEP_INT8_ROWS.get(int8, 0), ANY_ROWS if int8 else 0)
 
     def describe(self) -> dict[str, str | int | None]:
