@@ -6,17 +6,12 @@ int8)."""
 
 from __future__ import annotations
 
-from lmservice.kernels.cpuinfo import cpu_flags, cpuinfo_field
+from lmservice.kernels.cpuinfo import cpu_flags
 
 # bf16 matmul tiles in hardware (AMX). avx512_bf16 alone (dot-product instructions, e.g. AMD Zen 4) is not
 # counted: bf16 has not been measured faster than fp32 on such a CPU yet.
 BF16_FLAGS = frozenset({"amx_bf16"})
-__all__ = ["BF16_FLAGS", "cpu_flags", "cpu_vendor", "has_bf16_matmul"]
-
-
-def cpu_vendor() -> str:
-    """GenuineIntel, AuthenticAMD, ... ("" where unknown)."""
-    return cpuinfo_field("vendor_id")
+__all__ = ["BF16_FLAGS", "cpu_flags", "has_bf16_matmul"]
 
 
 def has_bf16_matmul() -> bool:

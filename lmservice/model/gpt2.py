@@ -153,7 +153,7 @@ class GPT2ForServing(nn.Module):
         self.transformer = GPT2Transformer(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.score = nn.Linear(config.n_embd, config.num_labels, bias=False) if config.is_classifier else None
-        self._kernels, self._bf16_head_rows = TORCH_CPU_KERNELS, 0  # use_cpu_kernels hands the policy over
+        self._kernels = TORCH_CPU_KERNELS  # use_cpu_kernels hands the policy over
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, ...]], ops: KernelOps,
@@ -198,7 +198,7 @@ class GPT2ForServing(nn.Module):
             hand = getattr(getattr(owner, name), "use_cpu_kernels", None)
             if hand is not None:
                 hand(kernels)
-        self._kernels, self._bf16_head_rows = kernels, kernels.linear_bf16_rows
+        self._kernels = kernels
 
     def decode_step_weights(self, kv_caches: list[tuple[torch.Tensor, ...]]) -> DecodeStepWeights | None:
         """What a whole decode step in C (lmservice/kernels/cpu_native.py NativeDecodeStep) reads of this model
@@ -226,7 +226,7 @@ class GPT2ForServing(nn.Module):
         meet a bf16 head op by op in its dtype."""
         head = self.lm_head
         if isinstance(head, nn.Linear):
-            if 0 < hidden.shape[0] <= self._bf16_head_rows and head.weight.dtype == torch.bfloat16:
+            if 0 < hidden.shape[0] <= self._kernels.linear_bf16_rows and head.weight.dtype == torch.bfloat16:
                 return self._kernels.library.linear_bf16(hidden, head.weight, head.bias)
             hidden = hidden.to(head.weight.dtype)
         return _linear(head, "lm_head", hidden, None)  # (N, vocab)
